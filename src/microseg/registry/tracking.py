@@ -1,0 +1,144 @@
+"""MLflow run bookkeeping shared by every stage.
+
+Every stage run carries the same tags (git commit, stage, dataset, the md5 of ``data.dvc``,
+a hash of the params it read) so that runs can be traced back to code, data and knobs from
+the MLflow UI. The tracking URI comes from ``MLFLOW_TRACKING_URI`` when set (a team server),
+else from ``params.yaml`` (embedded SQLite by default).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+import yaml
+
+from microseg.config import Params
+
+log = logging.getLogger(__name__)
+
+
+def tracking_uri(params: Params) -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or params.mlflow.tracking_uri
+
+
+def configure(params: Params) -> str:
+    """Point MLflow at the configured store; returns the URI in use."""
+    uri = tracking_uri(params)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def experiment_name(params: Params, task: str) -> str:
+    return f"{params.mlflow.experiment_prefix}-{task}"
+
+
+def ensure_experiment(params: Params, task: str) -> str:
+    """Create the task's experiment on first use, with artifacts under ``artifact_root``.
+
+    A local artifact root only makes sense with a local backend; with a tracking server the
+    server decides where artifacts go.
+    """
+    name = experiment_name(params, task)
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if not tracking_uri(params).startswith(("http://", "https://", "databricks")):
+        location = Path(params.mlflow.artifact_root).resolve().joinpath(name).as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{sha}-dirty" if dirty else sha
+
+
+def data_md5(dvc_file: str | Path = "data.dvc") -> str:
+    """The md5 DVC recorded for ``data/raw`` (what version of the raw data this run saw)."""
+    path = Path(dvc_file)
+    if not path.exists():
+        return "none"
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs", [])
+    return str(outs[0].get("md5", "none")) if outs else "none"
+
+
+def params_hash(section: Any) -> str:
+    """Stable short hash of a params section (pydantic model, dict or scalar)."""
+    if hasattr(section, "model_dump"):
+        section = section.model_dump(mode="json", by_alias=True)
+    blob = json.dumps(section, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` for ``mlflow.log_params``."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+@contextlib.contextmanager
+def stage_run(
+    params: Params,
+    *,
+    stage: str,
+    task: str,
+    dataset: str,
+    section: Any = None,
+    run_name: str | None = None,
+    nested: bool = False,
+) -> Iterator[mlflow.ActiveRun]:
+    """Open an MLflow run for one pipeline stage with the house tags and params."""
+    configure(params)
+    exp_id = ensure_experiment(params, task)
+    tags = {
+        "git_commit": git_commit(),
+        "microseg.stage": stage,
+        "microseg.dataset": dataset,
+        "microseg.task": task,
+        "data_md5": data_md5(),
+        "params_hash": params_hash(section if section is not None else params),
+    }
+    with mlflow.start_run(
+        experiment_id=exp_id, run_name=run_name or f"{stage}-{dataset}", tags=tags, nested=nested
+    ) as run:
+        if section is not None:
+            dumped = section.model_dump(mode="json", by_alias=True) if hasattr(
+                section, "model_dump"
+            ) else section
+            if isinstance(dumped, Mapping):
+                flat = {k: str(v)[:500] for k, v in flatten(dumped).items()}
+                mlflow.log_params(flat)
+        yield run
+
+
+def log_manifest(manifest: pd.DataFrame, source: str | Path, name: str, context: str) -> None:
+    """Log the manifest as an MLflow dataset input of the active run."""
+    ds = mlflow.data.from_pandas(manifest, source=str(source), name=name)
+    mlflow.log_input(ds, context=context)

@@ -1,0 +1,57 @@
+"""Shared fixtures: a private MLflow store per test, a real PostgreSQL database when one answers."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PG_DSN = os.environ.get("MICROSEG_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture()
+def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Repo params with every output path and the MLflow store inside ``tmp_path``."""
+    from microseg.config import load_params
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    return load_params(
+        REPO / "params.yaml",
+        {
+            "mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "mlflow.artifact_root": str(tmp_path / "mlruns"),
+            "paths.synthetic": str(tmp_path / "synthetic"),
+            "paths.prepared": str(tmp_path / "prepared"),
+            "paths.reports": str(tmp_path / "reports"),
+            "paths.metrics": str(tmp_path / "metrics"),
+        },
+    )
+
+
+@pytest.fixture()
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database on the real server; skipped with the reason when none answers."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    try:
+        conn = psycopg2.connect(PG_DSN, connect_timeout=3)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL server answers at {PG_DSN}: {exc}".strip())
+    conn.autocommit = True
+    name = f"microseg_{uuid.uuid4().hex[:10]}"
+    with conn.cursor() as cur:
+        cur.execute(f'CREATE DATABASE "{name}"')
+    base = PG_DSN.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
