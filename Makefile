@@ -29,11 +29,12 @@ $(VENV)/.synced: pyproject.toml uv.lock
 env: $(VENV)/.synced
 
 demo: env
-	dvc pull --quiet
+	dvc pull --quiet data.dvc
 	dvc repro
 	microseg where
 
 test: env lint
+	dvc pull --quiet data.dvc
 	pytest -m "not slow and not gpu" $(PYTEST_ARGS)
 
 lint: env

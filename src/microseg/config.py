@@ -49,11 +49,45 @@ class SplitConfig(_Strict):
         return self
 
 
+class SynthSpinesConfig(_Strict):
+    """How many synthetic spine stacks to make and of what size (``microseg synth spines``)."""
+
+    seed: int = 7
+    n_train: int = Field(6, ge=1)
+    n_val: int = Field(2, ge=1)
+    shape: tuple[int, int, int] = (32, 256, 256)
+    benchmark_shape: tuple[int, int, int] = (48, 384, 384)
+    #: dendrites in the benchmark stack (its field is larger, so it gets more of them)
+    benchmark_dendrites: tuple[int, int] = (3, 5)
+    voxel_size_nm: tuple[float, float, float] = (500.0, 94.0, 94.0)
+    n_raters: int = Field(3, ge=2)
+    #: any other ``SpineSynthConfig`` field, e.g. ``{peak_photons: [10, 20]}``
+    generator: dict[str, Any] = Field(default_factory=dict)
+
+
+class SynthTrackingConfig(_Strict):
+    """Synthetic Cell Tracking Challenge sequences (``microseg synth tracking``)."""
+
+    seed: int = 11
+    n_sequences: int = Field(3, ge=1)
+    n_frames: int = Field(30, ge=2)
+    shape: tuple[int, int] = (128, 128)
+    #: any other ``TrackingSynthConfig`` field
+    generator: dict[str, Any] = Field(default_factory=dict)
+
+
+class SynthConfig(_Strict):
+    spines: SynthSpinesConfig = Field(default_factory=SynthSpinesConfig)
+    tracking: SynthTrackingConfig = Field(default_factory=SynthTrackingConfig)
+
+
 class DatasetConfig(_Strict):
     """One ingestable dataset: where its native files are and how to read them."""
 
-    format: Literal["synthetic_spines", "dsb2018", "ctc"]
+    format: Literal["synthetic_spines", "dsb2018", "ctc", "coco", "png_pairs"]
     source: Path
+    #: COCO JSON for ``format: coco`` (default ``<source>/annotations.json``)
+    annotations: Path | None = None
     task: Literal["spines", "nuclei", "tracking"]
     split: SplitConfig = Field(default_factory=SplitConfig)
     #: formats that carry their own split (d3set train/val files, CTC sequences) ignore ``split``
@@ -78,14 +112,16 @@ class Params(_Strict):
     seed: int = 42
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
-    synth: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    synth: SynthConfig = Field(default_factory=SynthConfig)
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
-def load_params(path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Params:
+def load_params(
+    path: str | Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
+) -> Params:
     """Read and validate ``params.yaml``; ``overrides`` use dotted keys (``seed=1``)."""
     path = Path(path)
     if not path.exists():

@@ -13,16 +13,26 @@ from PIL import Image
 
 from microseg.errors import AnnotationError, DataFormatError, MissingFileError, ShapeMismatchError
 from microseg.io.dsb import (
-    _load_png,
-    _to_image,
     iter_dsb_samples,
     list_dsb_samples,
     modality_of,
     read_dsb_sample,
     write_dsb_sample,
 )
+from microseg.io.png import read_image
 
-REAL = Path("/work/shared/data/dsb2018/stage1_train")
+REPO = Path(__file__).resolve().parents[2]
+REAL = next(
+    (
+        p
+        for p in (
+            REPO / "data/raw/dsb2018/stage1_train",  # after `dvc pull` (make test does it)
+            REPO.parent / "shared/data/dsb2018/stage1_train",
+        )
+        if p.is_dir()
+    ),
+    REPO / "data/raw/dsb2018/stage1_train",
+)
 
 
 def _labels(shape=(40, 50)) -> np.ndarray:
@@ -120,14 +130,14 @@ def test_corrupt_png(tmp_path):
         read_dsb_sample(tmp_path, "bad")
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="real DSB sample not available")
+@pytest.mark.skipif(not REAL.is_dir(), reason="real DSB sample not pulled (run `dvc pull`)")
 def test_real_sample_modalities():
     """Modality counts given by the sample's README: 97 fluorescence, 27 tissue, 2 brightfield."""
     ids = list_dsb_samples(REAL)
     assert len(ids) == 126
     counts = Counter()
     for sample_id in ids:  # images only: masks are not needed for the modality
-        image = _to_image(_load_png(REAL / sample_id / "images" / f"{sample_id}.png"))
+        image = read_image(REAL / sample_id / "images" / f"{sample_id}.png")
         counts[modality_of(image)] += 1
     assert counts == {"fluorescence": 97, "tissue": 27, "brightfield": 2}
     sample = read_dsb_sample(REAL, ids[0])
@@ -135,7 +145,7 @@ def test_real_sample_modalities():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not REAL.is_dir(), reason="real DSB sample not available")
+@pytest.mark.skipif(not REAL.is_dir(), reason="real DSB sample not pulled (run `dvc pull`)")
 def test_real_sample_full_ingest_is_fast():
     start = time.perf_counter()
     samples = list(iter_dsb_samples(REAL, workers=2))

@@ -52,5 +52,7 @@ def test_data_md5_reads_dvc_file(tmp_path: Path) -> None:
 @pytest.mark.postgres
 def test_postgres_backend_store(params, pg_database: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The team setup: the same code against a real PostgreSQL backend store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", pg_database.replace("postgresql://", "postgresql+psycopg2://"))
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", pg_database.replace("postgresql://", "postgresql+psycopg2://")
+    )
     _check_run(params, "dsb-pg")

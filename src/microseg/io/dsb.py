@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from microseg.errors import AnnotationError, DataFormatError, MissingFileError, ShapeMismatchError
+from microseg.io.png import read_image, read_png
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -31,28 +32,6 @@ class DsbSample:
     modality: str  # fluorescence | brightfield | tissue
     sample_id: str = ""
     n_overlap_pixels: int = 0
-
-
-def _load_png(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise DataFormatError(
-            f"expected a readable PNG, found a corrupt file ({exc})", path
-        ) from exc
-
-
-def _to_image(rgba: np.ndarray) -> np.ndarray:
-    """Drop alpha; greyscale stored as R=G=B becomes 2D."""
-    if rgba.ndim == 2:
-        return rgba
-    if rgba.shape[-1] in (1, 2):  # L or LA
-        return rgba[..., 0]
-    rgb = rgba[..., :3]
-    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
-        return np.ascontiguousarray(rgb[..., 0])
-    return np.ascontiguousarray(rgb)
 
 
 def modality_of(image: np.ndarray) -> str:
@@ -89,7 +68,7 @@ def read_dsb_sample(root: str | Path, sample_id: str) -> DsbSample:
     image_path = folder / "images" / f"{sample_id}.png"
     if not image_path.is_file():
         raise MissingFileError("expected the sample image, found nothing", image_path)
-    image = _to_image(_load_png(image_path))
+    image = read_image(image_path)
     if image.dtype != np.uint8:
         raise DataFormatError(f"expected an 8-bit image, found {image.dtype}", image_path)
     mask_paths = sorted((folder / "masks").glob("*.png"))
@@ -100,7 +79,7 @@ def read_dsb_sample(root: str | Path, sample_id: str) -> DsbSample:
     overlap = 0
     label = 0
     for mask_path in mask_paths:
-        mask = _load_png(mask_path)
+        mask = read_png(mask_path)
         if mask.ndim == 3:
             mask = mask[..., :3].max(axis=-1) if mask.shape[-1] >= 3 else mask[..., 0]
         if mask.shape != (height, width):

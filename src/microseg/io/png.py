@@ -22,7 +22,9 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
-def _read_png(path: Path) -> np.ndarray:
+def read_png(path: str | Path) -> np.ndarray:
+    """Any image Pillow reads (PNG, TIFF, JPEG), as stored; errors name the file."""
+    path = Path(path)
     if not path.is_file():
         raise MissingFileError("expected a PNG file, found nothing", path)
     try:
@@ -35,6 +37,23 @@ def _read_png(path: Path) -> np.ndarray:
     if array.dtype == np.int32:  # Pillow's 32-bit mode for some 16-bit greyscale PNGs
         array = array.astype(np.uint16)
     return array
+
+
+def to_image(array: np.ndarray) -> np.ndarray:
+    """Drop alpha; greyscale stored as R=G=B (as in DSB's RGBA PNGs) becomes 2D."""
+    if array.ndim == 2:
+        return array
+    if array.shape[-1] in (1, 2):  # L or LA
+        return array[..., 0]
+    rgb = array[..., :3]
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        return np.ascontiguousarray(rgb[..., 0])
+    return np.ascontiguousarray(rgb)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """An image for analysis: 2D greyscale or HxWx3 colour, never alpha."""
+    return to_image(read_png(path))
 
 
 def write_png_pair(
@@ -67,7 +86,7 @@ def write_png_pair(
 def read_png_pair(image_path: str | Path, mask_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Read an image and its mask; their height and width must agree."""
     image_path, mask_path = Path(image_path), Path(mask_path)
-    image, mask = _read_png(image_path), _read_png(mask_path)
+    image, mask = read_png(image_path), read_png(mask_path)
     if mask.ndim != 2:
         raise DataFormatError(
             f"expected a single-channel mask, found shape {mask.shape}", mask_path

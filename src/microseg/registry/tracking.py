@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -129,9 +130,11 @@ def stage_run(
         experiment_id=exp_id, run_name=run_name or f"{stage}-{dataset}", tags=tags, nested=nested
     ) as run:
         if section is not None:
-            dumped = section.model_dump(mode="json", by_alias=True) if hasattr(
-                section, "model_dump"
-            ) else section
+            dumped = (
+                section.model_dump(mode="json", by_alias=True)
+                if hasattr(section, "model_dump")
+                else section
+            )
             if isinstance(dumped, Mapping):
                 flat = {k: str(v)[:500] for k, v in flatten(dumped).items()}
                 mlflow.log_params(flat)
@@ -140,5 +143,9 @@ def stage_run(
 
 def log_manifest(manifest: pd.DataFrame, source: str | Path, name: str, context: str) -> None:
     """Log the manifest as an MLflow dataset input of the active run."""
-    ds = mlflow.data.from_pandas(manifest, source=str(source), name=name)
-    mlflow.log_input(ds, context=context)
+    with warnings.catch_warnings():
+        # MLflow hints about integer columns and ambiguous local sources; neither applies to
+        # a manifest that is logged for lineage, never used as a model input schema.
+        warnings.simplefilter("ignore", UserWarning)
+        ds = mlflow.data.from_pandas(manifest, source=str(source), name=name)
+        mlflow.log_input(ds, context=context)

@@ -1,0 +1,206 @@
+"""Ingest: canonical layout on good data; bad input names the file and leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import flammkuchen as fl
+import numpy as np
+import pytest
+
+from microseg.config import DatasetConfig, SplitConfig
+from microseg.data.ingest import SPINE_CLASSES, assign_splits, ingest
+from microseg.data.manifest import read_manifest
+from microseg.errors import (
+    AnnotationError,
+    DataFormatError,
+    MicrosegError,
+    ShapeMismatchError,
+)
+from microseg.io import coco, dsb, tiff
+from microseg.io.d3set import _numpy2_aliases
+
+
+def _spines_cfg(src: Path) -> DatasetConfig:
+    return DatasetConfig(format="synthetic_spines", source=src, task="spines")
+
+
+def _assert_nothing_written(prepared: Path) -> None:
+    leftovers = list(prepared.iterdir()) if prepared.exists() else []
+    assert leftovers == [], f"partial output left behind: {leftovers}"
+
+
+def _dsb_folder(root: Path, n: int = 6) -> Path:
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = rng.integers(0, 40, (32, 40), dtype=np.uint8)
+        lab = np.zeros((32, 40), np.uint16)
+        lab[4:10, 4:12], lab[15:25, 20:30] = 1, 2
+        img[lab > 0] += 150
+        dsb.write_dsb_sample(root, f"s{i:02d}", img, lab)
+    return root
+
+
+def test_spines_canonical_layout(tiny_spines: Path, tmp_path: Path) -> None:
+    out = ingest("spines", _spines_cfg(tiny_spines), tmp_path / "prepared", seed=0, workers=1)
+    m = read_manifest(out)
+    assert list(m.sample_id) == ["benchmark", "train_x0", "val_x0"]
+    assert dict(zip(m.sample_id, m.split, strict=True)) == {
+        "benchmark": "test",
+        "train_x0": "train",
+        "val_x0": "val",
+    }
+    row = m.set_index("sample_id").loc["benchmark"]
+    assert row.voxel_size_z_nm == 500 and row.voxel_size_x_nm == 94
+    assert row.points_path == "points/benchmark.csv" and row.n_instances > 0
+    labels = tiff.read_stack(out / row.label_path)
+    assert set(np.unique(labels)) <= set(SPINE_CLASSES.values())
+    assert labels.shape == tiff.read_stack(out / row.image_path).shape
+    assert (out / "points" / "train_x0.csv").exists()
+
+
+def test_dsb_ingest_splits_and_instances(tmp_path: Path) -> None:
+    src = _dsb_folder(tmp_path / "dsb")
+    cfg = DatasetConfig(format="dsb2018", source=src, task="nuclei")
+    out = ingest("dsb", cfg, tmp_path / "prepared", seed=1, workers=2)
+    m = read_manifest(out)
+    assert len(m) == 6 and (m.n_instances == 2).all()
+    assert set(m.split) == {"train", "val", "test"}
+    # same seed, same split; it depends on the ids, not on the order of the listing
+    again = ingest("dsb", cfg, tmp_path / "prepared2", seed=1, workers=1)
+    assert list(read_manifest(again).split) == list(m.split)
+
+
+def test_assign_splits_fractions_and_stability() -> None:
+    ids = [f"id{i}" for i in range(200)]
+    s = assign_splits(ids, SplitConfig(train=0.7, val=0.15, test=0.15), seed=3)
+    counts = {k: list(s.values()).count(k) for k in ("train", "val", "test")}
+    assert counts == {"train": 140, "val": 30, "test": 30}
+    fewer = assign_splits(ids[:150], SplitConfig(), seed=3)
+    moved = [i for i in ids[:150] if fewer[i] == "train" and s[i] == "test"]
+    assert len(moved) < 15, "removing samples must not reshuffle the rest"
+
+
+def test_ctc_ingest(tiny_tracking: Path, tmp_path: Path) -> None:
+    cfg = DatasetConfig(format="ctc", source=tiny_tracking, task="tracking")
+    m = read_manifest(ingest("trk", cfg, tmp_path / "prepared", seed=0, workers=1))
+    assert list(m.split) == ["train", "val", "test"] and (m["axes"] == "TYX").all()
+
+
+def test_coco_ingest(tmp_path: Path) -> None:
+    src = tmp_path / "coco"
+    samples = []
+    for i in range(3):
+        img = np.full((24, 24), 10, np.uint8)
+        lab = np.zeros((24, 24), np.uint16)
+        lab[2:8, 2:8], lab[12:20, 10:22] = 1, 2
+        img[lab > 0] = 200
+        from PIL import Image
+
+        src.mkdir(exist_ok=True)
+        Image.fromarray(img).save(src / f"im{i}.png")
+        samples.append((i + 1, f"im{i}.png", lab))
+    coco.write_coco(src / "annotations.json", coco.labels_to_coco(samples))
+    cfg = DatasetConfig(format="coco", source=src, task="nuclei")
+    m = read_manifest(ingest("c", cfg, tmp_path / "prepared", seed=0, workers=1))
+    assert (m.n_instances == 2).all() and len(m) == 3
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_truncated_tiff(tiny_spines: Path, tmp_path: Path) -> None:
+    stack = tiny_spines / "benchmark" / "stack.tif"
+    stack.write_bytes(stack.read_bytes()[: stack.stat().st_size // 2])
+    with pytest.raises(DataFormatError) as err:
+        ingest("spines", _spines_cfg(tiny_spines), tmp_path / "prepared", seed=0, workers=1)
+    assert "stack.tif" in str(err.value)
+    _assert_nothing_written(tmp_path / "prepared")
+
+
+def test_image_label_shape_mismatch(tiny_spines: Path, tmp_path: Path) -> None:
+    tiff.write_stack(tiny_spines / "benchmark" / "spine_mask.tif", np.zeros((8, 60, 64), np.uint8))
+    with pytest.raises(ShapeMismatchError) as err:
+        ingest("spines", _spines_cfg(tiny_spines), tmp_path / "prepared", seed=0, workers=1)
+    assert "spine_mask.tif" in str(err.value) or "dendrite_mask.tif" in str(err.value)
+    _assert_nothing_written(tmp_path / "prepared")
+
+
+def test_dsb_mask_shape_mismatch(tmp_path: Path) -> None:
+    src = _dsb_folder(tmp_path / "dsb", n=3)
+    from PIL import Image
+
+    bad = src / "s01" / "masks" / "bad.png"
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad)
+    cfg = DatasetConfig(format="dsb2018", source=src, task="nuclei")
+    with pytest.raises(ShapeMismatchError, match=r"bad\.png"):
+        ingest("dsb", cfg, tmp_path / "prepared", seed=0, workers=1)
+    _assert_nothing_written(tmp_path / "prepared")
+
+
+@pytest.mark.parametrize(
+    ("content", "error"),
+    [
+        ("", AnnotationError),
+        ("x,y,z\n", AnnotationError),
+        ("a;b\n1;2\n", DataFormatError),
+        ("x,y,z\n1,2,oops\n", AnnotationError),
+    ],
+)
+def test_bad_annotation_csv(
+    tiny_spines: Path, tmp_path: Path, content: str, error: type[MicrosegError]
+) -> None:
+    (tiny_spines / "benchmark" / "spines.csv").write_text(content)
+    with pytest.raises(error) as err:
+        ingest("spines", _spines_cfg(tiny_spines), tmp_path / "prepared", seed=0, workers=1)
+    assert "spines.csv" in str(err.value)
+    _assert_nothing_written(tmp_path / "prepared")
+
+
+def test_image_with_nan(tiny_spines: Path, tmp_path: Path) -> None:
+    stack = tiny_spines / "benchmark" / "stack.tif"
+    img = tiff.read_stack(stack).astype(np.float32)
+    img[3, 10, 10:13] = np.nan
+    tiff.write_stack(stack, img, voxel_size_nm=(500, 94, 94))
+    with pytest.raises(DataFormatError) as err:
+        ingest("spines", _spines_cfg(tiny_spines), tmp_path / "prepared", seed=0, workers=1)
+    assert "stack.tif" in str(err.value) and "NaN" in str(err.value)
+    _assert_nothing_written(tmp_path / "prepared")
+
+
+def test_d3set_missing_key(tiny_spines: Path, tmp_path: Path) -> None:
+    path = tiny_spines / "val.d3set"
+    d = fl.load(str(path))
+    del d["data"]["spines"]
+    path.unlink()
+    with _numpy2_aliases():
+        fl.save(str(path), d, compression="blosc")
+    with pytest.raises(DataFormatError) as err:
+        ingest("spines", _spines_cfg(tiny_spines), tmp_path / "prepared", seed=0, workers=1)
+    assert "val.d3set" in str(err.value) and "spines" in str(err.value)
+    _assert_nothing_written(tmp_path / "prepared")
+
+
+def test_coco_unknown_image_id(tmp_path: Path) -> None:
+    src = tmp_path / "coco"
+    src.mkdir()
+    lab = np.zeros((16, 16), np.uint16)
+    lab[2:6, 2:6] = 1
+    doc = coco.labels_to_coco([(1, "a.png", lab)])
+    doc["annotations"][0]["image_id"] = 99
+    (src / "annotations.json").write_text(json.dumps(doc))
+    cfg = DatasetConfig(format="coco", source=src, task="nuclei")
+    with pytest.raises(AnnotationError) as err:
+        ingest("c", cfg, tmp_path / "prepared", seed=0, workers=1)
+    assert "annotations.json" in str(err.value) and "99" in str(err.value)
+    _assert_nothing_written(tmp_path / "prepared")
+
+
+def test_failed_reingest_keeps_previous_output(tiny_spines: Path, tmp_path: Path) -> None:
+    prepared = tmp_path / "prepared"
+    out = ingest("spines", _spines_cfg(tiny_spines), prepared, seed=0, workers=1)
+    before = sorted(p.name for p in out.rglob("*"))
+    (tiny_spines / "benchmark" / "stack.tif").write_bytes(b"not a tiff")
+    with pytest.raises(MicrosegError):
+        ingest("spines", _spines_cfg(tiny_spines), prepared, seed=0, workers=1)
+    assert sorted(p.name for p in out.rglob("*")) == before
+    assert [p.name for p in prepared.iterdir()] == ["spines"]

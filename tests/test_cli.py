@@ -1,0 +1,73 @@
+"""The CLI as users and dvc.yaml call it: clear errors, and the pipeline end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "GX_ANALYTICS_ENABLED": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def test_user_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    shutil.copy(REPO / "params.yaml", tmp_path)
+    proc = _run([str(BIN / "microseg"), "ingest", "nope"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "unknown dataset 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run([str(BIN / "microseg"), "ingest", "dsb2018"], tmp_path, check=False)
+    assert proc.returncode == 2 and "dvc pull" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.fixture()
+def repo_copy(tmp_path: Path) -> Path:
+    """The repository's tracked and untracked-unignored files in a fresh git repo."""
+    files = _run(["git", "ls-files", "-co", "--exclude-standard"], REPO).stdout.split()
+    dst = tmp_path / "repo"
+    for f in files:
+        if (REPO / f).is_file():
+            (dst / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, dst / f)
+    _run(["git", "init", "-q"], dst)
+    return dst
+
+
+def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
+    """synth -> ingest -> validate for all datasets on tiny params; a second repro is a no-op."""
+    params = yaml.safe_load((repo_copy / "params.yaml").read_text())
+    params["synth"]["spines"].update(
+        n_train=1, n_val=1, shape=[8, 64, 64], benchmark_shape=[8, 96, 96]
+    )
+    params["synth"]["tracking"].update(n_frames=5, shape=[48, 48])
+    (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _run([str(BIN / "dvc"), "pull", "-q", "data.dvc"], repo_copy)
+    _run([str(BIN / "dvc"), "repro"], repo_copy)
+    status = _run([str(BIN / "dvc"), "status"], repo_copy).stdout
+    assert "up to date" in status, status
+    again = _run([str(BIN / "dvc"), "repro"], repo_copy).stdout
+    assert "Running stage" not in again
+    for ds in ("spines", "dsb2018", "tracking"):
+        assert (repo_copy / "data/prepared" / ds / "manifest.parquet").exists()
+        assert (repo_copy / "reports/validation" / ds / "result.json").exists()
+    where = _run([str(BIN / "microseg"), "where"], repo_copy).stdout
+    assert "mlflow ui --backend-store-uri sqlite:///mlflow.db" in where
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{repo_copy / 'mlflow.db'}")
+    runs = mlflow.search_runs(search_all_experiments=True)
+    stages = set(runs["tags.microseg.stage"])
+    assert {"synth_spines", "synth_tracking", "ingest", "validate"} <= stages
