@@ -145,6 +145,180 @@ def validate(
     typer.echo(f"{dataset}: {report.n_expectations} expectations passed; report in {report_dir}")
 
 
+def _log_metrics_tree(metrics: dict, prefix: str = "") -> None:
+    """Numbers of a nested metrics dict into the active MLflow run (``a.b`` names)."""
+    import mlflow
+
+    from microseg.registry.tracking import flatten
+
+    flat = {
+        f"{prefix}{k}": float(v)
+        for k, v in flatten(metrics).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    if flat:
+        mlflow.log_metrics(flat)
+
+
+def _write_pr_plot(curve, name: str, params) -> None:
+    """PR curve as a DVC plot (CSV) and an MLflow figure artifact."""
+    import mlflow
+
+    from microseg.report.figures import pr_curve_figure
+    from microseg.utils.atomic import atomic_path
+
+    plots = Path("plots")
+    with atomic_path(plots / f"{name}_pr.csv") as tmp:
+        curve.to_csv(tmp, index=False)
+    png = params.paths.reports / "spines" / f"{name}_pr.png"
+    pr_curve_figure(curve.assign(method=name), png)
+    mlflow.log_artifact(str(png), "plots")
+    mlflow.log_artifact(str(plots / f"{name}_pr.csv"), "plots")
+
+
+@app.command()
+def convert(
+    target: Annotated[str, typer.Argument(help="yolo: d3set -> Ultralytics dataset")],
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Convert a dataset into a model family's training format."""
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import spines
+
+    if target != "yolo":
+        raise ConfigError(f"unknown conversion {target!r}; available: yolo")
+    params = _params(params_path, set_)
+    section = params.yolo.convert
+    with stage_run(params, stage="convert_yolo", task="spines", dataset="spines", section=section):
+        summary = spines.convert_yolo(params)
+        _log_metrics_tree(summary, "convert.")
+    typer.echo(f"YOLO dataset in {spines.YOLO_DATA}")
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="yolo or punet")] = "yolo",
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Train a model family; everything goes into one MLflow run; resumes when interrupted."""
+    import mlflow
+
+    from microseg.registry.mlflow_hooks import MlflowHook
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import punet, spines
+
+    params = _params(params_path, set_)
+    runners = {
+        "yolo": (spines.train_yolo, params.yolo.train, spines.YOLO_MODEL_DIR),
+        "punet": (punet.train_punet_stage, params.punet.train, punet.MODEL_DIR),
+    }
+    if model not in runners:
+        raise ConfigError(f"unknown model family {model!r}; available: {sorted(runners)}")
+    fn, section, out_dir = runners[model]
+    with stage_run(
+        params, stage=f"train_{model}", task="spines", dataset="spines", section=section
+    ):
+        out = fn(params, hooks=MlflowHook())
+        _log_metrics_tree({k: v for k, v in out.items() if k != "best"})
+        mlflow.log_artifact(str(out_dir / "best.pt"), "model")
+    typer.echo(f"{model} weights: {out_dir / 'best.pt'}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="yolo or log")] = "yolo",
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate a detector on the spine benchmark (thresholds chosen on validation)."""
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import spines
+    from microseg.stages.common import write_json
+
+    params = _params(params_path, set_)
+    from microseg.stages import punet
+
+    runners = {
+        "yolo": ("eval_yolo", spines.eval_yolo, params.yolo),
+        "log": ("baseline_log", spines.baseline_log, params.baseline_log),
+        "punet": ("predict_punet", punet.predict_punet, params.punet.predict),
+    }
+    if model not in runners:
+        raise ConfigError(f"unknown model {model!r}; available: {sorted(runners)}")
+    stage, fn, section = runners[model]
+    with stage_run(params, stage=stage, task="spines", dataset="spines", section=section):
+        result = fn(params)
+        curve = result.pop("pr_curve", None)
+        if curve is not None:
+            _write_pr_plot(curve, f"spines_{model}", params)
+        path = write_json(params.paths.metrics / f"spines_{model}.json", result)
+        _log_metrics_tree({k: v for k, v in result.items() if k != "params"})
+        import mlflow
+
+        mlflow.log_artifact(str(path), "metrics")
+    b = result["benchmark"]
+    if model == "punet":
+        typer.echo(
+            f"punet: benchmark spine Dice {b['spine']['dice']:.3f}, dendrite Dice "
+            f"{b['dendrite']['dice']:.3f}; DoG baseline spine Dice "
+            f"{result['dog_baseline']['spine']['dice']:.3f} -> {path}"
+        )
+    else:
+        typer.echo(
+            f"{model}: benchmark F1 {b['f1']:.3f} (P {b['precision']:.3f}, "
+            f"R {b['recall']:.3f}) at {params.spines.match_dist_nm:g} nm -> {path}"
+        )
+
+
+@app.command("uncertainty")
+def uncertainty_cmd(
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Prob-UNet uncertainty maps (mean, variance, entropy, MI, aleatoric) and panels."""
+    import mlflow
+
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import punet
+
+    params = _params(params_path, set_)
+    with stage_run(
+        params, stage="uncertainty", task="spines", dataset="spines", section=params.punet.predict
+    ):
+        summary = punet.uncertainty(params)
+        _log_metrics_tree(summary, "uncertainty.")
+        mlflow.log_artifacts(str(punet.UNC_DIR), "uncertainty")
+    typer.echo(f"uncertainty maps and panels in {punet.UNC_DIR}")
+
+
+@app.command("inter-rater")
+def inter_rater_cmd(
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Rater disagreement maps and how well model uncertainty predicts them."""
+    import mlflow
+
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import punet
+    from microseg.stages.common import write_json
+
+    params = _params(params_path, set_)
+    with stage_run(
+        params, stage="inter_rater", task="spines", dataset="spines", section=params.punet
+    ):
+        result = punet.inter_rater(params)
+        path = write_json(params.paths.metrics / "spines_inter_rater.json", result)
+        _log_metrics_tree(result)
+        mlflow.log_artifacts(str(punet.RATER_DIR), "inter_rater")
+        mlflow.log_artifact(str(path), "metrics")
+    for head, r in result.items():
+        auroc = r.get("entropy_auroc", float("nan"))
+        typer.echo(f"{head}: AUROC of predictive entropy for rater disagreement {auroc:.3f}")
+
+
 @app.command()
 def where(params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Print where the pipeline's results are and how to open the MLflow UI."""

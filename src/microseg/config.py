@@ -108,6 +108,94 @@ class ValidateConfig(_Strict):
     split_tolerance: float = 0.1
 
 
+class SpinesEvalConfig(_Strict):
+    """How spine detections become points and are scored (all methods share it)."""
+
+    match_dist_nm: float = 1000.0
+    dedup_radius_nm: float = 1500.0
+    dedup_mode: Literal["nms", "cluster"] = "nms"
+
+
+class YoloConvertConfig(_Strict):
+    min_box_px: int = 10
+    max_box_px: int = 5000
+    channels: Literal["single", "25d"] = "single"
+    box: Literal["head", "component"] = "head"
+    norm_percentiles: tuple[float, float] = (1.0, 99.8)
+    include_empty: bool | float = True
+    pad_px: float = 0.0
+
+
+class YoloTrainConfig(_Strict):
+    arch: Literal["n", "s", "m", "l"] = "n"
+    epochs: int = Field(40, ge=1)
+    imgsz: int = 256
+    batch: int = 16
+    lr0: float = 1e-3
+    lrf: float = 0.01
+    optimizer: str = "AdamW"
+    cos_lr: bool = True
+    patience: int = 15
+    augment: dict[str, float] = Field(default_factory=dict)
+    device: str = "cpu"
+    workers: int = 0
+    seed: int = 0
+
+
+class YoloPredictConfig(_Strict):
+    conf: float = 0.25
+    iou: float = 0.5
+    #: ``[size, overlap]`` (overlap in px, or a fraction of the tile below 1); null = whole plane
+    tile: tuple[int, float] | None = None
+    fusion: Literal["nms", "wbf"] = "nms"
+    batch_planes: int = 8
+    max_det: int = 3000
+
+
+class YoloSweepConfig(_Strict):
+    confs: list[float] = [0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7]
+    ious: list[float] = [0.3, 0.5, 0.7]
+
+
+class YoloConfig(_Strict):
+    convert: YoloConvertConfig = Field(default_factory=YoloConvertConfig)
+    train: YoloTrainConfig = Field(default_factory=YoloTrainConfig)
+    predict: YoloPredictConfig = Field(default_factory=YoloPredictConfig)
+    sweep: YoloSweepConfig = Field(default_factory=YoloSweepConfig)
+
+
+class LogBaselineConfig(_Strict):
+    """LoG blob baseline: ``grid`` is searched on the validation stacks."""
+
+    grid: dict[str, list[float]] = Field(
+        default_factory=lambda: {
+            "threshold": [0.05, 0.1, 0.15, 0.2, 0.3],
+            "min_sigma": [1.0, 1.5, 2.0],
+            "max_sigma": [3.0, 4.0],
+        }
+    )
+    fixed: dict[str, Any] = Field(default_factory=dict)
+
+
+class PunetPredictConfig(_Strict):
+    n_samples: int = Field(24, ge=1)
+    temperature: float = Field(1.4, gt=0)
+    tile: tuple[int, int] | None = None
+    batch_planes: int = 4
+    size_thr: int = 40
+    prob_thr: float = 0.5
+
+
+class PunetConfig(_Strict):
+    #: keys of ``microseg.train.punet.PunetTrainConfig`` (checked there)
+    train: dict[str, Any] = Field(default_factory=dict)
+    predict: PunetPredictConfig = Field(default_factory=PunetPredictConfig)
+    #: planes shown in the uncertainty panels (empty: the middle plane)
+    uncertainty_planes: list[int] = Field(default_factory=list)
+    #: AUROC/Spearman are computed within this many pixels of any rater's mask
+    rater_region_px: int = 3
+
+
 class Params(_Strict):
     seed: int = 42
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -115,6 +203,10 @@ class Params(_Strict):
     synth: SynthConfig = Field(default_factory=SynthConfig)
     datasets: dict[str, DatasetConfig] = Field(default_factory=dict)
     validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    spines: SpinesEvalConfig = Field(default_factory=SpinesEvalConfig)
+    yolo: YoloConfig = Field(default_factory=YoloConfig)
+    baseline_log: LogBaselineConfig = Field(default_factory=LogBaselineConfig)
+    punet: PunetConfig = Field(default_factory=PunetConfig)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

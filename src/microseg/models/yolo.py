@@ -1,0 +1,371 @@
+"""YOLOv8 with a stride-4 (P2) head as a spine detector, trained from scratch, offline.
+
+One class, :class:`YoloSpineDetector`, registered as ``"yolo"``: build from
+``yolov8{n,s,m,l,x}-p2.yaml`` (no pretrained weights: nothing is downloaded), train with
+Ultralytics' trainer, predict boxes for batches of uint8 planes, save and load checkpoints.
+No MLflow and no CLI here: logging reaches training through ``hooks``
+(``registry/ultralytics_callbacks.py`` translates Ultralytics' callbacks into them).
+
+Resume: a run lives in ``<out_dir>/<name>/`` (``weights/last.pt``, ``best.pt``,
+``results.csv``). Ultralytics' ``last.pt`` keeps the optimizer and the epoch while training
+runs and has both stripped (epoch -1) when training ends, so an interrupted run is one whose
+``last.pt`` still has them. :meth:`YoloSpineDetector.train` then continues it with
+Ultralytics' ``resume`` (same arguments, from the next epoch); a finished run is not trained
+again; anything else starts fresh.
+
+Offline: Ultralytics would download a font while checking the dataset, the AMP-check weights
+on CUDA and ask PyPI for updates. :func:`offline_guards` turns these into no-ops while we
+train (plots are off, so no font is needed; AMP is trusted on CUDA and off elsewhere, as
+Ultralytics decides it).
+
+Channels: images are uint8 ``HxW`` (greyscale, replicated to three channels) or ``HxWx3``
+with channels in dataset order (for 2.5D: planes ``z-1, z, z+1``, as written to the PNGs).
+Ultralytics reads PNGs as BGR and flips them to RGB; :meth:`predict` flips ours to BGR before
+handing them over, so the network sees the same channel order in training and inference.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microseg.errors import ConfigError, MissingFileError, ShapeMismatchError
+from microseg.models import register_model
+from microseg.train.hooks import HookBase
+from microseg.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("n", "s", "m", "l", "x")
+
+#: augmentation defaults (DeepD3-V2's tuning for small dense spines; no hue/saturation
+#: jitter: the images are greyscale or stacked planes, colour shifts would mix the planes)
+DEFAULT_AUGMENT: dict[str, float] = {
+    "hsv_h": 0.0,
+    "hsv_s": 0.0,
+    "hsv_v": 0.2,
+    "degrees": 10.0,
+    "translate": 0.05,
+    "scale": 0.15,
+    "shear": 0.0,
+    "perspective": 0.0,
+    "flipud": 0.5,
+    "fliplr": 0.5,
+    "bgr": 0.0,
+    "mosaic": 0.8,
+    "mixup": 0.0,
+    "cutmix": 0.0,
+}
+
+
+@dataclass
+class TrainResult:
+    """Where a training run left its files and how it ended."""
+
+    save_dir: Path
+    best: Path | None
+    last: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    resumed: bool = False
+    already_finished: bool = False
+
+
+def _load_ckpt(path: Path) -> dict[str, Any]:
+    import torch
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(ckpt, dict):
+        raise ConfigError(
+            f"expected an Ultralytics checkpoint dict, found {type(ckpt).__name__}", path
+        )
+    return ckpt
+
+
+def run_state(last: Path) -> str:
+    """``"missing"``, ``"interrupted"`` (resumable), ``"finished"`` or ``"unreadable"``.
+
+    Ultralytics writes ``last.pt`` in place, so a run killed while saving can leave it
+    truncated: such a run cannot resume and is trained afresh.
+    """
+    if not last.is_file():
+        return "missing"
+    try:
+        ckpt = _load_ckpt(last)
+    except Exception as exc:  # truncated pickle/zip: any of several exception types
+        log.warning("cannot read %s (%s: %s)", last, type(exc).__name__, exc)
+        return "unreadable"
+    if ckpt.get("epoch", -1) >= 0 and ckpt.get("optimizer") is not None:
+        return "interrupted"
+    return "finished"
+
+
+def is_resumable(last: Path) -> bool:
+    """True when ``last`` is an Ultralytics checkpoint of a run that did not finish."""
+    return run_state(last) == "interrupted"
+
+
+def _amp_without_download(model: Any) -> bool:
+    """Ultralytics' AMP decision without its check (which downloads weights): CUDA only."""
+    device = next(model.parameters()).device
+    return device.type not in ("cpu", "mps")
+
+
+@contextlib.contextmanager
+def offline_guards() -> Iterator[None]:
+    """Keep Ultralytics from reaching the network while training (restored afterwards)."""
+    import ultralytics.data.utils as data_utils
+    import ultralytics.engine.trainer as trainer_mod
+    import ultralytics.utils.checks as checks
+
+    patches = [
+        (data_utils, "check_font", lambda *a, **k: None),
+        (checks, "check_font", lambda *a, **k: None),
+        (checks, "check_pip_update_available", lambda *a, **k: False),
+        (trainer_mod, "check_amp", _amp_without_download),
+    ]
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
+    try:
+        for mod, name, new in patches:
+            setattr(mod, name, new)
+        yield
+    finally:
+        for mod, name, old in saved:
+            setattr(mod, name, old)
+
+
+def _bgr3(image: np.ndarray) -> np.ndarray:
+    """uint8 HxW or HxWx3 (dataset channel order) -> contiguous HxWx3 BGR for Ultralytics."""
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ShapeMismatchError(f"expected uint8 images, found dtype {arr.dtype}")
+    if arr.ndim == 2:
+        return np.ascontiguousarray(np.repeat(arr[:, :, None], 3, axis=2))
+    if arr.ndim == 3 and arr.shape[2] == 3:
+        return np.ascontiguousarray(arr[:, :, ::-1])
+    raise ShapeMismatchError(f"expected an HxW or HxWx3 image, found shape {arr.shape}")
+
+
+def native_imgsz(shape: Sequence[int], stride: int = 32) -> int:
+    """The inference size that keeps pixels at their native scale: max side, up to a stride."""
+    return int(math.ceil(max(int(shape[0]), int(shape[1])) / stride) * stride)
+
+
+@register_model("yolo")
+class YoloSpineDetector:
+    """An ``ultralytics.YOLO`` detection model plus the conventions of this project."""
+
+    def __init__(self, yolo: Any, meta: Mapping[str, Any] | None = None) -> None:
+        self.yolo = yolo
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    # ------------------------------------------------------------------ build / save / load
+    @classmethod
+    def build(cls, arch: str = "n", **meta: Any) -> YoloSpineDetector:
+        """A fresh ``yolov8<arch>-p2`` (random weights); ``meta`` (e.g. channels) rides along."""
+        from ultralytics import YOLO
+
+        if arch not in ARCHS:
+            raise ConfigError(f"arch must be one of {ARCHS}; found {arch!r}")
+        return cls(YOLO(f"yolov8{arch}-p2.yaml", task="detect"), {"arch": arch, **meta})
+
+    @classmethod
+    def load(cls, weights_path: str | Path, **meta: Any) -> YoloSpineDetector:
+        """A detector from a ``.pt`` written by :meth:`save` or by Ultralytics' trainer."""
+        from ultralytics import YOLO
+
+        path = Path(weights_path)
+        if not path.is_file():
+            raise MissingFileError("expected YOLO weights (.pt), found nothing", path)
+        yolo = YOLO(str(path), task="detect")
+        stored = (getattr(yolo, "ckpt", None) or {}).get("microseg") or {}
+        return cls(yolo, {**stored, **meta})
+
+    def save(self, path: str | Path) -> Path:
+        """Write the weights (with ``meta`` under the checkpoint key ``microseg``) atomically."""
+        path = Path(path)
+        if self.yolo.ckpt is None:
+            self.yolo.ckpt = {}
+        self.yolo.ckpt["microseg"] = dict(self.meta)
+        with atomic_path(path) as tmp:
+            self.yolo.save(tmp)
+        return path
+
+    @property
+    def stride(self) -> int:
+        return int(max(getattr(self.yolo.model, "stride", [32])))
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        data_yaml: str | Path,
+        out_dir: str | Path,
+        *,
+        epochs: int = 60,
+        imgsz: int = 256,
+        batch: int = 16,
+        lr0: float = 1e-3,
+        lrf: float = 0.01,
+        optimizer: str = "AdamW",
+        cos_lr: bool = True,
+        patience: int = 15,
+        augment: Mapping[str, float] | None = None,
+        device: str | int | None = "cpu",
+        workers: int = 0,
+        seed: int = 0,
+        hooks: HookBase | None = None,
+        resume: bool = True,
+        name: str = "train",
+        extra: Mapping[str, Any] | None = None,
+    ) -> TrainResult:
+        """Train on an Ultralytics dataset yaml; checkpoints in ``<out_dir>/<name>/weights``.
+
+        ``augment`` overrides :data:`DEFAULT_AUGMENT` (any Ultralytics augmentation key);
+        ``extra`` passes further Ultralytics train arguments (``box``, ``cls``,
+        ``close_mosaic``, ``warmup_epochs``, ``val`` ...). ``patience`` epochs without a better
+        fitness stop the run early. With ``resume`` an interrupted run in the same place
+        continues (see module notes) and a finished one is returned as it is.
+        """
+        from ultralytics import YOLO
+
+        from microseg.registry.ultralytics_callbacks import attach_hooks, disable_ultralytics_mlflow
+
+        data_yaml = Path(data_yaml).resolve()
+        if not data_yaml.is_file():
+            raise MissingFileError("expected an Ultralytics dataset yaml, found nothing", data_yaml)
+        out_dir = Path(out_dir).resolve()
+        save_dir = out_dir / name
+        last, best = save_dir / "weights" / "last.pt", save_dir / "weights" / "best.pt"
+        aug = {**DEFAULT_AUGMENT, **(augment or {})}
+        self._check_args(aug, extra or {})
+
+        state = run_state(last) if resume else "missing"
+        resumed = state == "interrupted"
+        if state == "finished":
+            log.info("%s holds a finished run; not training again", save_dir)
+            return self._finished(save_dir, last, best)
+        if resumed:
+            log.info("resuming the interrupted run in %s", save_dir)
+            model = YOLO(str(last), task="detect")
+            # Ultralytics restores every other argument from the checkpoint; these it lets
+            # a resumed run change (hardware, patience)
+            args: dict[str, Any] = {
+                "resume": True,
+                "data": str(data_yaml),
+                "imgsz": imgsz,
+                "batch": batch,
+                "device": device,
+                "workers": workers,
+                "patience": patience,
+                "plots": False,
+            }
+        else:
+            model = self.yolo
+            args = {
+                "data": str(data_yaml),
+                "epochs": epochs,
+                "imgsz": imgsz,
+                "batch": batch,
+                "lr0": lr0,
+                "lrf": lrf,
+                "optimizer": optimizer,
+                "cos_lr": cos_lr,
+                "patience": patience,
+                "device": device,
+                "workers": workers,
+                "seed": seed,
+                "project": str(out_dir),
+                "name": name,
+                "exist_ok": True,
+                "pretrained": False,
+                "plots": False,
+                "single_cls": True,
+                "verbose": False,
+                **aug,
+                **(extra or {}),
+            }
+        disable_ultralytics_mlflow(model)
+        if hooks is not None:
+            attach_hooks(model, hooks)
+        with offline_guards():
+            model.train(**args)
+        self.yolo = model
+        metrics = {}
+        trainer = getattr(model, "trainer", None)
+        if trainer is not None:
+            from microseg.registry.ultralytics_callbacks import val_metrics
+
+            metrics = val_metrics(getattr(trainer, "metrics", None))
+            metrics["fitness"] = float(trainer.best_fitness or 0.0)
+        return TrainResult(save_dir, best if best.exists() else None, last, metrics, resumed)
+
+    def _check_args(self, aug: Mapping[str, Any], extra: Mapping[str, Any]) -> None:
+        from ultralytics.cfg import DEFAULT_CFG_DICT
+
+        unknown = sorted(k for k in {**aug, **extra} if k not in DEFAULT_CFG_DICT)
+        if unknown:
+            raise ConfigError(f"unknown Ultralytics train argument(s) {unknown}")
+        managed = {"project", "name", "exist_ok", "resume", "data", "model"} & set(extra)
+        if managed:
+            raise ConfigError(f"train arguments {sorted(managed)} are set by microseg, not extra")
+
+    def _finished(self, save_dir: Path, last: Path, best: Path) -> TrainResult:
+        from ultralytics import YOLO
+
+        from microseg.registry.ultralytics_callbacks import val_metrics
+
+        weights = best if best.exists() else last
+        self.yolo = YOLO(str(weights), task="detect")
+        ckpt = _load_ckpt(weights)
+        metrics = val_metrics(ckpt.get("train_metrics"))
+        return TrainResult(
+            save_dir, best if best.exists() else None, last, metrics, already_finished=True
+        )
+
+    # ------------------------------------------------------------------ inference
+    def predict(
+        self,
+        images: Sequence[np.ndarray],
+        *,
+        conf: float = 0.25,
+        iou: float = 0.7,
+        imgsz: int | None = None,
+        max_det: int = 300,
+        device: str | int | None = None,
+    ) -> list[np.ndarray]:
+        """Boxes per image as ``(N, 5)`` float32 ``x1, y1, x2, y2, score`` in input pixels.
+
+        One batched forward pass for the list. ``imgsz=None`` predicts at the native scale
+        (largest side rounded up to the stride); ``iou`` is the NMS threshold (1.0: no NMS).
+        """
+        if len(images) == 0:
+            return []
+        batch = [_bgr3(im) for im in images]
+        size = imgsz or native_imgsz(batch[0].shape, max(self.stride, 32))
+        kwargs: dict[str, Any] = {
+            "conf": conf,
+            "iou": iou,
+            "imgsz": size,
+            "max_det": max_det,
+            "verbose": False,
+            "save": False,
+        }
+        if device is not None:
+            kwargs["device"] = device
+        results = self.yolo.predict(source=batch, **kwargs)
+        out = []
+        for r in results:
+            boxes = r.boxes
+            if boxes is None or len(boxes) == 0:
+                out.append(np.zeros((0, 5), np.float32))
+                continue
+            xyxy = boxes.xyxy.cpu().numpy().astype(np.float32)
+            score = boxes.conf.cpu().numpy().astype(np.float32)
+            out.append(np.column_stack([xyxy, score]))
+        return out

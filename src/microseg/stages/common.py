@@ -1,0 +1,85 @@
+"""Helpers every stage needs: samples of a prepared dataset, metric files, JSON output."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from microseg.data.manifest import read_manifest
+from microseg.errors import MissingFileError
+from microseg.io import points as points_io
+from microseg.utils.atomic import write_text
+
+
+@dataclass
+class Sample:
+    """One prepared sample with absolute paths."""
+
+    sample_id: str
+    split: str
+    image_path: Path
+    label_path: Path | None
+    points_path: Path | None
+    voxel_size_nm: tuple[float, float, float]
+
+    def points(self) -> pd.DataFrame:
+        if self.points_path is None:
+            raise MissingFileError(f"sample {self.sample_id} has no point annotations")
+        return points_io.read_points(self.points_path, allow_empty=True)
+
+
+def samples(prepared_dir: str | Path, split: str | None = None) -> list[Sample]:
+    """Samples of a prepared dataset (optionally one split), in manifest order."""
+    root = Path(prepared_dir)
+    m = read_manifest(root)
+    if split is not None:
+        m = m[m["split"] == split]
+    out = []
+    for r in m.itertuples(index=False):
+        out.append(
+            Sample(
+                sample_id=str(r.sample_id),
+                split=str(r.split),
+                image_path=root / str(r.image_path),
+                label_path=root / str(r.label_path) if r.label_path else None,
+                points_path=root / str(r.points_path) if r.points_path else None,
+                voxel_size_nm=(
+                    float(r.voxel_size_z_nm),
+                    float(r.voxel_size_y_nm),
+                    float(r.voxel_size_x_nm),
+                ),
+            )
+        )
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> Path:
+    """Atomic, sorted, NaN-free JSON (DVC metrics files must parse everywhere)."""
+    write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+    return Path(path)
+
+
+def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Precision, recall, F1 from counts, with the empty-set convention of evaluate.points."""
+    p = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
+    r = tp / (tp + fn) if tp + fn else (1.0 if fp == 0 else 0.0)
+    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0
+    return {"precision": p, "recall": r, "f1": f1, "tp": int(tp), "fp": int(fp), "fn": int(fn)}

@@ -1,0 +1,220 @@
+"""Prob-UNet stages: ``train_punet``, ``predict_punet``, ``uncertainty``, ``inter_rater``.
+
+Benchmark numbers are measured on the held-out benchmark stack; everything tuned (the DoG
+baseline's parameters) is tuned on a validation stack.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microseg.config import Params
+from microseg.data.ingest import SPINE_CLASSES
+from microseg.errors import MissingFileError
+from microseg.io import tiff
+from microseg.stages.common import Sample, samples
+from microseg.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = Path("models/punet")
+PRED_DIR = Path("reports/spines/punet")
+UNC_DIR = Path("reports/spines/uncertainty")
+RATER_DIR = Path("reports/spines/inter_rater")
+HEADS = ("spine", "dendrite")
+
+
+def _source(params: Params) -> Path:
+    return Path(params.datasets["spines"].source)
+
+
+def _targets(sample: Sample) -> dict[str, np.ndarray]:
+    labels = tiff.read_stack(sample.label_path)
+    return {h: labels == SPINE_CLASSES[h] for h in HEADS}
+
+
+def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> dict[str, Any]:
+    from microseg.train.punet import PunetTrainConfig, train_punet
+
+    cfg = PunetTrainConfig.from_mapping(params.punet.train)
+    src = _source(params)
+    t0 = time.perf_counter()
+    result = train_punet(src / "train.d3set", src / "val.d3set", out_dir, cfg, hooks=hooks)
+    if result.best_path is None:
+        raise MissingFileError("training produced no best checkpoint", out_dir)
+    return {
+        "train_seconds": time.perf_counter() - t0,
+        "best_epoch": result.best_epoch,
+        **{f"best_{k}": v for k, v in result.best.items()},
+    }
+
+
+def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, Any]:
+    from microseg.infer.punet_predict import predict_stack_punet, write_predictions
+
+    p = params.punet.predict
+    with tiff.open_stack(sample.image_path) as stack:
+        result = predict_stack_punet(
+            model,
+            stack,
+            n_samples=p.n_samples,
+            temperature=p.temperature,
+            tile=p.tile,
+            batch_planes=p.batch_planes,
+            seed=params.seed,
+        )
+    write_predictions(
+        out_dir,
+        result,
+        sample.voxel_size_nm,
+        size_thr=p.size_thr,
+        prob_thr=p.prob_thr,
+    )
+    return result
+
+
+def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
+    """Predict validation and benchmark stacks; Dice/IoU/ECE per head; DoG baseline."""
+    from microseg.evaluate.calibration import calibration_summary, reliability_table
+    from microseg.evaluate.segmentation import dog_baseline, segmentation_metrics, tune_dog
+    from microseg.models.punet import load_punet
+    from microseg.report.figures import reliability_diagram
+
+    weights = MODEL_DIR / "best.pt"
+    if not weights.exists():
+        raise MissingFileError("trained Prob-UNet missing; run `microseg train -m punet`", weights)
+    model = load_punet(weights)
+    prepared = params.paths.prepared / "spines"
+    p = params.punet.predict
+    metrics: dict[str, Any] = {}
+    for sample in [*samples(prepared, "val"), *samples(prepared, "test")]:
+        result = _predict(model, sample, params, out_dir / sample.sample_id)
+        targets = _targets(sample)
+        entry = {}
+        for head in HEADS:
+            prob = np.asarray(result[f"prob_{head}"], np.float32)
+            mask = tiff.read_stack(next((out_dir / sample.sample_id).glob(f"mask_{head}_*.tif")))
+            entry[head] = {
+                **segmentation_metrics(mask > 0, targets[head]),
+                **calibration_summary(prob, targets[head]),
+            }
+            if sample.split == "test":
+                table = reliability_table(prob, targets[head])
+                reliability_diagram(table, out_dir / f"reliability_{head}.png")
+        metrics[sample.sample_id] = entry
+    # classical floor: DoG tuned on the first validation stack, applied to the benchmark
+    val0 = samples(prepared, "val")[0]
+    best, _ = tune_dog(tiff.read_stack(val0.image_path), _targets(val0)["spine"])
+    (bench,) = samples(prepared, "test")
+    dog = dog_baseline(tiff.read_stack(bench.image_path), **best)
+    metrics["dog_baseline"] = {
+        "params": best,
+        "spine": segmentation_metrics(dog, _targets(bench)["spine"]),
+    }
+    metrics["settings"] = {
+        "n_samples": p.n_samples,
+        "temperature": p.temperature,
+        "prob_thr": p.prob_thr,
+        "size_thr": p.size_thr,
+    }
+    metrics["benchmark"] = metrics.pop(bench.sample_id)
+    return metrics
+
+
+def _maps(pred_dir: Path, head: str) -> dict[str, np.ndarray]:
+    from microseg.evaluate.uncertainty import UncertaintySums, uncertainty_maps
+
+    def read(name: str) -> np.ndarray:
+        return tiff.read_stack(pred_dir / f"{name}_{head}.tif").astype(np.float64)
+
+    info = (pred_dir / "punet_prediction.json").read_text()
+    import json
+
+    n = int(json.loads(info)["n_samples"])
+    sums = UncertaintySums(read("sum_p"), read("sum_p2"), read("sum_entropy"), n=n)
+    return uncertainty_maps(sums)
+
+
+def uncertainty(params: Params, out_dir: Path = UNC_DIR) -> dict[str, Any]:
+    """Mean, variance, entropy, MI and aleatoric maps of the benchmark, plus panel figures."""
+    from microseg.report.figures import uncertainty_panel
+
+    prepared = params.paths.prepared / "spines"
+    (bench,) = samples(prepared, "test")
+    image = tiff.read_stack(bench.image_path)
+    summary = {}
+    for head in HEADS:
+        maps = _maps(PRED_DIR / bench.sample_id, head)
+        for name, arr in maps.items():
+            tiff.write_stack(out_dir / f"{head}_{name}.tif", arr, bench.voxel_size_nm)
+        planes = params.punet.uncertainty_planes or [image.shape[0] // 2]
+        uncertainty_panel(
+            image,
+            maps,
+            out_dir / f"panel_{head}.png",
+            out_dir / f"panel_{head}.pdf",
+            gt=_targets(bench)[head],
+            planes=planes,
+            title=f"Prob-UNet {head} uncertainty (benchmark)",
+        )
+        summary[head] = {f"mean_{k}": float(np.mean(v)) for k, v in maps.items()}
+    return summary
+
+
+def inter_rater(params: Params, out_dir: Path = RATER_DIR) -> dict[str, Any]:
+    """Rater disagreement vs model uncertainty: Spearman and AUROC, with the ROC figure."""
+    from microseg.evaluate.inter_rater import (
+        compare_uncertainty_to_disagreement,
+        disagreement_map,
+        fleiss_kappa,
+        near_foreground,
+        pairwise_dice,
+    )
+    from microseg.report.figures import roc_figure, uncertainty_panel
+
+    raters_dir = _source(params) / "raters"
+    prepared = params.paths.prepared / "spines"
+    (bench,) = samples(prepared, "test")
+    out: dict[str, Any] = {}
+    for head in HEADS:
+        paths = sorted(raters_dir.glob(f"rater*_{head}s.tif"))
+        if len(paths) < 3:
+            raise MissingFileError(
+                f"need >= 3 raters' {head} masks, found {len(paths)}", raters_dir
+            )
+        masks = [tiff.read_stack(p) > 0 for p in paths]
+        dis = disagreement_map(masks)
+        tiff.write_stack(out_dir / f"disagreement_{head}.tif", dis.astype(np.float32))
+        region = near_foreground(masks, radius=params.punet.rater_region_px)
+        maps = _maps(PRED_DIR / bench.sample_id, head)
+        table = compare_uncertainty_to_disagreement(maps, dis, mask=region, seed=params.seed)
+        curves = table.attrs.get("roc_curves", {})
+        with atomic_path(out_dir / f"uncertainty_vs_disagreement_{head}.csv") as tmp:
+            table.to_csv(tmp, index=False)
+        roc_figure(curves, out_dir / f"roc_{head}.png", out_dir / f"roc_{head}.pdf")
+        z = int(np.argmax(dis.sum(axis=(1, 2))))
+        uncertainty_panel(
+            tiff.read_stack(bench.image_path),
+            maps,
+            out_dir / f"panel_{head}.png",
+            raters=masks,
+            disagreement=dis,
+            planes=[z],
+            title=f"{head}: model uncertainty vs rater disagreement (plane {z})",
+        )
+        out[head] = {
+            "fleiss_kappa": fleiss_kappa(masks, mask=region),
+            "mean_pairwise_dice": float(pairwise_dice(masks)["dice"].mean()),
+            "disagreement_fraction": float((dis > 0).mean()),
+            **{
+                f"{r.map}_{k}": float(getattr(r, k))
+                for r in table.itertuples()
+                for k in ("auroc", "spearman")
+            },
+        }
+    return out

@@ -1,0 +1,265 @@
+"""YOLO spine detector: registry, predict contract, save/load, training, resume, early stop."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from microseg.errors import ConfigError, MissingFileError, ShapeMismatchError
+from microseg.models import MODELS, ModelFamily, get_model, register_model
+from microseg.models.yolo import (
+    YoloSpineDetector,
+    _bgr3,
+    is_resumable,
+    offline_guards,
+    run_state,
+)
+from microseg.train.hooks import EarlyStopping, HookBase
+
+
+def _blob_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 64) -> Path:
+    """Tiny Ultralytics dataset: dark images with 1-3 bright square blobs, boxed exactly."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 30, (size, size)).astype(np.uint8)
+            lines = []
+            for _ in range(int(rng.integers(1, 4))):
+                w = int(rng.integers(6, 12))
+                x, y = (int(v) for v in rng.integers(2, size - w - 2, 2))
+                img[y : y + w, x : x + w] = 230
+                lines.append(f"0 {(x + w / 2) / size} {(y + w / 2) / size} {w / size} {w / size}")
+            Image.fromarray(img).save(root / "images" / split / f"im{i}.png")
+            (root / "labels" / split / f"im{i}.txt").write_text("\n".join(lines) + "\n")
+    data = root / "data.yaml"
+    data.write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: spine\n")
+    return data
+
+
+class Recorder(HookBase):
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def before_train(self, config):
+        self.events.append(("before_train", dict(config)))
+
+    def after_epoch(self, epoch, metrics):
+        self.events.append(("after_epoch", epoch, dict(metrics)))
+
+    def after_checkpoint(self, path, is_best):
+        self.events.append(("after_checkpoint", Path(path), is_best))
+
+    def after_train(self, best, best_path):
+        self.events.append(("after_train", dict(best), best_path))
+
+    def named(self, name: str) -> list[tuple]:
+        return [e for e in self.events if e[0] == name]
+
+
+TINY = {"imgsz": 64, "batch": 4, "workers": 0, "device": "cpu", "seed": 0}
+
+
+# ------------------------------------------------------------------------------ registry
+def test_registry_finds_yolo_and_rejects_unknown_names():
+    assert get_model("yolo") is YoloSpineDetector
+    for name in ("punet", "unet"):  # other families register on first lookup
+        assert get_model(name).__module__ == f"microseg.models.{name}"
+    assert MODELS["yolo"] is YoloSpineDetector
+    with pytest.raises(ConfigError, match="unknown model"):
+        get_model("no-such-model")
+
+
+def test_register_model_refuses_a_second_owner_of_a_name():
+    @register_model("_test_family")
+    class A:
+        pass
+
+    try:
+        assert get_model("_test_family") is A
+        with pytest.raises(ConfigError, match="already registered"):
+
+            @register_model("_test_family")
+            class B:
+                pass
+    finally:
+        MODELS.pop("_test_family")
+
+
+def test_detector_follows_the_model_family_protocol():
+    det = YoloSpineDetector.build("n")
+    assert isinstance(det, ModelFamily)
+    with pytest.raises(ConfigError, match="arch"):
+        YoloSpineDetector.build("q")
+
+
+# ------------------------------------------------------------------------------ predict
+@pytest.fixture(scope="module")
+def untrained() -> YoloSpineDetector:
+    torch.manual_seed(0)
+    return YoloSpineDetector.build("n", channels="single")
+
+
+def test_predict_returns_one_box_array_per_image(untrained):
+    grey = np.random.default_rng(0).integers(0, 255, (64, 96), dtype=np.uint8)
+    rgb = np.random.default_rng(1).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    out = untrained.predict([grey, rgb, grey], conf=0.0, iou=0.7, max_det=7)
+    assert len(out) == 3
+    for boxes in out:
+        assert boxes.dtype == np.float32 and boxes.ndim == 2 and boxes.shape[1] == 5
+        assert len(boxes) <= 7
+        if len(boxes):
+            assert (boxes[:, 2] >= boxes[:, 0]).all() and (boxes[:, 4] >= 0).all()
+            assert boxes[:, [0, 2]].max() <= 96 + 1e-3 and boxes[:, [1, 3]].max() <= 64 + 1e-3
+    assert untrained.predict([]) == []
+
+
+def test_predict_rejects_bad_images(untrained):
+    with pytest.raises(ShapeMismatchError, match="uint8"):
+        untrained.predict([np.zeros((32, 32), np.uint16)])
+    with pytest.raises(ShapeMismatchError, match="HxW"):
+        untrained.predict([np.zeros((32, 32, 4), np.uint8)])
+
+
+def test_save_load_round_trip_keeps_weights_and_meta(untrained, tmp_path):
+    img = np.random.default_rng(2).integers(0, 255, (64, 64), dtype=np.uint8)
+    path = untrained.save(tmp_path / "model.pt")
+    loaded = YoloSpineDetector.load(path)
+    assert loaded.meta["channels"] == "single" and loaded.meta["arch"] == "n"
+    a = untrained.predict([img], conf=0.0, max_det=20)[0]
+    b = loaded.predict([img], conf=0.0, max_det=20)[0]
+    np.testing.assert_allclose(a, b, atol=1e-2)  # saved in fp16
+    with pytest.raises(MissingFileError):
+        YoloSpineDetector.load(tmp_path / "none.pt")
+
+
+def test_channels_reach_ultralytics_in_bgr_order():
+    """PNGs hold planes z-1, z, z+1 as R, G, B; Ultralytics takes numpy input as BGR."""
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 10, 20, 30
+    assert _bgr3(rgb)[0, 0].tolist() == [30, 20, 10]
+    assert _bgr3(np.full((4, 4), 7, np.uint8))[0, 0].tolist() == [7, 7, 7]
+
+
+def test_run_state_tells_missing_unreadable_and_interrupted(tmp_path):
+    assert run_state(tmp_path / "last.pt") == "missing"
+    (tmp_path / "last.pt").write_bytes(b"truncated")
+    assert run_state(tmp_path / "last.pt") == "unreadable"
+    torch.save({"epoch": 3, "optimizer": {"state": {}}}, tmp_path / "last.pt")
+    assert run_state(tmp_path / "last.pt") == "interrupted"
+    torch.save({"epoch": -1, "optimizer": None}, tmp_path / "last.pt")
+    assert run_state(tmp_path / "last.pt") == "finished"
+
+
+def test_offline_guards_block_font_download_and_restore():
+    import ultralytics.data.utils as data_utils
+
+    original = data_utils.check_font
+    with offline_guards():
+        assert data_utils.check_font("Arial.ttf") is None
+    assert data_utils.check_font is original
+
+
+# ------------------------------------------------------------------------------ training
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("yolo_train")
+    data = _blob_dataset(root / "data")
+    rec = Recorder()
+    det = YoloSpineDetector.build("n")
+    result = det.train(data, root / "runs", epochs=2, patience=50, hooks=rec, **TINY)
+    return det, result, rec, data, root
+
+
+def test_training_writes_checkpoints_and_drives_hooks(trained):
+    det, result, rec, _, root = trained
+    assert result.save_dir == (root / "runs" / "train").resolve()
+    assert result.last.is_file() and result.best is not None and result.best.is_file()
+    assert not is_resumable(result.last)  # finished: optimizer stripped
+    assert rec.events[0][0] == "before_train"
+    assert rec.events[-1][0] == "after_train"
+    assert [e[1] for e in rec.named("after_epoch")] == [0, 1]
+    config = rec.named("before_train")[0][1]
+    assert config["epochs"] == 2 and config["imgsz"] == 64 and config["pretrained"] is False
+    assert config["patience"] == 50 and config["optimizer"] == "AdamW" and config["mosaic"] == 0.8
+    metrics = rec.named("after_epoch")[0][2]
+    for key in ("train/box_loss", "val/precision", "val/recall", "val/mAP50", "val/mAP50-95"):
+        assert key in metrics
+    assert any(k.startswith("lr/") for k in metrics)
+    saved = rec.named("after_checkpoint")
+    assert {(p.name, b) for _, p, b in saved} >= {("last.pt", False), ("best.pt", True)}
+    best, best_path = rec.named("after_train")[0][1:]
+    assert best_path == result.best and "fitness" in best and best["best_epoch"] in (0.0, 1.0)
+    assert det.yolo.trainer.amp is False  # no autocast on CPU (Ultralytics' own rule)
+    # the detector now holds the trained weights
+    out = det.predict([np.zeros((64, 64), np.uint8)], conf=0.01)
+    assert len(out) == 1
+
+
+def test_finished_run_is_not_trained_again(trained, tmp_path):
+    _, result, _, data, root = trained
+    before = result.best.stat().st_mtime_ns
+    rec = Recorder()
+    again = YoloSpineDetector.build("n").train(data, root / "runs", epochs=2, hooks=rec, **TINY)
+    assert again.already_finished and again.best == result.best
+    assert rec.events == [] and result.best.stat().st_mtime_ns == before
+
+
+class _Interrupt(Exception):
+    pass
+
+
+class _CrashAfterFirstSave(HookBase):
+    def after_checkpoint(self, path, is_best):
+        if path.name == "last.pt":
+            raise _Interrupt
+
+
+def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
+    data = _blob_dataset(tmp_path / "data")
+    with pytest.raises(_Interrupt):
+        YoloSpineDetector.build("n").train(
+            data, tmp_path / "runs", epochs=3, patience=50, hooks=_CrashAfterFirstSave(), **TINY
+        )
+    last = tmp_path / "runs" / "train" / "weights" / "last.pt"
+    assert is_resumable(last)
+    assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    rec = Recorder()
+    result = YoloSpineDetector.build("n").train(
+        data, tmp_path / "runs", epochs=3, hooks=rec, **TINY
+    )
+    assert result.resumed and not is_resumable(result.last)
+    assert [e[1] for e in rec.named("after_epoch")] == [1, 2]  # epoch 0 was not redone
+    assert rec.named("before_train")[0][1]["start_epoch"] == 1
+    rows = (result.save_dir / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + 3  # header + every epoch once
+
+
+def test_a_hook_can_stop_training_early(tmp_path):
+    data = _blob_dataset(tmp_path / "data")
+    stopper = EarlyStopping("train/box_loss", patience=0, mode="min")
+    stopper.best = -1.0  # nothing beats it: stop after the first epoch
+    rec = Recorder()
+    from microseg.train.hooks import Hooks
+
+    YoloSpineDetector.build("n").train(
+        data, tmp_path / "runs", epochs=5, patience=50, hooks=Hooks([stopper, rec]), **TINY
+    )
+    assert [e[1] for e in rec.named("after_epoch")] == [0]
+
+
+def test_train_rejects_unknown_and_managed_arguments(tmp_path):
+    data = tmp_path / "d.yaml"
+    data.write_text("path: .\n")
+    det = YoloSpineDetector.build("n")
+    with pytest.raises(ConfigError, match="unknown"):
+        det.train(data, tmp_path, augment={"sparkle": 1.0}, **TINY)
+    with pytest.raises(ConfigError, match="set by microseg"):
+        det.train(data, tmp_path, extra={"project": "x"}, **TINY)
+    with pytest.raises(MissingFileError):
+        det.train(tmp_path / "none.yaml", tmp_path, **TINY)
