@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -53,6 +54,22 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         n_train=1, n_val=1, shape=[8, 64, 64], benchmark_shape=[8, 96, 96]
     )
     params["synth"]["tracking"].update(n_frames=5, shape=[48, 48])
+    params["yolo"]["train"].update(epochs=1, imgsz=64, batch=4)
+    params["yolo"]["sweep"].update(confs=[0.01, 0.1], ious=[0.5])
+    params["baseline_log"]["grid"] = {
+        "threshold": [0.1, 0.2],
+        "min_sigma": [1.5],
+        "max_sigma": [3.0],
+    }
+    params["punet"]["train"].update(
+        filters=[4, 8],
+        latent_filters=[4, 8],
+        epochs=1,
+        steps_per_epoch=2,
+        patch_size=32,
+        batch_size=2,
+    )
+    params["punet"]["predict"].update(n_samples=2)
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run([str(BIN / "dvc"), "pull", "-q", "data.dvc"], repo_copy)
     _run([str(BIN / "dvc"), "repro"], repo_copy)
@@ -71,3 +88,10 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     runs = mlflow.search_runs(search_all_experiments=True)
     stages = set(runs["tags.microseg.stage"])
     assert {"synth_spines", "synth_tracking", "ingest", "validate"} <= stages
+    assert {"convert_yolo", "train_yolo", "eval_yolo", "baseline_log"} <= stages
+    assert {"train_punet", "predict_punet", "uncertainty", "inter_rater"} <= stages
+    assert {"track", "evaluate_tracking"} <= stages
+    tracking = json.loads((repo_copy / "metrics" / "tracking.json").read_text())
+    assert tracking["masks"] == "gt" and tracking["03"]["DET"] == 1.0
+    for name in ("spines_yolo", "spines_log", "spines_punet", "spines_inter_rater"):
+        assert (repo_copy / "metrics" / f"{name}.json").exists(), name

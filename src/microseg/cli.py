@@ -149,13 +149,16 @@ def _log_metrics_tree(metrics: dict, prefix: str = "") -> None:
     """Numbers of a nested metrics dict into the active MLflow run (``a.b`` names)."""
     import mlflow
 
+    from microseg.registry.mlflow_hooks import clean_metrics
     from microseg.registry.tracking import flatten
 
-    flat = {
-        f"{prefix}{k}": float(v)
-        for k, v in flatten(metrics).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
+    flat = clean_metrics(
+        {
+            f"{prefix}{k}": v
+            for k, v in flatten(metrics).items()
+            if isinstance(v, int | float) and not isinstance(v, bool)
+        }
+    )
     if flat:
         mlflow.log_metrics(flat)
 
@@ -227,17 +230,64 @@ def train(
 
 
 @app.command()
+def track(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Link per-frame instance masks into tracks; write Cell Tracking Challenge results."""
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import tracking
+
+    params = _params(params_path, set_)
+    with stage_run(
+        params, stage="track", task="tracking", dataset="tracking", section=params.tracking
+    ):
+        summary = tracking.track(params)
+        _log_metrics_tree(summary)
+    typer.echo(f"tracks of {sorted(summary)} in {tracking.RESULT_DIR}")
+
+
+def _evaluate_tracking(params) -> None:
+    import mlflow
+
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import tracking
+    from microseg.stages.common import write_json
+
+    with stage_run(
+        params,
+        stage="evaluate_tracking",
+        task="tracking",
+        dataset="tracking",
+        section=params.tracking,
+    ):
+        result = tracking.evaluate_tracking(params)
+        path = write_json(params.paths.metrics / "tracking.json", result)
+        _log_metrics_tree({k: v for k, v in result.items() if isinstance(v, dict)})
+        mlflow.log_artifact(str(path), "metrics")
+    for seq, s in result.items():
+        if isinstance(s, dict):
+            typer.echo(
+                f"sequence {seq}: SEG {s.get('SEG', float('nan')):.3f} DET {s['DET']:.3f} "
+                f"TRA {s['TRA']:.3f}"
+            )
+
+
+@app.command()
 def evaluate(
-    model: Annotated[str, typer.Option("--model", "-m", help="yolo or log")] = "yolo",
+    model: Annotated[str, typer.Option("--model", "-m", help="yolo, log or punet")] = "yolo",
+    task: Annotated[str, typer.Option("--task", help="spines or tracking")] = "spines",
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Evaluate a detector on the spine benchmark (thresholds chosen on validation)."""
+    """Evaluate on held-out data: spine detectors/segmenters, or tracks (--task tracking)."""
     from microseg.registry.tracking import stage_run
     from microseg.stages import spines
     from microseg.stages.common import write_json
 
     params = _params(params_path, set_)
+    if task == "tracking":
+        _evaluate_tracking(params)
+        return
+    if task != "spines":
+        raise ConfigError(f"unknown task {task!r}; available: spines, tracking")
     from microseg.stages import punet
 
     runners = {

@@ -196,6 +196,14 @@ class PunetConfig(_Strict):
     rater_region_px: int = 3
 
 
+class TrackingConfig(_Strict):
+    #: gt: link ground-truth masks with shuffled ids (tests the linker); model: the U-Net's
+    masks: Literal["gt", "model"] = "gt"
+    split: str = "test"
+    #: fields of ``microseg.infer.tracking.LinkConfig``
+    link: dict[str, Any] = Field(default_factory=dict)
+
+
 class Params(_Strict):
     seed: int = 42
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -207,6 +215,7 @@ class Params(_Strict):
     yolo: YoloConfig = Field(default_factory=YoloConfig)
     baseline_log: LogBaselineConfig = Field(default_factory=LogBaselineConfig)
     punet: PunetConfig = Field(default_factory=PunetConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

@@ -21,7 +21,7 @@ from microseg.train.hooks import HookBase
 log = logging.getLogger(__name__)
 
 
-def _clean(metrics: Mapping[str, Any]) -> dict[str, float]:
+def clean_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
     """MLflow metric names allow only [A-Za-z0-9_-./ ]; values must be finite floats."""
     out = {}
     for k, v in metrics.items():
@@ -53,7 +53,7 @@ class MlflowHook(HookBase):
             mlflow.log_params(params, run_id=self.run_id)
 
     def after_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        clean = _clean(metrics)
+        clean = clean_metrics(metrics)
         if clean:
             mlflow.log_metrics(clean, step=epoch, run_id=self.run_id)
 
@@ -62,6 +62,6 @@ class MlflowHook(HookBase):
             self.client.log_artifact(self.run_id, str(path), "checkpoints")
 
     def after_train(self, best: Mapping[str, float], best_path: Path | None) -> None:
-        clean = {f"best_{k}": v for k, v in _clean(best).items()}
+        clean = {f"best_{k}": v for k, v in clean_metrics(best).items()}
         if clean:
             mlflow.log_metrics(clean, run_id=self.run_id)

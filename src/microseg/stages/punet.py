@@ -81,7 +81,13 @@ def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, 
 def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
     """Predict validation and benchmark stacks; Dice/IoU/ECE per head; DoG baseline."""
     from microseg.evaluate.calibration import calibration_summary, reliability_table
-    from microseg.evaluate.segmentation import dog_baseline, segmentation_metrics, tune_dog
+    from microseg.evaluate.segmentation import (
+        dog_baseline,
+        segmentation_metrics,
+        threshold_sweep,
+        tune_dog,
+    )
+    from microseg.infer.punet_predict import remove_small
     from microseg.models.punet import load_punet
     from microseg.report.figures import reliability_diagram
 
@@ -91,26 +97,38 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
     model = load_punet(weights)
     prepared = params.paths.prepared / "spines"
     p = params.punet.predict
+    probs: dict[str, dict[str, np.ndarray]] = {}
     metrics: dict[str, Any] = {}
-    for sample in [*samples(prepared, "val"), *samples(prepared, "test")]:
+    val, (bench,) = samples(prepared, "val"), samples(prepared, "test")
+    for sample in [*val, bench]:
         result = _predict(model, sample, params, out_dir / sample.sample_id)
+        probs[sample.sample_id] = {h: np.asarray(result[f"prob_{h}"], np.float32) for h in HEADS}
+    # the probability threshold per head is tuned on the validation stacks (pooled)
+    thresholds = {}
+    for head in HEADS:
+        pooled = np.concatenate([probs[s.sample_id][head].ravel() for s in val])
+        target = np.concatenate([_targets(s)[head].ravel() for s in val])
+        table = threshold_sweep(pooled, target, np.arange(1, 40) / 40)
+        thresholds[head] = float(table.sort_values("dice", ascending=False).iloc[0]["threshold"])
+    for sample in [*val, bench]:
         targets = _targets(sample)
         entry = {}
         for head in HEADS:
-            prob = np.asarray(result[f"prob_{head}"], np.float32)
-            mask = tiff.read_stack(next((out_dir / sample.sample_id).glob(f"mask_{head}_*.tif")))
+            prob = probs[sample.sample_id][head]
+            fixed = tiff.read_stack(next((out_dir / sample.sample_id).glob(f"mask_{head}_*.tif")))
+            tuned = remove_small(prob >= thresholds[head], p.size_thr)
             entry[head] = {
-                **segmentation_metrics(mask > 0, targets[head]),
+                **segmentation_metrics(tuned, targets[head]),
+                "threshold": thresholds[head],
+                f"dice_at_{p.prob_thr:g}": segmentation_metrics(fixed > 0, targets[head])["dice"],
                 **calibration_summary(prob, targets[head]),
             }
-            if sample.split == "test":
+            if sample is bench:
                 table = reliability_table(prob, targets[head])
                 reliability_diagram(table, out_dir / f"reliability_{head}.png")
         metrics[sample.sample_id] = entry
     # classical floor: DoG tuned on the first validation stack, applied to the benchmark
-    val0 = samples(prepared, "val")[0]
-    best, _ = tune_dog(tiff.read_stack(val0.image_path), _targets(val0)["spine"])
-    (bench,) = samples(prepared, "test")
+    best, _ = tune_dog(tiff.read_stack(val[0].image_path), _targets(val[0])["spine"])
     dog = dog_baseline(tiff.read_stack(bench.image_path), **best)
     metrics["dog_baseline"] = {
         "params": best,

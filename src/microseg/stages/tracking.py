@@ -1,0 +1,87 @@
+"""Tracking stages: ``track`` (masks -> CTC result) and ``evaluate_tracking`` (CTC scores).
+
+``track`` links per-frame instance masks of the test sequences. The masks come from the
+segmentation model (``masks: model``) or, to test the linker alone, from the ground truth
+with every frame's ids shuffled (``masks: gt``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microseg.config import Params
+from microseg.errors import MissingFileError
+from microseg.io import ctc, tiff
+from microseg.stages.common import samples
+
+log = logging.getLogger(__name__)
+
+RESULT_DIR = Path("reports/tracking")
+SEG_PRED_DIR = Path("reports/tracking_seg")
+
+
+def _sequences(params: Params, split: str) -> list[str]:
+    """CTC sequence names (``01``...) of a split of the prepared tracking dataset."""
+    return [
+        s.sample_id.removeprefix("seq") for s in samples(params.paths.prepared / "tracking", split)
+    ]
+
+
+def shuffled_ids(masks: np.ndarray, seed: int) -> np.ndarray:
+    """Every frame's instance ids replaced by a random permutation (no identity leaks)."""
+    rng = np.random.default_rng(seed)
+    out = np.zeros_like(masks, dtype=np.uint32)
+    for t, frame in enumerate(masks):
+        ids = np.unique(frame[frame > 0])
+        lut = np.zeros(int(frame.max()) + 1, np.uint32)
+        lut[ids] = rng.permutation(len(ids)) + 1 + rng.integers(0, 1000)
+        out[t] = lut[frame]
+    return out
+
+
+def track(params: Params, out_dir: Path = RESULT_DIR) -> dict[str, Any]:
+    from microseg.infer.tracking import LinkConfig, link
+    from microseg.report.tracking_figures import save_lineage_plot, save_track_montage
+
+    cfg = params.tracking
+    gt_root = Path(params.datasets["tracking"].source)
+    link_cfg = LinkConfig(**cfg.link)
+    summary = {}
+    for seq in _sequences(params, cfg.split):
+        gt = ctc.read_ctc_gt(gt_root, seq)
+        if cfg.masks == "gt":
+            masks = shuffled_ids(gt.tra, params.seed)
+        else:
+            pred = SEG_PRED_DIR / f"{seq}.tif"
+            if not pred.exists():
+                raise MissingFileError("segmentation of the sequence missing", pred)
+            masks = tiff.read_stack(pred)
+        tracked, tracks = link(masks, link_cfg)
+        ctc.write_ctc_result(out_dir, seq, tracked, tracks)
+        save_track_montage(tracked, out_dir / f"{seq}_montage.png", images=gt.frames)
+        save_lineage_plot(tracks, out_dir / f"{seq}_lineage.png", title=f"sequence {seq}")
+        summary[seq] = {
+            "n_tracks": len(tracks),
+            "n_divisions": int((tracks["P"] > 0).sum() // 2),
+        }
+    return summary
+
+
+def evaluate_tracking(params: Params, res_dir: Path = RESULT_DIR) -> dict[str, Any]:
+    from microseg.evaluate.tracking import evaluate_ctc, per_frame_scores
+
+    gt_root = Path(params.datasets["tracking"].source)
+    out: dict[str, Any] = {"masks": params.tracking.masks}
+    for seq in _sequences(params, params.tracking.split):
+        scores = evaluate_ctc(gt_root, seq, res_dir)
+        gt = ctc.read_ctc_gt(gt_root, seq)
+        res = ctc.read_ctc_result(res_dir, seq)
+        frames = per_frame_scores(gt.tra, res.masks)
+        scores["mean_fg_iou"] = float(frames["fg_iou"].mean())
+        scores["mean_rand_error"] = float(frames["rand_error"].mean())
+        out[seq] = scores
+    return out
