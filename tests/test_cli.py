@@ -70,6 +70,7 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         batch_size=2,
     )
     params["punet"]["predict"].update(n_samples=2)
+    params["fusion"].update(n_trials=4)
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run([str(BIN / "dvc"), "pull", "-q", "data.dvc"], repo_copy)
     _run([str(BIN / "dvc"), "repro"], repo_copy)
@@ -93,5 +94,9 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     assert {"track", "evaluate_tracking"} <= stages
     tracking = json.loads((repo_copy / "metrics" / "tracking.json").read_text())
     assert tracking["masks"] == "gt" and tracking["03"]["DET"] == 1.0
+    assert {"tune_fusion", "fuse", "evaluate_spines"} <= stages
+    table = json.loads((repo_copy / "metrics" / "spines.json").read_text())
+    assert {"yolo", "punet_spots", "log_baseline", "fusion"} <= set(table)
+    assert (repo_copy / "params" / "tuned_fusion.yaml").exists()
     for name in ("spines_yolo", "spines_log", "spines_punet", "spines_inter_rater"):
         assert (repo_copy / "metrics" / f"{name}.json").exists(), name

@@ -322,6 +322,77 @@ def evaluate(
         )
 
 
+@app.command()
+def tune(
+    target: Annotated[str, typer.Option("--target", help="fusion")] = "fusion",
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Optuna study; each trial is a nested MLflow run; best params -> params/tuned_*.yaml."""
+    import mlflow
+
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import fusion
+
+    params = _params(params_path, set_)
+    if target != "fusion":
+        raise ConfigError(f"unknown tuning target {target!r}; available: fusion")
+
+    def on_trial(trial, metrics) -> None:
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+            mlflow.log_params({k: str(v) for k, v in metrics.get("params", {}).items()})
+            _log_metrics_tree({k: v for k, v in metrics.items() if k != "params"})
+
+    with stage_run(
+        params, stage="tune_fusion", task="spines", dataset="spines", section=params.fusion
+    ):
+        out = fusion.tune_fusion_stage(params, on_trial=on_trial)
+        mlflow.log_metric("best_val_f1", out["best_val_f1"])
+        mlflow.log_params({f"best.{k}": str(v) for k, v in out["best"].items()})
+        mlflow.log_artifact(str(fusion.TUNED), "tuned")
+    typer.echo(f"best validation F1 {out['best_val_f1']:.3f}; params in {fusion.TUNED}")
+
+
+@app.command()
+def fuse(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """YOLO boxes validated by Prob-UNet probability, de-duplicated in 3D, on the benchmark."""
+    import mlflow
+
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import fusion
+    from microseg.stages.common import write_json
+
+    params = _params(params_path, set_)
+    with stage_run(params, stage="fuse", task="spines", dataset="spines", section=params.spines):
+        out = fusion.fuse_stage(params)
+        path = write_json(params.paths.metrics / "spines_fusion.json", out)
+        _log_metrics_tree({k: v for k, v in out.items() if k != "params"})
+        mlflow.log_artifacts(str(fusion.FUSION_DIR), "fusion")
+    b = out["benchmark"]
+    typer.echo(f"fusion: benchmark F1 {b['f1']:.3f} -> {path}")
+
+
+@app.command("compare-spines")
+def compare_spines(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """YOLO alone, Prob-UNet alone, LoG and fusion side by side -> metrics/spines.json."""
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import fusion
+    from microseg.stages.common import write_json
+
+    params = _params(params_path, set_)
+    with stage_run(
+        params, stage="evaluate_spines", task="spines", dataset="spines", section=params.spines
+    ):
+        table = fusion.evaluate_spines(params)
+        write_json(params.paths.metrics / "spines.json", table)
+        _log_metrics_tree(table)
+    for name, row in table.items():
+        if isinstance(row, dict):
+            typer.echo(
+                f"{name:<14} F1 {row['f1']:.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}"
+            )
+
+
 @app.command("uncertainty")
 def uncertainty_cmd(
     params_path: ParamsOpt = Path("params.yaml"),

@@ -204,6 +204,16 @@ class TrackingConfig(_Strict):
     link: dict[str, Any] = Field(default_factory=dict)
 
 
+class FusionConfig(_Strict):
+    """Optuna study of the YOLO + Prob-UNet fusion thresholds (validation stacks only)."""
+
+    n_trials: int = Field(60, ge=1)
+    #: any SQLAlchemy URL: a PostgreSQL URL lets several workers share one study
+    storage: str = "sqlite:///optuna.db"
+    study_name: str = "fusion"
+    timeout: float | None = None
+
+
 class Params(_Strict):
     seed: int = 42
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -216,6 +226,7 @@ class Params(_Strict):
     baseline_log: LogBaselineConfig = Field(default_factory=LogBaselineConfig)
     punet: PunetConfig = Field(default_factory=PunetConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

@@ -132,6 +132,12 @@ def _sweep(raw: pd.DataFrame, sample: Sample, params: Params, out_dir: Path | No
     )
 
 
+def _write_raw(out_dir: Path, sample: Sample, raw: pd.DataFrame) -> None:
+    """Raw per-plane boxes (lowest sweep confidence, no NMS): the input of fusion."""
+    with atomic_path(out_dir / f"{sample.sample_id}_raw.csv") as tmp:
+        raw.to_csv(tmp, index=False)
+
+
 def _pooled(tables: list[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
     """Sum TP/FP/FN over stacks per setting, then P/R/F1 of the pooled counts."""
     pooled = pd.concat(tables).groupby(keys, as_index=False)[["tp", "fp", "fn"]].sum()
@@ -160,6 +166,7 @@ def eval_yolo(params: Params, out_dir: Path = YOLO_REPORT) -> dict[str, Any]:
     conf, iou = float(chosen["conf"]), float(chosen["iou"])
     (bench,) = samples(prepared, "test")
     raw = _raw_detections(det, bench, params)
+    _write_raw(out_dir, bench, raw)
     table = _sweep(raw, bench, params, out_dir / "benchmark_sweep")
     row = table[(table["conf"] == conf) & (table["iou"] == iou)].iloc[0]
     s = params.spines
