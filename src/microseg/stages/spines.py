@@ -159,9 +159,11 @@ def eval_yolo(params: Params, out_dir: Path = YOLO_REPORT) -> dict[str, Any]:
         raise MissingFileError("trained YOLO weights missing; run `microseg train`", weights)
     det = YoloSpineDetector.load(weights)
     prepared = _prepared(params)
-    val = [
-        _sweep(_raw_detections(det, s, params), s, params, None) for s in samples(prepared, "val")
-    ]
+    val = []
+    for s in samples(prepared, "val"):
+        raw_val = _raw_detections(det, s, params)
+        _write_raw(out_dir, s, raw_val)
+        val.append(_sweep(raw_val, s, params, None))
     chosen = _best(_pooled(val, ["conf", "iou"]))
     conf, iou = float(chosen["conf"]), float(chosen["iou"])
     (bench,) = samples(prepared, "test")
