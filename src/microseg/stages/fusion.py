@@ -73,7 +73,7 @@ def fuse_stage(params: Params, out_dir: Path = FUSION_DIR) -> dict[str, Any]:
     from microseg.infer.fusion import FusionParams, evaluate_fusion, fuse, write_fusion_outputs
     from microseg.tune.fusion import read_best_params
 
-    fp = FusionParams.from_dict(read_best_params(TUNED)) if TUNED.exists() else FusionParams()
+    fp = read_best_params(TUNED) if TUNED.exists() else FusionParams()
     (bench,) = samples(params.paths.prepared / "spines", "test")
     dets, prob = _item(bench, params)
     result = fuse(dets, prob, fp, bench.voxel_size_nm)
