@@ -323,6 +323,76 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    stack: Annotated[Path, typer.Argument(help="3D TIFF stack (ZYX)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="result folder")],
+    model: Annotated[str, typer.Option("--model", "-m", help="yolo or punet")] = "yolo",
+    weights: Annotated[Path | None, typer.Option(help="default: models/<model>/best.pt")] = None,
+    voxel_size: Annotated[
+        str | None, typer.Option(help="z,y,x in nm when the TIFF does not carry it")
+    ] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Predict one stack plane by plane (memory does not grow with depth)."""
+    from microseg.io import tiff
+    from microseg.stages import punet as punet_stage
+    from microseg.stages import spines as spines_stage
+    from microseg.utils.atomic import atomic_path
+
+    params = _params(params_path, set_)
+    with tiff.open_stack(stack, expect_ndim=3) as st:
+        voxel = st.voxel_size_nm
+    if voxel_size:
+        voxel = tuple(float(v) for v in voxel_size.split(","))
+    voxel = voxel or params.datasets["spines"].voxel_size_nm
+    if model == "yolo":
+        from microseg.infer.yolo_predict import detections_to_points, nms_per_plane, predict_stack
+        from microseg.models.yolo import YoloSpineDetector
+
+        det = YoloSpineDetector.load(weights or spines_stage.YOLO_MODEL_DIR / "best.pt")
+        p, c, s = params.yolo.predict, params.yolo.convert, params.spines
+        boxes = predict_stack(
+            det,
+            stack,
+            conf=p.conf,
+            iou=p.iou,
+            tile=p.tile,
+            fusion=p.fusion,
+            batch_planes=p.batch_planes,
+            channels=c.channels,
+            norm_percentiles=c.norm_percentiles,
+            max_det=p.max_det,
+        )
+        boxes = nms_per_plane(boxes, iou=p.iou, conf=p.conf)
+        points = detections_to_points(boxes, voxel, s.dedup_radius_nm, s.dedup_mode)
+        for name, df in (("detections.csv", boxes), ("spines.csv", points)):
+            with atomic_path(out / name) as tmp:
+                df.to_csv(tmp, index=False)
+        typer.echo(f"{len(boxes)} boxes, {len(points)} spines after 3D dedup -> {out}")
+    elif model == "punet":
+        from microseg.infer.punet_predict import predict_stack_punet, write_predictions
+        from microseg.models.punet import load_punet
+
+        net = load_punet(weights or punet_stage.MODEL_DIR / "best.pt")
+        p = params.punet.predict
+        with tiff.open_stack(stack) as st:
+            result = predict_stack_punet(
+                net,
+                st,
+                n_samples=p.n_samples,
+                temperature=p.temperature,
+                tile=p.tile,
+                batch_planes=p.batch_planes,
+                seed=params.seed,
+            )
+        write_predictions(out, result, voxel, size_thr=p.size_thr, prob_thr=p.prob_thr)
+        typer.echo(f"probabilities, masks and uncertainty sums -> {out}")
+    else:
+        raise ConfigError(f"unknown model {model!r}; available: yolo, punet")
+
+
+@app.command()
 def tune(
     target: Annotated[str, typer.Option("--target", help="fusion")] = "fusion",
     params_path: ParamsOpt = Path("params.yaml"),

@@ -68,7 +68,7 @@ TINY = {"imgsz": 64, "batch": 4, "workers": 0, "device": "cpu", "seed": 0}
 # ------------------------------------------------------------------------------ registry
 def test_registry_finds_yolo_and_rejects_unknown_names():
     assert get_model("yolo") is YoloSpineDetector
-    for name in ("punet",):  # other families register on first lookup
+    for name in ("punet", "unet"):  # other families register on first lookup
         assert get_model(name).__module__ == f"microseg.models.{name}"
     assert MODELS["yolo"] is YoloSpineDetector
     with pytest.raises(ConfigError, match="unknown model"):

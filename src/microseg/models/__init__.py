@@ -21,6 +21,7 @@ MODELS: dict[str, type] = {}
 _KNOWN_MODULES = {
     "yolo": "microseg.models.yolo",
     "punet": "microseg.models.punet",
+    "unet": "microseg.models.unet",
 }
 
 T = TypeVar("T", bound=type)

@@ -1,0 +1,298 @@
+"""The "unet" family: MONAI 2D U-Nets predicting background / interior / boundary, + watershed.
+
+Architectures (``UnetConfig.arch``), all 2D with ``out_channels=3`` logits:
+
+* ``"basic"`` -- :class:`monai.networks.nets.BasicUNet` (4 poolings; ``features`` gives the 5
+  encoder widths, the last decoder width is ``features[0]``).
+* ``"unet"`` -- :class:`monai.networks.nets.UNet` (strided convs, ``num_res_units`` residual
+  units per level).
+* ``"dynunet"`` -- :class:`monai.networks.nets.DynUNet`, nnU-Net style for 2D: 3x3 kernels
+  everywhere, stride 1 at the first level and 2 after, transposed-conv upsampling.
+* ``"attention"`` -- :class:`monai.networks.nets.AttentionUnet` (attention-gated skips).
+
+``features`` are the widths per resolution level; inputs must be a multiple of
+``2 ** (len(features) - 1)`` pixels (the sliding-window inferer guarantees it).
+
+Channel convention: ``in_channels=3`` by default. Greyscale images (fluorescence, brightfield)
+are repeated to R = G = B, colour (H&E tissue) stays colour; with ``in_channels=1`` colour is
+averaged to grey (:func:`microseg.data.targets.match_channels`). Images are percentile
+normalised per channel (1..99 % -> [0, 1]) before the network sees them.
+
+Post-processing (:func:`probs_to_instances`) turns the softmax into instances by a seeded
+watershed: seeds are connected components of ``P(interior) > t_seed`` (seeds smaller than
+``seed_min_size`` dropped), the mask is ``1 - P(background) > t_mask`` (= interior + boundary),
+the elevation is ``-P(interior)`` (``"prob"``) or minus the distance transform of the mask
+(``"distance"``). Mask components without a seed become instances of their own
+(``keep_unseeded``). Objects smaller than ``min_size`` pixels are removed and the rest
+relabelled 1..N (uint16).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, UNet
+from scipy import ndimage
+from skimage.segmentation import relabel_sequential, watershed
+from torch import nn
+
+from microseg.errors import ConfigError, DataFormatError, MissingFileError
+from microseg.models import register_model
+from microseg.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+Arch = Literal["basic", "unet", "dynunet", "attention"]
+ARCHS: tuple[str, ...] = ("basic", "unet", "dynunet", "attention")
+MODEL_FORMAT = "microseg.unet/1"
+
+
+def _fields_from(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"unknown {what} keys {unknown}; known: {sorted(names)}")
+    return dict(values)
+
+
+@dataclass(frozen=True)
+class UnetConfig:
+    """Which network to build (see the module docstring for the architectures).
+
+    Default: MONAI ``UNet`` with widths 16..256 and one residual unit per level, the fastest
+    of the four on CPU (about 4x fewer seconds per step than ``BasicUNet`` of the same widths,
+    with the same val F1@0.5 on DSB 2018 after equal wall time).
+    """
+
+    arch: Arch = "unet"
+    features: tuple[int, ...] = (16, 32, 64, 128, 256)
+    in_channels: int = 3
+    out_channels: int = 3
+    dropout: float = 0.0
+    num_res_units: int = 1  # "unet" only
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unet arch must be one of {ARCHS}; found {self.arch!r}")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"unet in_channels must be 1 or 3; found {self.in_channels}")
+        if self.arch == "basic" and len(self.features) not in (5, 6):
+            raise ConfigError(
+                f"arch 'basic' takes 5 encoder widths (or MONAI's 6); found {self.features}"
+            )
+        if len(self.features) < 2 or min(self.features) < 1:
+            raise ConfigError(f"unet features must be >= 2 positive widths; found {self.features}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"unet dropout must be in [0, 1); found {self.dropout}")
+
+    @property
+    def levels(self) -> int:
+        return 5 if self.arch == "basic" else len(self.features)
+
+    @property
+    def size_multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (self.levels - 1)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> UnetConfig:
+        return cls(**_fields_from(cls, values, "unet model"))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def build_unet(cfg: UnetConfig | None = None) -> nn.Module:
+    """A fresh (randomly initialised) network for ``cfg``."""
+    cfg = cfg or UnetConfig()
+    f = cfg.features
+    common = {"spatial_dims": 2, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
+    strides = (2,) * (len(f) - 1)
+    if cfg.arch == "basic":
+        feats = f if len(f) == 6 else (*f, f[0])
+        return BasicUNet(**common, features=feats, dropout=cfg.dropout)
+    if cfg.arch == "unet":
+        return UNet(
+            **common,
+            channels=f,
+            strides=strides,
+            num_res_units=cfg.num_res_units,
+            dropout=cfg.dropout,
+        )
+    if cfg.arch == "dynunet":
+        n = len(f)
+        return DynUNet(
+            **common,
+            kernel_size=[[3, 3]] * n,
+            strides=[[1, 1]] + [[2, 2]] * (n - 1),
+            upsample_kernel_size=[[2, 2]] * (n - 1),
+            filters=f,
+            dropout=cfg.dropout or None,
+            res_block=False,
+        )
+    return AttentionUnet(**common, channels=f, strides=strides, dropout=cfg.dropout)
+
+
+def model_in_channels(model: nn.Module) -> int:
+    """Input channels of a network: those of its first convolution."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+            return int(m.in_channels)
+    raise ConfigError(f"{type(model).__name__} has no 2D convolution to read in_channels from")
+
+
+# -- post-processing --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PostprocessConfig:
+    """3-class probabilities -> instances (see :func:`probs_to_instances`)."""
+
+    t_seed: float = 0.5
+    t_mask: float = 0.5
+    elevation: Literal["prob", "distance"] = "prob"
+    seed_min_size: int = 4
+    min_size: int = 20  # DSB 2018: 1 % of true nuclei are smaller than 21 px
+    keep_unseeded: bool = True
+
+    def __post_init__(self) -> None:
+        if self.elevation not in ("prob", "distance"):
+            raise ConfigError(f"elevation must be 'prob' or 'distance'; found {self.elevation!r}")
+        for name in ("t_seed", "t_mask"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name} must be in [0, 1]; found {getattr(self, name)}")
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> PostprocessConfig:
+        return cls(**_fields_from(cls, values, "unet post-processing"))
+
+
+def remove_small_and_relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Objects smaller than ``min_size`` pixels set to 0, the rest numbered 1..N (uint16)."""
+    labels = np.asarray(labels)
+    if min_size > 1 and labels.max() > 0:
+        areas = np.bincount(labels.ravel())
+        small = areas < min_size
+        small[0] = False
+        labels = np.where(small[labels], 0, labels)
+    out, _, _ = relabel_sequential(labels)
+    if out.max() > np.iinfo(np.uint16).max:
+        raise DataFormatError(f"{out.max()} instances do not fit uint16")
+    return out.astype(np.uint16)
+
+
+def probs_to_instances(probs: np.ndarray, cfg: PostprocessConfig | None = None) -> np.ndarray:
+    """Seeded watershed of a ``(3, H, W)`` softmax (background, interior, boundary) -> uint16."""
+    cfg = cfg or PostprocessConfig()
+    probs = np.asarray(probs, np.float32)
+    if probs.ndim != 3 or probs.shape[0] != 3:
+        raise DataFormatError(f"expected (3, H, W) class probabilities; found {probs.shape}")
+    interior = probs[1]
+    seeds, n_seeds = ndimage.label(interior > cfg.t_seed)
+    if n_seeds and cfg.seed_min_size > 1:
+        seeds = remove_small_and_relabel(seeds, cfg.seed_min_size).astype(np.int32)
+    mask = (1.0 - probs[0] > cfg.t_mask) | (seeds > 0)
+    if cfg.elevation == "prob":
+        elevation = -interior
+    else:
+        elevation = -ndimage.distance_transform_edt(mask).astype(np.float32)
+    labels = watershed(elevation, seeds, mask=mask) if seeds.max() > 0 else np.zeros_like(seeds)
+    if cfg.keep_unseeded:
+        rest, n_rest = ndimage.label(mask & (labels == 0))
+        if n_rest:
+            labels = np.where(rest > 0, rest + labels.max(), labels)
+    return remove_small_and_relabel(labels, cfg.min_size)
+
+
+# -- save / load ------------------------------------------------------------------------------
+def save_unet(
+    model: nn.Module,
+    path: str | Path,
+    cfg: UnetConfig,
+    post: PostprocessConfig | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
+    """Weights + model config (+ post-processing) in one file, written atomically."""
+    payload = {
+        "format": MODEL_FORMAT,
+        "model_config": cfg.as_dict(),
+        "post": asdict(post or PostprocessConfig()),
+        "model": model.state_dict(),
+        **dict(extra or {}),
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def load_unet(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, UnetConfig, PostprocessConfig]:
+    """A network (eval mode) from :func:`save_unet` or a training checkpoint (best/last.pt)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError("expected a unet model file (.pt), found nothing", path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        msg = f"not a readable torch file ({type(exc).__name__}: {exc})"
+        raise DataFormatError(msg, path) from exc
+    if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
+        raise DataFormatError(f"expected a {MODEL_FORMAT} file with model_config/model", path)
+    cfg = UnetConfig.from_mapping(ckpt["model_config"])
+    post = PostprocessConfig.from_mapping(ckpt.get("post") or {})
+    model = build_unet(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, cfg, post
+
+
+# -- the registered family --------------------------------------------------------------------
+@register_model("unet")
+@dataclass
+class UnetSegmenter:
+    """A 3-class MONAI U-Net with its post-processing, behind the ``models`` protocol."""
+
+    network: nn.Module
+    config: UnetConfig = field(default_factory=UnetConfig)
+    post: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+    @classmethod
+    def build(cls, **params: Any) -> UnetSegmenter:
+        post = params.pop("post", None) or {}
+        cfg = UnetConfig.from_mapping(params)
+        return cls(build_unet(cfg), cfg, PostprocessConfig.from_mapping(post))
+
+    def train(self, data: str | Path, out_dir: str | Path, **params: Any) -> Any:
+        """:func:`microseg.train.unet.train_unet` on a targets cache; adopts the best weights."""
+        from microseg.train.unet import UnetTrainConfig, train_unet
+
+        hooks = params.pop("hooks", None)
+        base = {"model": self.config.as_dict(), "post": asdict(self.post)}
+        cfg = UnetTrainConfig.from_mapping({**base, **params})
+        result = train_unet(data, out_dir, cfg, hooks=hooks)
+        if result.best_path is not None and Path(result.best_path).is_file():
+            self.network, self.config, self.post = load_unet(result.best_path)
+        return result
+
+    def predict(self, images: Sequence[Any], **params: Any) -> list[Any]:
+        """``(labels uint16, probs float32 3xHxW)`` per raw image (``YX`` or ``YXC``)."""
+        from microseg.infer.instances import InferConfig, predict_instances
+
+        params.setdefault("post", asdict(self.post))
+        cfg = InferConfig.from_mapping(params)
+        return [predict_instances(self.network, image, cfg) for image in images]
+
+    def save(self, path: str | Path) -> Path:
+        return save_unet(self.network, path, self.config, self.post)
+
+    @classmethod
+    def load(cls, path: str | Path, **params: Any) -> UnetSegmenter:
+        network, cfg, post = load_unet(path, params.get("map_location", "cpu"))
+        return cls(network, cfg, post)
