@@ -45,12 +45,12 @@ from microseg.data.patches import (
     iter_planes,
     labeled_stacks,
 )
-from microseg.errors import ConfigError, DataFormatError, MicrosegError
+from microseg.errors import ConfigError, MicrosegError
 from microseg.io.d3set import D3Set
 from microseg.models.punet import HEADS, ProbUNet, build_punet, pad_to_multiple
+from microseg.train.checkpoint import load_checkpoint, save_checkpoint
 from microseg.train.hooks import HookBase, Hooks
 from microseg.train.losses import Geco, TverskyLoss, free_bits, linear_warmup
-from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -330,29 +330,6 @@ def validate_punet(
     return metrics
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise DataFormatError(
-            f"expected a training checkpoint, could not load it ({type(exc).__name__}: "
-            f"{exc}); delete it to start over",
-            path,
-        ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise DataFormatError(
-            f"expected a {CHECKPOINT_FORMAT} checkpoint, found something else; delete it to "
-            "start over",
-            path,
-        )
-    return ckpt
-
-
-def _save(path: Path, payload: Mapping[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(dict(payload), tmp)
-
-
 # -- the loop -------------------------------------------------------------------------------
 class _PunetRun:
     """Model, optimizer, schedule and bookkeeping of one run; checkpointable as a dict."""
@@ -514,7 +491,11 @@ def train_punet(
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     model_config = cfg.model_config()
 
-    ckpt = _load_checkpoint(last_path) if resume and last_path.is_file() else None
+    ckpt = (
+        load_checkpoint(last_path, CHECKPOINT_FORMAT, "format")
+        if resume and last_path.is_file()
+        else None
+    )
     if ckpt is not None:
         if ckpt["model_config"] != model_config:
             raise ConfigError(
@@ -603,11 +584,11 @@ def _train(
             run.best, run.best_epoch = dict(metrics), epoch
         run.epoch += 1
         payload = run.state_dict(finished=run.epoch >= cfg.epochs)
-        _save(last_path, payload)
+        save_checkpoint(last_path, payload)
         if hooks is not None:
             hooks.after_checkpoint(last_path, False)
         if is_best:
-            _save(best_path, payload)
+            save_checkpoint(best_path, payload)
             if hooks is not None:
                 hooks.after_checkpoint(best_path, True)
         _log_epoch(epoch, cfg.epochs, metrics)
@@ -617,7 +598,7 @@ def _train(
             stopped_early = True
             if run.epoch < cfg.epochs:  # mark it finished so that a rerun does not resume
                 payload["finished"], payload["stopped_early"] = True, True
-                _save(last_path, payload)
+                save_checkpoint(last_path, payload)
             log.info("early stop after epoch %d", epoch + 1)
             break
 

@@ -63,7 +63,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from microseg.data.targets import TargetSample, load_targets, match_channels
-from microseg.errors import ConfigError, DataFormatError
+from microseg.errors import ConfigError
 from microseg.evaluate.instances import image_scores
 from microseg.infer.instances import InferConfig, predict_probs
 from microseg.models.unet import (
@@ -73,9 +73,9 @@ from microseg.models.unet import (
     build_unet,
     probs_to_instances,
 )
+from microseg.train.checkpoint import load_checkpoint, save_checkpoint
 from microseg.train.hooks import EarlyStopping, HookBase, Hooks
 from microseg.train.seg_losses import build_loss
-from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -357,29 +357,6 @@ def _seed_epoch(seed: int, epoch: int) -> None:
     torch.manual_seed(s)
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise DataFormatError(
-            f"expected a training checkpoint, could not load it ({type(exc).__name__}: "
-            f"{exc}); delete it to start over",
-            path,
-        ) from exc
-    if not isinstance(ckpt, dict) or ckpt.get("train_format") != CHECKPOINT_FORMAT:
-        raise DataFormatError(
-            f"expected a {CHECKPOINT_FORMAT} checkpoint, found something else; delete it to "
-            "start over",
-            path,
-        )
-    return ckpt
-
-
-def _save(path: Path, payload: Mapping[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(dict(payload), tmp)
-
-
 def _lr_lambda(cfg: UnetTrainConfig):
     total = cfg.epochs * cfg.steps_per_epoch
     warm = max(0, cfg.warmup_steps)
@@ -439,7 +416,11 @@ def train_unet(
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
     model_config = cfg.model.as_dict()
 
-    ckpt = _load_checkpoint(last_path) if resume and last_path.is_file() else None
+    ckpt = (
+        load_checkpoint(last_path, CHECKPOINT_FORMAT, "train_format")
+        if resume and last_path.is_file()
+        else None
+    )
     if ckpt is not None:
         if ckpt["model_config"] != model_config:
             raise ConfigError(
@@ -593,16 +574,16 @@ def _train(
             "early_stopping": (stopper.best, stopper.bad_epochs) if stopper else None,
             "stopped_early": stopped,
         }
-        _save(last_path, payload)
+        save_checkpoint(last_path, payload)
         hooks.after_checkpoint(last_path, False)
         if is_best:
-            _save(best_path, {**model_part, "epoch": epoch + 1, "metrics": best})
+            save_checkpoint(best_path, {**model_part, "epoch": epoch + 1, "metrics": best})
             hooks.after_checkpoint(best_path, True)
         hooks.after_epoch(epoch, metrics)
         if not stopped and _should_stop(hooks):
             stopped = True
             payload["stopped_early"] = True
-            _save(last_path, payload)
+            save_checkpoint(last_path, payload)
         if stopped:
             log.info("early stop after epoch %d (best %s at epoch %s)", epoch + 1, best, best_epoch)
             break
