@@ -71,6 +71,21 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     )
     params["punet"]["predict"].update(n_samples=2)
     params["fusion"].update(n_trials=4)
+    tiny_unet = {
+        "model": {"arch": "unet", "features": [8, 16, 32]},
+        "patch_size": 32,
+        "batch_size": 2,
+        "epochs": 1,
+        "steps_per_epoch": 3,
+        "val_max_images": 2,
+        "num_threads": 1,
+        "device": "cpu",
+    }
+    params["tracking"]["seg"]["train"] = tiny_unet
+    params["cells"]["max_images"] = 3
+    params["cells"]["models"] = {
+        "unet": {"family": "unet", "description": "tiny", "train": tiny_unet | {"patch_size": 64}}
+    }
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run([str(BIN / "dvc"), "pull", "-q", "data.dvc"], repo_copy)
     _run([str(BIN / "dvc"), "repro"], repo_copy)
@@ -91,9 +106,15 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     assert {"synth_spines", "synth_tracking", "ingest", "validate"} <= stages
     assert {"convert_yolo", "train_yolo", "eval_yolo", "baseline_log"} <= stages
     assert {"train_punet", "predict_punet", "uncertainty", "inter_rater"} <= stages
-    assert {"track", "evaluate_tracking"} <= stages
+    assert {"train_tracking_seg", "track", "evaluate_tracking"} <= stages
     tracking = json.loads((repo_copy / "metrics" / "tracking.json").read_text())
-    assert tracking["masks"] == "gt" and tracking["03"]["DET"] == 1.0
+    assert tracking["masks"] == "model" and {"SEG", "DET", "TRA"} <= set(tracking["03"])
+    assert {"prepare_targets", "train_cells", "evaluate_cells", "report"} <= stages
+    for name in ("unet", "otsu"):
+        cells = json.loads((repo_copy / "metrics" / "cells" / f"{name}.json").read_text())
+        assert cells["n_images"] == 3 and {"f1_50", "segm_AP", "are"} <= set(cells)
+    html = (repo_copy / "reports" / "benchmark" / "index.html").read_text()
+    assert "otsu" in html and "unet" in html
     assert {"tune_fusion", "fuse", "evaluate_spines"} <= stages
     table = json.loads((repo_copy / "metrics" / "spines.json").read_text())
     assert {"yolo", "punet_spots", "log_baseline", "fusion"} <= set(table)

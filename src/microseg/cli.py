@@ -201,7 +201,14 @@ def convert(
 
 @app.command()
 def train(
-    model: Annotated[str, typer.Option("--model", "-m", help="yolo or punet")] = "yolo",
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            help="yolo, punet, tracking_seg, or a model of params.yaml `cells.models`",
+        ),
+    ] = "yolo",
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -210,23 +217,115 @@ def train(
 
     from microseg.registry.mlflow_hooks import MlflowHook
     from microseg.registry.tracking import stage_run
-    from microseg.stages import punet, spines
+    from microseg.stages import cells, punet, spines, tracking
 
     params = _params(params_path, set_)
     runners = {
-        "yolo": (spines.train_yolo, params.yolo.train, spines.YOLO_MODEL_DIR),
-        "punet": (punet.train_punet_stage, params.punet.train, punet.MODEL_DIR),
+        "yolo": (spines.train_yolo, params.yolo.train, spines.YOLO_MODEL_DIR, "spines", "spines"),
+        "punet": (punet.train_punet_stage, params.punet.train, punet.MODEL_DIR, "spines", "spines"),
+        "tracking_seg": (
+            tracking.train_tracking_seg,
+            params.tracking.seg,
+            tracking.SEG_MODEL_DIR,
+            "tracking",
+            "tracking",
+        ),
     }
+    for name, mc in params.cells.models.items():
+        if mc.family != "classical" and name not in runners:
+            runners[name] = (
+                lambda p, hooks=None, _n=name: cells.train_cell_model(p, _n, hooks),
+                mc,
+                cells.MODELS_ROOT / name,
+                "nuclei",
+                params.cells.dataset,
+            )
     if model not in runners:
-        raise ConfigError(f"unknown model family {model!r}; available: {sorted(runners)}")
-    fn, section, out_dir = runners[model]
+        raise ConfigError(f"unknown model {model!r}; trainable: {sorted(runners)}")
+    fn, section, out_dir, task, dataset = runners[model]
+    stage = f"train_{model}" if task != "nuclei" else "train_cells"
     with stage_run(
-        params, stage=f"train_{model}", task="spines", dataset="spines", section=section
+        params, stage=stage, task=task, dataset=dataset, section=section, run_name=f"train-{model}"
     ):
+        mlflow.set_tag("microseg.model", model)
         out = fn(params, hooks=MlflowHook())
         _log_metrics_tree({k: v for k, v in out.items() if k != "best"})
-        mlflow.log_artifact(str(out_dir / "best.pt"), "model")
+        _log_metrics_tree({"best": out["best"]} if isinstance(out.get("best"), dict) else {})
+        if (out_dir / "best.pt").is_file():
+            mlflow.log_artifact(str(out_dir / "best.pt"), "model")
     typer.echo(f"{model} weights: {out_dir / 'best.pt'}")
+
+
+@app.command("prepare-targets")
+def prepare_targets_cmd(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Nuclei dataset -> normalised images, 3-class targets and U-Net weight maps (cached)."""
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import cells
+
+    params = _params(params_path, set_)
+    with stage_run(
+        params,
+        stage="prepare_targets",
+        task="nuclei",
+        dataset=params.cells.dataset,
+        section=params.cells.targets,
+    ):
+        summary = cells.prepare_targets_stage(params)
+        _log_metrics_tree(summary)
+    typer.echo(f"targets of {summary} in {cells.targets_dir(params)}")
+
+
+def _evaluate_cells(params, name: str) -> None:
+    import mlflow
+
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import cells
+    from microseg.stages.common import write_json
+
+    mc = cells.model_config(params, name)
+    with stage_run(
+        params,
+        stage="evaluate_cells",
+        task="nuclei",
+        dataset=params.cells.dataset,
+        section=mc,
+        run_name=f"evaluate-{name}",
+    ) as run:
+        mlflow.set_tags({"microseg.model": name, "microseg.family": mc.family})
+        metrics = cells.evaluate_cell_model(params, name)
+        path = write_json(params.paths.metrics / "cells" / f"{name}.json", metrics)
+        _log_metrics_tree(metrics)
+        mlflow.log_artifact(str(path), "metrics")
+        mlflow.log_artifacts(str(cells.REPORTS_ROOT / name), "evaluation")
+        write_json(cells.REPORTS_ROOT / name / "mlflow_run.json", {"run_id": run.info.run_id})
+    typer.echo(
+        f"{name}: F1@0.5 {metrics.get('f1_50', float('nan')):.3f}, "
+        f"mask AP {metrics.get('segm_AP', float('nan')):.3f} -> {path}"
+    )
+
+
+@app.command()
+def report(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """The nuclei benchmark report: reports/benchmark/index.html and index.md."""
+    import json
+
+    import mlflow
+
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import cells
+
+    params = _params(params_path, set_)
+    run_ids = {}
+    for name in params.cells.all_models():
+        f = cells.REPORTS_ROOT / name / "mlflow_run.json"
+        if f.is_file():
+            run_ids[name] = json.loads(f.read_text())["run_id"]
+    with stage_run(
+        params, stage="report", task="nuclei", dataset=params.cells.dataset, section=params.cells
+    ):
+        index = cells.build_benchmark(params, run_ids)
+        mlflow.log_artifacts(str(index.parent), "benchmark")
+    typer.echo(f"benchmark report: {index.resolve()}")
 
 
 @app.command()
@@ -272,8 +371,10 @@ def _evaluate_tracking(params) -> None:
 
 @app.command()
 def evaluate(
-    model: Annotated[str, typer.Option("--model", "-m", help="yolo, log or punet")] = "yolo",
-    task: Annotated[str, typer.Option("--task", help="spines or tracking")] = "spines",
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="yolo, log, punet or a cells.models name")
+    ] = "yolo",
+    task: Annotated[str, typer.Option("--task", help="spines, nuclei or tracking")] = "spines",
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -285,6 +386,9 @@ def evaluate(
     params = _params(params_path, set_)
     if task == "tracking":
         _evaluate_tracking(params)
+        return
+    if task in ("nuclei", "cells") or model in params.cells.all_models():
+        _evaluate_cells(params, model)
         return
     if task != "spines":
         raise ConfigError(f"unknown task {task!r}; available: spines, tracking")

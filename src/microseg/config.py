@@ -196,12 +196,20 @@ class PunetConfig(_Strict):
     rater_region_px: int = 3
 
 
+class TrackingSegConfig(_Strict):
+    """The U-Net that segments tracking frames (``train_tracking_seg``)."""
+
+    train: dict[str, Any] = Field(default_factory=dict)
+    infer: dict[str, Any] = Field(default_factory=dict)
+
+
 class TrackingConfig(_Strict):
     #: gt: link ground-truth masks with shuffled ids (tests the linker); model: the U-Net's
     masks: Literal["gt", "model"] = "gt"
     split: str = "test"
     #: fields of ``microseg.infer.tracking.LinkConfig``
     link: dict[str, Any] = Field(default_factory=dict)
+    seg: TrackingSegConfig = Field(default_factory=TrackingSegConfig)
 
 
 class FusionConfig(_Strict):
@@ -212,6 +220,45 @@ class FusionConfig(_Strict):
     storage: str = "sqlite:///optuna.db"
     study_name: str = "fusion"
     timeout: float | None = None
+
+
+class TargetsConfig(_Strict):
+    """3-class targets and U-Net weight maps (``microseg prepare-targets``)."""
+
+    w0: float = 10.0
+    sigma: float = 5.0
+    max_class_weight: float = 3.0
+    percentiles: tuple[float, float] = (1.0, 99.0)
+
+
+class CellModelConfig(_Strict):
+    """One model of the nuclei benchmark: its family and that family's own knobs."""
+
+    family: Literal["unet", "maskrcnn", "classical"]
+    description: str = ""
+    #: unet: ``UnetTrainConfig`` keys; maskrcnn: ``MaskRCNNTrainConfig`` keys
+    train: dict[str, Any] = Field(default_factory=dict)
+    #: unet: ``InferConfig`` keys; maskrcnn: its predict keys; classical: ``ClassicalConfig``
+    infer: dict[str, Any] = Field(default_factory=dict)
+
+
+class CellsConfig(_Strict):
+    """The nuclei instance benchmark: dataset, targets, models, evaluation."""
+
+    dataset: str = "dsb2018"
+    split: str = "test"
+    targets: TargetsConfig = Field(default_factory=TargetsConfig)
+    iou_thresholds: tuple[float, ...] = (0.5, 0.7, 0.9)
+    n_overlays: int = 2
+    #: evaluate only the first N images of the split (smoke runs); null: all
+    max_images: int | None = Field(None, ge=1)
+    #: learned models (``train_cells@``/``evaluate_cells@`` iterate over these keys)
+    models: dict[str, CellModelConfig] = Field(default_factory=dict)
+    #: classical references, in every table (``evaluate_baseline@``)
+    baselines: dict[str, CellModelConfig] = Field(default_factory=dict)
+
+    def all_models(self) -> dict[str, CellModelConfig]:
+        return {**self.baselines, **self.models}
 
 
 class Params(_Strict):
@@ -227,6 +274,7 @@ class Params(_Strict):
     punet: PunetConfig = Field(default_factory=PunetConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
+    cells: CellsConfig = Field(default_factory=CellsConfig)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

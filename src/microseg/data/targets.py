@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -241,6 +241,18 @@ class TargetSample:
     modality: str = ""
 
 
+@dataclass(frozen=True)
+class RawItem:
+    """One image with instance labels, before targets are computed."""
+
+    sample_id: str
+    split: str
+    modality: str
+    image: np.ndarray  # YX, YXC or CYX raw intensities
+    labels: np.ndarray  # YX instance labels
+    source: str = ""  # file named in errors
+
+
 def prepare_targets(
     prepared_dir: str | Path,
     out_dir: str | Path,
@@ -254,30 +266,58 @@ def prepare_targets(
     split, modality, channels, height, width, n_instances, paths, class fractions and weights)
     and ``targets.json`` (the parameters). The folder is replaced atomically.
     """
-    weight_cfg = weight_cfg or WeightMapConfig()
-    prepared_dir, out_dir = Path(prepared_dir), Path(out_dir)
+    prepared_dir = Path(prepared_dir)
     manifest = read_manifest(prepared_dir)
     rows = manifest[(manifest["label_kind"] == "instance") & (manifest["label_path"] != "")]
     if rows.empty:
         raise DataFormatError("no samples with instance labels in the manifest", prepared_dir)
+
+    def items():
+        for row in rows.itertuples():
+            labels = read_stack(prepared_dir / row.label_path)
+            if labels.ndim != 2:
+                log.warning(
+                    "%s: skipping %s, labels are not 2D %s", prepared_dir, row.sample_id,
+                    labels.shape,
+                )  # fmt: skip
+                continue
+            yield RawItem(
+                str(row.sample_id),
+                str(row.split),
+                str(row.modality),
+                read_stack(prepared_dir / row.image_path),
+                labels,
+                str(prepared_dir / row.image_path),
+            )
+
+    return write_targets(items(), out_dir, weight_cfg, percentiles, progress, total=len(rows))
+
+
+def write_targets(
+    items: Iterable[RawItem],
+    out_dir: str | Path,
+    weight_cfg: WeightMapConfig | None = None,
+    percentiles: tuple[float, float] = (1.0, 99.0),
+    progress: bool = True,
+    total: int | None = None,
+) -> pd.DataFrame:
+    """Targets cache (see :func:`prepare_targets`) from any images with instance labels.
+
+    Used for the DSB manifest and for the frames of tracking sequences alike.
+    """
+    weight_cfg = weight_cfg or WeightMapConfig()
+    out_dir = Path(out_dir)
     records = []
     with atomic_path(out_dir) as tmp:
         for sub in ("images", "targets", "weights", "labels"):
             (tmp / sub).mkdir(parents=True)
-        for row in tqdm(rows.itertuples(), total=len(rows), disable=not progress, desc="targets"):
-            sid = str(row.sample_id)
-            image = read_stack(prepared_dir / row.image_path)
-            labels = read_stack(prepared_dir / row.label_path)
-            if labels.ndim != 2:
-                log.warning(
-                    "%s: skipping %s, labels are not 2D %s", prepared_dir, sid, labels.shape
-                )
-                continue
-            norm = percentile_normalise(image, *percentiles)
+        for item in tqdm(items, total=total, disable=not progress, desc="targets"):
+            sid, labels = item.sample_id, item.labels
+            norm = percentile_normalise(item.image, *percentiles)
             if norm.shape[1:] != labels.shape:
                 raise ShapeMismatchError(
                     f"image {norm.shape[1:]} and labels {labels.shape} differ for {sid}",
-                    prepared_dir / row.image_path,
+                    item.source or sid,
                 )
             classes = instances_to_classes(labels)
             wc = class_weights(classes, weight_cfg.max_class_weight)
@@ -291,8 +331,8 @@ def prepare_targets(
             records.append(
                 {
                     "sample_id": sid,
-                    "split": str(row.split),
-                    "modality": str(row.modality),
+                    "split": item.split,
+                    "modality": item.modality,
                     "channels": int(norm.shape[0]),
                     "height": int(labels.shape[0]),
                     "width": int(labels.shape[1]),
@@ -305,6 +345,8 @@ def prepare_targets(
                     **{f"w_{n}": float(v) for n, v in zip(_NAMES, wc, strict=True)},
                 }
             )
+        if not records:
+            raise DataFormatError("no 2D instance-labelled images to cache targets for", out_dir)
         index = pd.DataFrame.from_records(records)
         index.to_parquet(tmp / INDEX_NAME, index=False)
         meta = {"percentiles": list(percentiles), **asdict(weight_cfg)}

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 RESULT_DIR = Path("reports/tracking")
 SEG_PRED_DIR = Path("reports/tracking_seg")
+SEG_MODEL_DIR = Path("models/tracking_seg")
+SEG_TARGETS = Path("data/targets/tracking")
 
 
 def _sequences(params: Params, split: str) -> list[str]:
@@ -29,6 +31,65 @@ def _sequences(params: Params, split: str) -> list[str]:
     return [
         s.sample_id.removeprefix("seq") for s in samples(params.paths.prepared / "tracking", split)
     ]
+
+
+def _frame_items(params: Params, splits: tuple[str, ...]):
+    """Every frame of the sequences of ``splits`` as a 2D image with its instance labels."""
+    from microseg.data.targets import RawItem
+
+    gt_root = Path(params.datasets["tracking"].source)
+    for split in splits:
+        for seq in _sequences(params, split):
+            gt = ctc.read_ctc_gt(gt_root, seq)
+            for t, (frame, labels) in enumerate(zip(gt.frames, gt.tra, strict=True)):
+                yield RawItem(
+                    f"seq{seq}_t{t:03d}",
+                    split,
+                    "fluorescence",
+                    frame,
+                    labels,
+                    str(gt_root / seq / f"t{t:03d}.tif"),
+                )
+
+
+def train_tracking_seg(params: Params, hooks=None) -> dict[str, Any]:
+    """U-Net (the cells family) on the frames of the train/val sequences; then segment
+    every frame of the tracking split into ``reports/tracking_seg/<seq>.tif``."""
+    from microseg.data.targets import WeightMapConfig, write_targets
+    from microseg.stages.cells import train_unet_model
+
+    t = params.cells.targets
+    weights = WeightMapConfig(w0=t.w0, sigma=t.sigma, max_class_weight=t.max_class_weight)
+    index = write_targets(
+        _frame_items(params, ("train", "val")), SEG_TARGETS, weights, tuple(t.percentiles)
+    )
+    out = train_unet_model(params.tracking.seg.train, SEG_TARGETS, SEG_MODEL_DIR, hooks)
+    out["n_frames_train"] = int((index["split"] == "train").sum())
+    out["n_frames_val"] = int((index["split"] == "val").sum())
+    out["segmented"] = segment_sequences(params)
+    return out
+
+
+def segment_sequences(params: Params, out_dir: Path = SEG_PRED_DIR) -> dict[str, int]:
+    """Instance masks of every frame of the tracking split's sequences (TYX uint16)."""
+    from microseg.infer.instances import InferConfig, predict_instances
+    from microseg.models.unet import load_unet
+    from microseg.train.unet import UnetTrainConfig
+
+    net, _, post = load_unet(SEG_MODEL_DIR / "best.pt")
+    base = UnetTrainConfig.from_mapping(params.tracking.seg.train).infer_config()
+    cfg = InferConfig.from_mapping(
+        {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, "post": post}
+        | params.tracking.seg.infer
+    )
+    gt_root = Path(params.datasets["tracking"].source)
+    counts = {}
+    for seq in _sequences(params, params.tracking.split):
+        frames = ctc.read_ctc_gt(gt_root, seq).frames
+        masks = np.stack([predict_instances(net, f, cfg)[0] for f in frames]).astype(np.uint16)
+        tiff.write_stack(out_dir / f"{seq}.tif", masks)
+        counts[seq] = int(sum(len(np.unique(m[m > 0])) for m in masks))
+    return counts
 
 
 def shuffled_ids(masks: np.ndarray, seed: int) -> np.ndarray:

@@ -1,0 +1,328 @@
+"""Nuclei benchmark stages: targets, training and evaluation per model, and the report.
+
+``prepare_targets`` caches normalised images, 3-class targets and U-Net weight maps of the
+nuclei dataset; ``train_cells@<model>`` trains one model of ``cells.models`` (a U-Net
+architecture or Mask R-CNN; the classical baseline has nothing to train);
+``evaluate_cells@<model>`` predicts the held-out split and scores it with the same metric
+names for every model (instance F1 at IoU thresholds, COCO AP, Dice, Rand error, VOI,
+calibration, error categories); ``report`` puts all of them into ``reports/benchmark/``.
+
+Every family is reduced to one predictor type, ``raw image -> (labels uint16, foreground
+probability or None, per-instance scores or None)``, so evaluation never asks which family
+it is scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+from tqdm.auto import tqdm
+
+from microseg.config import CellModelConfig, Params
+from microseg.errors import ConfigError, MissingFileError
+from microseg.io.tiff import read_stack, write_stack
+from microseg.stages.common import write_json
+from microseg.utils.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+TARGETS_ROOT = Path("data/targets")
+MODELS_ROOT = Path("models/cells")
+REPORTS_ROOT = Path("reports/cells")
+BENCHMARK_DIR = Path("reports/benchmark")
+INFO_NAME = "train_info.json"
+
+Prediction = tuple[np.ndarray, np.ndarray | None, dict[int, float] | None]
+Predictor = Callable[[np.ndarray], Prediction]
+
+
+def targets_dir(params: Params) -> Path:
+    return TARGETS_ROOT / params.cells.dataset
+
+
+def model_config(params: Params, name: str) -> CellModelConfig:
+    models = params.cells.all_models()
+    if name not in models:
+        raise ConfigError(f"unknown cells model {name!r}; params.yaml defines {sorted(models)}")
+    return models[name]
+
+
+def prepare_targets_stage(params: Params, out_dir: Path | None = None) -> dict[str, Any]:
+    from microseg.data.targets import WeightMapConfig, prepare_targets
+
+    t = params.cells.targets
+    out_dir = out_dir or targets_dir(params)
+    index = prepare_targets(
+        params.paths.prepared / params.cells.dataset,
+        out_dir,
+        WeightMapConfig(w0=t.w0, sigma=t.sigma, max_class_weight=t.max_class_weight),
+        tuple(t.percentiles),
+    )
+    return {
+        "n_" + str(k): int(v) for k, v in index["split"].value_counts().sort_index().items()
+    } | {"n_instances": int(index["n_instances"].sum())}
+
+
+# ------------------------------------------------------------------------------- training
+def train_unet_model(
+    train_cfg: dict[str, Any], data_dir: Path, out_dir: Path, hooks=None
+) -> dict[str, Any]:
+    """A 3-class U-Net on a targets cache; returns the best validation scores and timing."""
+    from microseg.train.unet import UnetTrainConfig, train_unet
+
+    cfg = UnetTrainConfig.from_mapping({"progress": False, **train_cfg})
+    result = train_unet(data_dir, out_dir, cfg, hooks=hooks)
+    return {
+        "best": result.best,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs_completed,
+        "seconds": result.seconds,
+    }
+
+
+def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
+    mc = model_config(params, name)
+    out_dir = MODELS_ROOT / name
+    start = time.perf_counter()
+    if mc.family == "unet":
+        out = train_unet_model(mc.train, targets_dir(params), out_dir, hooks)
+    elif mc.family == "maskrcnn":
+        from microseg.data.targets import load_targets
+        from microseg.train.maskrcnn import MaskRCNNTrainConfig, train_maskrcnn
+
+        cfg = MaskRCNNTrainConfig.from_mapping(mc.train)
+        data = targets_dir(params)
+        result = train_maskrcnn(
+            load_targets(data, "train"), load_targets(data, "val"), out_dir, cfg, hooks=hooks
+        )
+        out = {"best": dict(result.best), "epochs": result.epochs_completed}
+    else:
+        raise ConfigError(f"cells model {name!r} ({mc.family}) has nothing to train")
+    wall = time.perf_counter() - start
+    # the run's own training time (a resumed run adds up its pieces) when the loop reports it
+    seconds = float(out.get("seconds") or wall)
+    n_params = _count_params(out_dir / "best.pt", mc)
+    write_json(out_dir / INFO_NAME, {"seconds": seconds, "n_params": n_params, "family": mc.family})
+    return out | {"seconds": seconds, "n_params": n_params}
+
+
+def _count_params(weights: Path, mc: CellModelConfig) -> int | None:
+    if not weights.is_file():
+        return None
+    import torch
+
+    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    state = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        return None
+    return int(sum(v.numel() for v in state.values() if hasattr(v, "numel")))
+
+
+# ------------------------------------------------------------------------------- prediction
+def instance_scores(labels: np.ndarray, prob: np.ndarray) -> dict[int, float]:
+    """Mean foreground probability of each instance (its confidence for COCO AP)."""
+    ids = np.unique(labels[labels > 0])
+    if ids.size == 0:
+        return {}
+    means = ndimage.mean(prob, labels, ids)
+    return {int(i): float(m) for i, m in zip(ids, np.atleast_1d(means), strict=True)}
+
+
+def load_predictor(
+    mc: CellModelConfig, model_dir: Path, default_infer: dict[str, Any] | None = None
+) -> Predictor:
+    """The family's model behind one call: ``raw image -> (labels, fg prob, scores)``."""
+    if mc.family == "classical":
+        from microseg.models.classical import ClassicalConfig, otsu_watershed
+
+        ccfg = ClassicalConfig.from_mapping(mc.infer)
+        return lambda image: (otsu_watershed(image, ccfg), None, None)
+    weights = model_dir / "best.pt"
+    if not weights.is_file():
+        raise MissingFileError(f"no trained weights; run train_cells@{model_dir.name}", weights)
+    if mc.family == "unet":
+        from microseg.infer.instances import InferConfig, predict_instances
+        from microseg.models.unet import load_unet
+        from microseg.train.unet import UnetTrainConfig
+
+        net, _, post = load_unet(weights)
+        base = UnetTrainConfig.from_mapping(mc.train).infer_config()
+        infer = {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, "post": post}
+        cfg = InferConfig.from_mapping({**infer, **(default_infer or {}), **mc.infer})
+
+        def unet(image: np.ndarray) -> Prediction:
+            labels, probs = predict_instances(net, image, cfg)
+            fg = 1.0 - probs[0]
+            return labels, fg, instance_scores(labels, fg)
+
+        return unet
+    if mc.family == "maskrcnn":
+        from microseg.models.maskrcnn import MaskRCNNSegmenter
+
+        model = MaskRCNNSegmenter.load(weights, **mc.infer)
+
+        def maskrcnn(image: np.ndarray) -> Prediction:
+            out = model.predict([image])[0]
+            labels, scores = out[0], out[1]
+            prob = out[2] if len(out) > 2 else None
+            if not isinstance(scores, dict):
+                scores = {i + 1: float(s) for i, s in enumerate(np.asarray(scores).ravel())}
+            return labels, prob, scores
+
+        return maskrcnn
+    raise ConfigError(f"unknown cells family {mc.family!r}")
+
+
+# ------------------------------------------------------------------------------- evaluation
+def _rows(params: Params) -> pd.DataFrame:
+    from microseg.data.manifest import read_manifest
+
+    prepared = params.paths.prepared / params.cells.dataset
+    m = read_manifest(prepared)
+    rows = m[(m["split"] == params.cells.split) & (m["label_kind"] == "instance")]
+    if rows.empty:
+        raise ConfigError(f"no {params.cells.split!r} samples with instance labels in {prepared}")
+    return rows if params.cells.max_images is None else rows.head(params.cells.max_images)
+
+
+def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) -> dict[str, Any]:
+    """Predict the held-out split with one model; write predictions, tables and metrics."""
+    from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
+    from microseg.evaluate.errors_analysis import error_table
+    from microseg.evaluate.instances import InstanceSample, evaluate_instances
+    from microseg.infer.instances import object_stats
+    from microseg.io.coco import write_coco
+
+    mc = model_config(params, name)
+    out_dir = out_dir or REPORTS_ROOT / name
+    prepared = params.paths.prepared / params.cells.dataset
+    predictor = load_predictor(mc, MODELS_ROOT / name)
+    samples, objects, seconds = [], [], 0.0
+    rows = _rows(params)
+    with atomic_path(out_dir) as tmp:
+        for row in tqdm(rows.itertuples(), total=len(rows), desc=f"evaluate {name}"):
+            sid = str(row.sample_id)
+            image = read_stack(prepared / row.image_path)
+            gt = read_stack(prepared / row.label_path)
+            t0 = time.perf_counter()
+            labels, prob, scores = predictor(image)
+            seconds += time.perf_counter() - t0
+            labels = np.asarray(labels).astype(np.uint16, copy=False)
+            write_stack(tmp / "labels" / f"{sid}.tif", labels)
+            samples.append(InstanceSample(sid, gt, labels, scores, prob))
+            objects.append(object_stats(sid, labels) | {"modality": str(row.modality)})
+        evaluation = evaluate_instances(samples, params.cells.iou_thresholds)
+        coco = coco_evaluate(samples)
+        metrics = {**evaluation.summary, **coco_metrics(coco)}
+        metrics["predict_seconds_per_image"] = seconds / len(samples)
+        errors = error_table(
+            [(s.image_id, s.gt, s.pred) for s in samples],
+            threshold=params.cells.iou_thresholds[0],
+        )
+        per_image = evaluation.per_image.merge(errors, on="image_id", how="left")
+        modality = {str(r.sample_id): str(r.modality) for r in rows.itertuples()}
+        per_image["modality"] = per_image["image_id"].map(modality)
+        per_image.to_csv(tmp / "per_image.csv", index=False)
+        _write_overlays(samples, prepared, rows, per_image, tmp, name, params.cells.n_overlays)
+        pd.DataFrame(objects).to_csv(tmp / "objects.csv", index=False)
+        if evaluation.curves is not None:
+            evaluation.curves.to_csv(tmp / "pixel_curves.csv", index=False)
+        if evaluation.reliability is not None:
+            evaluation.reliability.to_csv(tmp / "reliability.csv", index=False)
+        from microseg.evaluate.coco_eval import to_coco
+
+        data = to_coco(samples)
+        write_coco(tmp / "coco_gt.json", data.gt)
+        write_coco(tmp / "coco_results.json", data.results)
+    return {k: _num(v) for k, v in metrics.items()}
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+# ------------------------------------------------------------------------------- report
+def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Path:
+    """``reports/benchmark/index.html`` (+ ``index.md``) of every model in ``cells.models``."""
+    from microseg.data.manifest import read_manifest
+    from microseg.evaluate.instances import InstanceEvaluation
+    from microseg.report.benchmark import ModelResult, Overlay, build_report
+
+    prepared = params.paths.prepared / params.cells.dataset
+    manifest = read_manifest(prepared)
+    results = []
+    for name, mc in params.cells.all_models().items():
+        folder = REPORTS_ROOT / name
+        metrics_path = params.paths.metrics / "cells" / f"{name}.json"
+        if not metrics_path.is_file():
+            raise MissingFileError(
+                f"metrics of {name} missing; run evaluate_cells@{name}", metrics_path
+            )
+        metrics = json.loads(metrics_path.read_text())
+        per_image = pd.read_csv(folder / "per_image.csv")
+        curves = folder / "pixel_curves.csv"
+        rel = folder / "reliability.csv"
+        info_path = MODELS_ROOT / name / INFO_NAME
+        info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        evaluation = InstanceEvaluation(
+            per_image,
+            metrics,
+            pd.read_csv(curves) if curves.is_file() else None,
+            pd.read_csv(rel) if rel.is_file() else None,
+        )
+        overlays = [
+            Overlay(o["image_id"], o["kind"], folder / o["file"], o["metric"], o["score"])
+            for o in json.loads((folder / "overlays.json").read_text())
+        ]
+        results.append(
+            ModelResult.from_evaluation(
+                name,
+                evaluation,
+                train_seconds=info.get("seconds"),
+                n_params=info.get("n_params"),
+                mlflow_run_id=(run_ids or {}).get(name),
+                overlays=overlays,
+                baseline=mc.family == "classical",
+                description=mc.description or mc.family,
+            )
+        )
+    context = {
+        "dataset": params.cells.dataset,
+        "split": params.cells.split,
+        "images": str(int((manifest["split"] == params.cells.split).sum())),
+    }
+    return build_report(results, BENCHMARK_DIR, context=context, manifest=manifest)
+
+
+def _write_overlays(samples, prepared, rows, per_image, folder: Path, name: str, k: int) -> None:
+    """Best and worst images (by F1@0.5) drawn into ``overlays/``, listed in overlays.json."""
+    from microseg.report.benchmark import best_worst_overlays
+
+    by_id = {s.image_id: s for s in samples}
+    images = {str(r.sample_id): prepared / r.image_path for r in rows.itertuples()}
+
+    def load(sid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return read_stack(images[sid]), by_id[sid].gt, by_id[sid].pred
+
+    made = best_worst_overlays(name, per_image, load, folder / "overlays", k=k)
+    listing = [
+        {
+            "image_id": o.image_id,
+            "kind": o.kind,
+            "file": str(Path(o.path).relative_to(folder)),
+            "metric": o.metric,
+            "score": o.score,
+        }
+        for o in made
+    ]
+    (folder / "overlays.json").write_text(json.dumps(listing, indent=2))
