@@ -615,6 +615,49 @@ def inter_rater_cmd(
 
 
 @app.command()
+def visualize(
+    stack: Annotated[Path, typer.Argument(help="3D TIFF stack (ZYX)")],
+    predictions: Annotated[Path, typer.Argument(help="CSV of boxes (z,x1,y1,x2,y2) or points")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for PNGs + overlay.tif")],
+    mode: Annotated[str | None, typer.Option(help="dots, boxes or both")] = None,
+    dot_radius: Annotated[int | None, typer.Option(help="dot radius in output pixels")] = None,
+    color: Annotated[str | None, typer.Option(help="dot colour: name, #rrggbb or r,g,b")] = None,
+    box_color: Annotated[str | None, typer.Option(help="box colour")] = None,
+    line_width: Annotated[int | None, typer.Option(help="box line width")] = None,
+    clahe: Annotated[bool, typer.Option("--clahe/--no-clahe", help="CLAHE contrast")] = False,
+    scores: Annotated[bool, typer.Option("--scores", help="write each score")] = False,
+    show_rejected: Annotated[bool, typer.Option(help="draw rejected detections")] = False,
+    z_start: Annotated[int | None, typer.Option(help="first plane")] = None,
+    z_stop: Annotated[int | None, typer.Option(help="stop before this plane")] = None,
+    z_step: Annotated[int | None, typer.Option(help="every n-th plane")] = None,
+    spread: Annotated[int | None, typer.Option(help="show marks faintly on z±n")] = None,
+    scale: Annotated[int | None, typer.Option(help="upscale factor")] = None,
+) -> None:
+    """Per-plane PNG overlays and a stacked RGB TIFF of detections on a stack."""
+    from microseg.report.overlays import OverlayConfig, render_overlays
+
+    cfg = OverlayConfig.from_mapping(
+        {
+            "mode": mode,
+            "dot_radius": dot_radius,
+            "color": color,
+            "box_color": box_color,
+            "line_width": line_width,
+            "clahe": clahe,
+            "show_scores": scores,
+            "show_rejected": show_rejected,
+            "z_start": z_start,
+            "z_stop": z_stop,
+            "z_step": z_step,
+            "spread": spread,
+            "scale": scale,
+        }
+    )
+    result = render_overlays(stack, predictions, out, cfg)
+    typer.echo(f"{result.n_marks} marks on {result.n_planes} planes -> {result.out_dir}")
+
+
+@app.command()
 def where(params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Print where the pipeline's results are and how to open the MLflow UI."""
     from microseg.registry.tracking import tracking_uri
