@@ -657,6 +657,92 @@ def visualize(
     typer.echo(f"{result.n_marks} marks on {result.n_planes} planes -> {result.out_dir}")
 
 
+TaskOpt = Annotated[str, typer.Option("--task", help="spines or nuclei")]
+
+
+@app.command()
+def register(task: TaskOpt = "spines", params_path: ParamsOpt = Path("params.yaml"),
+             set_: SetOpt = None) -> None:  # fmt: skip
+    """Package the task's model as an MLflow pyfunc and register it as `challenger`."""
+    from microseg.registry.tracking import stage_run
+    from microseg.stages import registry
+
+    params = _params(params_path, set_)
+    dataset = "spines" if task == "spines" else params.cells.dataset
+    cfg = getattr(params.registry, task, None)
+    with stage_run(params, stage="register", task="nuclei" if task == "nuclei" else task,
+                   dataset=dataset, section=cfg):  # fmt: skip
+        out = registry.register_stage(params, task)
+    typer.echo(
+        f"registered {out['name']} version {out['version']} as challenger "
+        f"({out['metric']} = {out['value']})"
+    )
+
+
+@app.command()
+def promote(
+    task: TaskOpt = "spines",
+    force: Annotated[
+        bool, typer.Option("--force", help="promote regardless of the policy")
+    ] = False,
+    reason: Annotated[str | None, typer.Option(help="why (kept in the tag trail)")] = None,
+    actor: Annotated[str | None, typer.Option(help="who decides (default: $USER)")] = None,
+    version: Annotated[
+        int | None, typer.Option(help="version to promote (default: challenger)")
+    ] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Move alias `champion` to the challenger if it beats the champion by `min_delta`."""
+    from microseg.registry.tracking import configure
+    from microseg.stages import registry
+
+    params = _params(params_path, set_)
+    configure(params)
+    d = registry.promote_stage(
+        params, task, force=force, reason=reason, actor=actor, version=version
+    )
+    verdict = "promoted to champion" if d["promoted"] else "not promoted"
+    typer.echo(f"version {d['version']}: {verdict}: {d['reason']}")
+
+
+@app.command("batch-eval")
+def batch_eval_cmd(
+    model: Annotated[str, typer.Option("--model", help="models:/<name>@champion or any model URI")],
+    input_dir: Annotated[Path, typer.Option("--input", help="folder of images/stacks")],
+    out: Annotated[Path, typer.Option("--out", help="result folder")],
+    annotations: Annotated[
+        Path | None, typer.Option(help="folder of annotations (default: beside the inputs)")
+    ] = None,
+    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any file is bad")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Evaluate new data with a registered model: validated inputs, checked outputs, scores."""
+    from microseg.registry.batch_eval import batch_eval
+    from microseg.registry.tracking import configure
+
+    params = _params(params_path, set_)
+    configure(params)
+    res = batch_eval(
+        model, input_dir, out, annotations_dir=annotations, strict=strict, progress=progress,
+        params=params,
+    )  # fmt: skip
+    for name, reasons in sorted(res.bad_files.items()):
+        typer.secho(f"skipped {name}: {'; '.join(reasons)}", fg=typer.colors.YELLOW, err=True)
+    for name, reasons in sorted(res.output_failures.items()):
+        typer.secho(
+            f"bad output for {name}: {'; '.join(reasons)}", fg=typer.colors.YELLOW, err=True
+        )
+    typer.echo(
+        f"{res.model_name or model} v{res.model_version}: {len(res.good_files)} evaluated, "
+        f"{len(res.bad_files)} skipped -> {out}"
+    )
+    if res.exit_code:
+        raise typer.Exit(res.exit_code)
+
+
 @app.command()
 def where(params_path: ParamsOpt = Path("params.yaml")) -> None:
     """Print where the pipeline's results are and how to open the MLflow UI."""

@@ -61,6 +61,8 @@ class SynthSpinesConfig(_Strict):
     benchmark_dendrites: tuple[int, int] = (3, 5)
     voxel_size_nm: tuple[float, float, float] = (500.0, 94.0, 94.0)
     n_raters: int = Field(3, ge=2)
+    #: unseen stacks written to ``batch/`` for batch evaluation by the promoted model
+    n_batch: int = Field(2, ge=0)
     #: any other ``SpineSynthConfig`` field, e.g. ``{peak_photons: [10, 20]}``
     generator: dict[str, Any] = Field(default_factory=dict)
 
@@ -261,6 +263,27 @@ class CellsConfig(_Strict):
         return {**self.baselines, **self.models}
 
 
+class RegistryTaskConfig(_Strict):
+    """How one task's model is registered and when it is promoted to ``champion``."""
+
+    name: str
+    #: key of the flattened evaluation metrics, e.g. ``benchmark.f1``
+    metric: str
+    min_delta: float = Field(0.005, ge=0)
+    higher_is_better: bool = True
+
+
+class RegistryConfig(_Strict):
+    spines: RegistryTaskConfig = Field(
+        default_factory=lambda: RegistryTaskConfig(name="microseg-spines", metric="benchmark.f1")
+    )
+    nuclei: RegistryTaskConfig = Field(
+        default_factory=lambda: RegistryTaskConfig(name="microseg-nuclei", metric="f1_50")
+    )
+    #: the nuclei model that is packaged and registered (a key of ``cells.models``)
+    nuclei_model: str = "unet"
+
+
 class Params(_Strict):
     seed: int = 42
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
@@ -275,6 +298,7 @@ class Params(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     cells: CellsConfig = Field(default_factory=CellsConfig)
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

@@ -12,6 +12,7 @@ Spine layout (``data/synthetic/spines``)::
     benchmark/spines.csv              its spine annotations
     benchmark/{spine,dendrite}_mask.tif
     raters/rater<k>_{spines,dendrites}.tif   simulated raters of the benchmark stack
+    batch/stackNN.tif, stackNN.csv    unseen stacks with annotations (batch evaluation)
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def _generator_cfg(cls: type, base: dict, overrides: dict):
 
 
 def write_spines(cfg: SynthSpinesConfig, out: Path) -> Path:
-    """Training/validation d3sets, a benchmark stack with annotations, and raters."""
+    """Training/validation d3sets, a benchmark stack with annotations, raters, and
+    ``batch/stackNN.tif`` + ``.csv`` (new stacks for ``batch-eval``)."""
     gen = _generator_cfg(
         SpineSynthConfig,
         {"shape": tuple(cfg.shape), "voxel_size_nm": tuple(cfg.voxel_size_nm)},
@@ -86,6 +88,13 @@ def write_spines(cfg: SynthSpinesConfig, out: Path) -> Path:
         for k, (sp, de) in enumerate(raters, start=1):
             _write_mask(tmp / "raters" / f"rater{k}_spines.tif", sp, voxel)
             _write_mask(tmp / "raters" / f"rater{k}_dendrites.tif", de, voxel)
+        # new, unseen stacks as a user would bring them (batch evaluation by the champion)
+        for i in range(cfg.n_batch):
+            vol = generate_spine_volume(gen, seed=cfg.seed * 1000 + 900 + i)
+            tiff.write_stack(
+                tmp / "batch" / f"stack{i + 1:02d}.tif", vol.image, voxel_size_nm=voxel
+            )
+            points.write_points(tmp / "batch" / f"stack{i + 1:02d}.csv", _points(vol.points))
     log.info("synthetic spine data in %s", out)
     return out
 

@@ -1,0 +1,136 @@
+"""Registry stages: package a task's model as a pyfunc, register it, promote it by policy.
+
+``register`` logs the pyfunc into the active stage run and registers it as a new version of
+``registry.<task>.name`` with its evaluation metrics, lineage tags and the alias
+``challenger``; ``promote`` moves ``champion`` to the challenger only when the policy
+(``metric``, ``min_delta``, validation passed) says so, or when a person forces it. Both write
+``reports/registry/<task>.json`` so DVC sees what happened and ``batch_eval`` reruns after it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from microseg.config import Params
+from microseg.errors import ConfigError, MissingFileError
+from microseg.registry.tracking import data_md5, flatten, git_commit, params_hash
+from microseg.stages.common import write_json
+
+log = logging.getLogger(__name__)
+
+REGISTRY_DIR = Path("reports/registry")
+TASKS = ("spines", "nuclei")
+
+
+def _task(task: str) -> None:
+    if task not in TASKS:
+        raise ConfigError(f"unknown registry task {task!r}; available: {list(TASKS)}")
+
+
+def _metrics(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MissingFileError("evaluation metrics missing; run the evaluation stage first", path)
+    flat = flatten(json.loads(path.read_text()))
+    return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _validation_passed(params: Params, dataset: str) -> bool:
+    path = params.paths.reports / "validation" / dataset / "result.json"
+    if not path.is_file():
+        log.warning("%s missing: the model counts as not validated", path)
+        return False
+    return bool(json.loads(path.read_text()).get("success", False))
+
+
+def _log_spines(params: Params):
+    from microseg.infer.spine_pipeline import SpinePipelineConfig
+    from microseg.registry.pyfunc import log_spine_model
+    from microseg.stages import fusion, punet, spines
+
+    bench = Path(params.datasets["spines"].source) / "benchmark" / "stack.tif"
+    info = log_spine_model(
+        "model",
+        spines.YOLO_MODEL_DIR / "best.pt",
+        punet.MODEL_DIR / "best.pt",
+        fusion.TUNED,
+        SpinePipelineConfig.from_params(params),
+        input_example_path=bench if bench.is_file() else None,
+    )
+    section = {"yolo": params.yolo, "punet": params.punet, "fusion": params.fusion}
+    return info, _metrics(params.paths.metrics / "spines_fusion.json"), section, "spines"
+
+
+def _log_nuclei(params: Params):
+    from microseg.registry.pyfunc import log_nuclei_model
+    from microseg.stages import cells
+
+    name = params.registry.nuclei_model
+    mc = cells.model_config(params, name)
+    if mc.family != "unet":
+        raise ConfigError(f"registry.nuclei_model {name!r} must be a unet-family model")
+    info = log_nuclei_model("model", cells.MODELS_ROOT / name / "best.pt", mc.infer)
+    metrics = _metrics(params.paths.metrics / "cells" / f"{name}.json")
+    return info, metrics, mc, params.cells.dataset
+
+
+def register_stage(params: Params, task: str) -> dict[str, Any]:
+    """Log the task's pyfunc into the active run and register it as ``challenger``."""
+    from microseg.registry.promotion import register_version
+
+    _task(task)
+    info, metrics, section, dataset = (_log_spines if task == "spines" else _log_nuclei)(params)
+    cfg = getattr(params.registry, task)
+    version = register_version(
+        info.model_uri,
+        cfg.name,
+        metrics,
+        {
+            "git_commit": git_commit(),
+            "dataset_md5": data_md5(),
+            "params_hash": params_hash(section),
+        },
+        _validation_passed(params, dataset),
+    )
+    out = {
+        "name": cfg.name,
+        "version": int(version.version),
+        "model_uri": info.model_uri,
+        "metric": cfg.metric,
+        "value": metrics.get(cfg.metric),
+    }
+    write_json(REGISTRY_DIR / f"{task}.json", out)
+    return out
+
+
+def promote_stage(
+    params: Params,
+    task: str,
+    *,
+    force: bool = False,
+    reason: str | None = None,
+    actor: str | None = None,
+    version: int | None = None,
+) -> dict[str, Any]:
+    """Apply the promotion policy of ``registry.<task>`` to the challenger (or ``version``)."""
+    from microseg.registry.promotion import promote
+
+    _task(task)
+    cfg = getattr(params.registry, task)
+    decision = promote(
+        cfg.name,
+        cfg.metric,
+        cfg.min_delta,
+        higher_is_better=cfg.higher_is_better,
+        force=force,
+        reason=reason,
+        actor=actor,
+        version=None if version is None else str(version),
+    )
+    record_path = REGISTRY_DIR / f"{task}.json"
+    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record["promotion"] = decision.as_dict()
+    write_json(record_path, record)
+    return decision.as_dict()
