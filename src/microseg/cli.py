@@ -498,7 +498,8 @@ def predict(
 
 @app.command()
 def tune(
-    target: Annotated[str, typer.Option("--target", help="fusion")] = "fusion",
+    target: Annotated[str, typer.Option("--target", help="fusion, yolo or punet")] = "fusion",
+    worker: Annotated[int, typer.Option(help="worker index when several share a study")] = 0,
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -506,25 +507,57 @@ def tune(
     import mlflow
 
     from microseg.registry.tracking import stage_run
-    from microseg.stages import fusion
 
     params = _params(params_path, set_)
-    if target != "fusion":
-        raise ConfigError(f"unknown tuning target {target!r}; available: fusion")
+    if target not in ("fusion", "yolo", "punet"):
+        raise ConfigError(f"unknown tuning target {target!r}; available: fusion, yolo, punet")
 
     def on_trial(trial, metrics) -> None:
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
-            mlflow.log_params({k: str(v) for k, v in metrics.get("params", {}).items()})
-            _log_metrics_tree({k: v for k, v in metrics.items() if k != "params"})
+        from microseg.registry.tracking import flatten
 
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+            mlflow.log_params({k: str(v) for k, v in flatten(metrics.get("params", {})).items()})
+            if "state" in metrics:
+                mlflow.set_tag("optuna.state", metrics["state"])
+            _log_metrics_tree(
+                {k: v for k, v in metrics.items() if k not in ("params", "curve", "trial_dir")}
+            )
+            for epoch, value in enumerate(metrics.get("curve") or []):
+                if value is not None:
+                    mlflow.log_metric("curve", float(value), step=epoch)
+
+    if target == "fusion":
+        from microseg.stages import fusion
+
+        with stage_run(
+            params, stage="tune_fusion", task="spines", dataset="spines", section=params.fusion
+        ):
+            out = fusion.tune_fusion_stage(params, on_trial=on_trial)
+            mlflow.log_metric("best_val_f1", out["best_val_f1"])
+            mlflow.log_params({f"best.{k}": str(v) for k, v in out["best"].items()})
+            mlflow.log_artifact(str(fusion.TUNED), "tuned")
+        typer.echo(f"best validation F1 {out['best_val_f1']:.3f}; params in {fusion.TUNED}")
+        return
+
+    from microseg.stages import tuning
+    from microseg.stages.common import write_json
+
+    section = params.tune.get(target, {})
     with stage_run(
-        params, stage="tune_fusion", task="spines", dataset="spines", section=params.fusion
+        params, stage=f"tune_{target}", task="spines", dataset="spines", section=section
     ):
-        out = fusion.tune_fusion_stage(params, on_trial=on_trial)
-        mlflow.log_metric("best_val_f1", out["best_val_f1"])
-        mlflow.log_params({f"best.{k}": str(v) for k, v in out["best"].items()})
-        mlflow.log_artifact(str(fusion.TUNED), "tuned")
-    typer.echo(f"best validation F1 {out['best_val_f1']:.3f}; params in {fusion.TUNED}")
+        out = tuning.tune_training_stage(params, target, on_trial=on_trial, worker=worker)
+        _log_metrics_tree({k: v for k, v in out.items() if k != "best"})
+        from microseg.registry.tracking import flatten
+
+        mlflow.log_params({f"best.{k}": str(v) for k, v in flatten(out["best"]).items()})
+        mlflow.log_artifact(str(tuning.tuned_path(target)), "tuned")
+        write_json(params.paths.metrics / f"tune_{target}.json", out)
+    typer.echo(
+        f"{target}: best {out.get('metric')} {out.get('best_value', float('nan')):.4f} "
+        f"({out.get('n_complete', 0)} complete, {out.get('n_pruned', 0)} pruned); "
+        f"params in {tuning.tuned_path(target)}"
+    )
 
 
 @app.command()

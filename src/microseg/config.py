@@ -299,6 +299,9 @@ class Params(_Strict):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     cells: CellsConfig = Field(default_factory=CellsConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    #: training studies per target: ``microseg.tune.training.TrainStudyConfig`` keys, validated
+    #: when a study starts (so a CLI call that does not tune does not import Optuna)
+    tune: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 

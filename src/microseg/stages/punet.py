@@ -39,9 +39,10 @@ def _targets(sample: Sample) -> dict[str, np.ndarray]:
 
 
 def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> dict[str, Any]:
+    from microseg.stages.tuning import tuned_train_config
     from microseg.train.punet import PunetTrainConfig, train_punet
 
-    cfg = PunetTrainConfig.from_mapping(params.punet.train)
+    cfg = PunetTrainConfig.from_mapping(tuned_train_config(params, "punet"))
     src = _source(params)
     t0 = time.perf_counter()
     result = train_punet(src / "train.d3set", src / "val.d3set", out_dir, cfg, hooks=hooks)

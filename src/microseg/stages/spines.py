@@ -65,9 +65,11 @@ def convert_yolo(params: Params, out_dir: Path = YOLO_DATA) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------- train
 def train_yolo(params: Params, hooks=None, out_dir: Path = YOLO_MODEL_DIR) -> dict[str, Any]:
+    from microseg.config import YoloTrainConfig
     from microseg.models.yolo import YoloSpineDetector
+    from microseg.stages.tuning import tuned_train_config
 
-    t = params.yolo.train
+    t = YoloTrainConfig.model_validate(tuned_train_config(params, "yolo"))
     data_yaml = YOLO_DATA / "spine_detection.yaml"
     if not data_yaml.exists():
         raise MissingFileError("YOLO dataset missing; run `microseg convert yolo`", data_yaml)
