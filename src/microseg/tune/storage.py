@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import time
 import warnings
 from typing import Any, Literal
 
@@ -123,8 +124,20 @@ def study(
     ``worker`` tells apart processes that run the same study at the same time (see module
     notes on seeding).
     """
-    storage = optuna_storage(storage_url)
-    n_before = _existing_trials(storage, name)
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(3):
+        try:
+            # workers starting together on an empty database race to create Optuna's tables
+            # (PostgreSQL: a unique violation in pg_type); the loser retries and finds them
+            storage = optuna_storage(storage_url)
+            n_before = _existing_trials(storage, name)
+            break
+        except IntegrityError:
+            if attempt == 2:
+                raise
+            log.info("another worker is creating the Optuna tables; retrying")
+            time.sleep(1.0 + attempt)
     sampler_seed = int(np.random.SeedSequence([seed, worker, n_before]).generate_state(1)[0])
     sampler = optuna.samplers.TPESampler(seed=sampler_seed)
     st = optuna.create_study(
