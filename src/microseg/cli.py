@@ -428,7 +428,7 @@ def evaluate(
 
 @app.command()
 def predict(
-    stack: Annotated[Path, typer.Argument(help="3D TIFF stack (ZYX)")],
+    stack: Annotated[Path, typer.Argument(help="3D TIFF stack (ZYX) or a folder of them")],
     out: Annotated[Path, typer.Option("--out", "-o", help="result folder")],
     model: Annotated[str, typer.Option("--model", "-m", help="yolo or punet")] = "yolo",
     weights: Annotated[Path | None, typer.Option(help="default: models/<model>/best.pt")] = None,
@@ -438,26 +438,56 @@ def predict(
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
-    """Predict one stack plane by plane (memory does not grow with depth)."""
-    from microseg.io import tiff
+    """Predict stacks plane by plane (memory does not grow with depth); a folder gives one
+    result folder per stack, and a stack that cannot be read is reported and skipped."""
+    from tqdm.auto import tqdm
+
     from microseg.stages import punet as punet_stage
     from microseg.stages import spines as spines_stage
-    from microseg.utils.atomic import atomic_path
 
     params = _params(params_path, set_)
-    with tiff.open_stack(stack, expect_ndim=3) as st:
-        voxel = st.voxel_size_nm
-    if voxel_size:
-        voxel = tuple(float(v) for v in voxel_size.split(","))
-    voxel = voxel or params.datasets["spines"].voxel_size_nm
     if model == "yolo":
-        from microseg.infer.yolo_predict import detections_to_points, nms_per_plane, predict_stack
         from microseg.models.yolo import YoloSpineDetector
 
-        det = YoloSpineDetector.load(weights or spines_stage.YOLO_MODEL_DIR / "best.pt")
+        net = YoloSpineDetector.load(weights or spines_stage.YOLO_MODEL_DIR / "best.pt")
+    elif model == "punet":
+        from microseg.models.punet import load_punet
+
+        net = load_punet(weights or punet_stage.MODEL_DIR / "best.pt")
+    else:
+        raise ConfigError(f"unknown model {model!r}; available: yolo, punet")
+    if not stack.is_dir():
+        typer.echo(_predict_one(net, model, stack, out, _voxel(voxel_size), params))
+        return
+    stacks = sorted(p for p in stack.iterdir() if p.suffix.lower() in (".tif", ".tiff"))
+    if not stacks:
+        raise ConfigError(f"no .tif stacks in {stack}")
+    failed = []
+    for path in tqdm(stacks, desc=f"predict {model}"):
+        try:
+            msg = _predict_one(net, model, path, out / path.stem, _voxel(voxel_size), params)
+            log.info("%s: %s", path.name, msg)
+        except MicrosegError as exc:
+            failed.append(path.name)
+            typer.secho(f"skipped {path.name}: {exc}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"{len(stacks) - len(failed)} of {len(stacks)} stacks predicted -> {out}")
+    if len(failed) == len(stacks):
+        raise typer.Exit(1)
+
+
+def _predict_one(net, model: str, stack: Path, out: Path, voxel_size, params) -> str:
+    """One stack -> ``out``: YOLO boxes + 3D spines, or Prob-UNet maps."""
+    from microseg.io import tiff
+    from microseg.utils.atomic import atomic_path
+
+    with tiff.open_stack(stack, expect_ndim=3) as st:
+        voxel = voxel_size or st.voxel_size_nm or params.datasets["spines"].voxel_size_nm
+    if model == "yolo":
+        from microseg.infer.yolo_predict import detections_to_points, nms_per_plane, predict_stack
+
         p, c, s = params.yolo.predict, params.yolo.convert, params.spines
         boxes = predict_stack(
-            det,
+            net,
             stack,
             conf=p.conf,
             iou=p.iou,
@@ -473,27 +503,22 @@ def predict(
         for name, df in (("detections.csv", boxes), ("spines.csv", points)):
             with atomic_path(out / name) as tmp:
                 df.to_csv(tmp, index=False)
-        typer.echo(f"{len(boxes)} boxes, {len(points)} spines after 3D dedup -> {out}")
-    elif model == "punet":
-        from microseg.infer.punet_predict import predict_stack_punet, write_predictions
-        from microseg.models.punet import load_punet
+        return f"{len(boxes)} boxes, {len(points)} spines after 3D dedup -> {out}"
+    from microseg.infer.punet_predict import predict_stack_punet, write_predictions
 
-        net = load_punet(weights or punet_stage.MODEL_DIR / "best.pt")
-        p = params.punet.predict
-        with tiff.open_stack(stack) as st:
-            result = predict_stack_punet(
-                net,
-                st,
-                n_samples=p.n_samples,
-                temperature=p.temperature,
-                tile=p.tile,
-                batch_planes=p.batch_planes,
-                seed=params.seed,
-            )
-        write_predictions(out, result, voxel, size_thr=p.size_thr, prob_thr=p.prob_thr)
-        typer.echo(f"probabilities, masks and uncertainty sums -> {out}")
-    else:
-        raise ConfigError(f"unknown model {model!r}; available: yolo, punet")
+    p = params.punet.predict
+    with tiff.open_stack(stack) as st:
+        result = predict_stack_punet(
+            net,
+            st,
+            n_samples=p.n_samples,
+            temperature=p.temperature,
+            tile=p.tile,
+            batch_planes=p.batch_planes,
+            seed=params.seed,
+        )
+    write_predictions(out, result, voxel, size_thr=p.size_thr, prob_thr=p.prob_thr)
+    return f"probabilities, masks and uncertainty sums -> {out}"
 
 
 @app.command()
@@ -561,8 +586,34 @@ def tune(
 
 
 @app.command()
-def fuse(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
-    """YOLO boxes validated by Prob-UNet probability, de-duplicated in 3D, on the benchmark."""
+def fuse(
+    input_: Annotated[
+        Path | None,
+        typer.Option("--input", help="a stack or a folder of stacks (default: the benchmark)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="result folder (with --input)")] = None,
+    yolo_weights: Annotated[Path, typer.Option(help="YOLO weights")] = Path("models/yolo/best.pt"),
+    punet_weights: Annotated[Path, typer.Option(help="Prob-UNet weights")] = Path(
+        "models/punet/best.pt"
+    ),
+    fusion_params: Annotated[Path, typer.Option(help="tuned fusion params")] = Path(
+        "params/tuned_fusion.yaml"
+    ),
+    voxel_size: Annotated[
+        str | None, typer.Option(help="z,y,x in nm when the TIFFs do not carry it")
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option(help="folder of <stem>.csv spine points to score against")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="redo stacks that already have results")] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """YOLO boxes validated by Prob-UNet probability, de-duplicated in 3D.
+
+    Without --input: the pipeline's benchmark stage (from the evaluation's saved outputs).
+    With --input: stacks are predicted end to end, one result folder each, resumable.
+    """
     import mlflow
 
     from microseg.registry.tracking import stage_run
@@ -570,13 +621,57 @@ def fuse(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> N
     from microseg.stages.common import write_json
 
     params = _params(params_path, set_)
+    if input_ is not None:
+        if out is None:
+            raise ConfigError("--input needs --out (the folder for the results)")
+        from microseg.infer.spine_pipeline import (
+            SpinePipelineConfig,
+            predict_folder,
+            read_fusion_params,
+        )
+        from microseg.models.punet import load_punet
+        from microseg.models.yolo import YoloSpineDetector
+
+        cfg = SpinePipelineConfig.from_params(params)
+        fp = read_fusion_params(fusion_params) if fusion_params.exists() else None
+        summary = predict_folder(
+            input_,
+            out,
+            YoloSpineDetector.load(yolo_weights),
+            load_punet(punet_weights),
+            fp or cfg.default_fusion_params(),
+            cfg,
+            voxel_size_nm=_voxel(voxel_size),
+            annotations=annotations,
+            overwrite=overwrite,
+        )
+        counts = summary["status"].value_counts().to_dict()
+        for row in summary[summary["status"] == "failed"].itertuples():
+            typer.secho(f"failed {row.stack}: {row.error}", fg=typer.colors.YELLOW, err=True)
+        typer.echo(
+            f"{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
+            f"{counts.get('failed', 0)} failed -> {out}"
+        )
+        if counts.get("failed", 0) and not counts.get("done", 0) and not counts.get("skipped"):
+            raise typer.Exit(1)
+        return
     with stage_run(params, stage="fuse", task="spines", dataset="spines", section=params.spines):
-        out = fusion.fuse_stage(params)
-        path = write_json(params.paths.metrics / "spines_fusion.json", out)
-        _log_metrics_tree({k: v for k, v in out.items() if k != "params"})
+        result = fusion.fuse_stage(params)
+        path = write_json(params.paths.metrics / "spines_fusion.json", result)
+        _log_metrics_tree({k: v for k, v in result.items() if k != "params"})
         mlflow.log_artifacts(str(fusion.FUSION_DIR), "fusion")
-    b = out["benchmark"]
+    b = result["benchmark"]
     typer.echo(f"fusion: benchmark F1 {b['f1']:.3f} -> {path}")
+
+
+def _voxel(text: str | None) -> tuple[float, float, float] | None:
+    if not text:
+        return None
+    try:
+        z, y, x = (float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--voxel-size expects z,y,x in nm, got {text!r}") from None
+    return z, y, x
 
 
 @app.command("compare-spines")

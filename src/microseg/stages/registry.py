@@ -14,6 +14,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from microseg.config import Params
 from microseg.errors import ConfigError, MissingFileError
 from microseg.registry.tracking import data_md5, flatten, git_commit, params_hash
@@ -50,17 +52,33 @@ def _log_spines(params: Params):
     from microseg.registry.pyfunc import log_spine_model
     from microseg.stages import fusion, punet, spines
 
-    bench = Path(params.datasets["spines"].source) / "benchmark" / "stack.tif"
     info = log_spine_model(
         "model",
         spines.YOLO_MODEL_DIR / "best.pt",
         punet.MODEL_DIR / "best.pt",
         fusion.TUNED,
         SpinePipelineConfig.from_params(params),
-        input_example_path=bench if bench.is_file() else None,
+        input_example_path=_example_stack(params),
     )
     section = {"yolo": params.yolo, "punet": params.punet, "fusion": params.fusion}
     return info, _metrics(params.paths.metrics / "spines_fusion.json"), section, "spines"
+
+
+def _example_stack(params: Params) -> Path | None:
+    """A small crop of the benchmark stack: the model's input example (MLflow runs it once
+    while logging, so a whole stack would cost a full prediction)."""
+    from microseg.io import tiff
+
+    bench = Path(params.datasets["spines"].source) / "benchmark" / "stack.tif"
+    if not bench.is_file():
+        return None
+    with tiff.open_stack(bench, expect_ndim=3) as st:
+        z0 = st.shape[0] // 2
+        crop = np.stack([st.plane(z)[:96, :96] for z in range(z0 - 2, z0 + 2)])
+        voxel = st.voxel_size_nm
+    out = REGISTRY_DIR / "spines_example.tif"
+    tiff.write_stack(out, crop, voxel_size_nm=voxel)
+    return out
 
 
 def _log_nuclei(params: Params):
@@ -71,7 +89,16 @@ def _log_nuclei(params: Params):
     mc = cells.model_config(params, name)
     if mc.family != "unet":
         raise ConfigError(f"registry.nuclei_model {name!r} must be a unet-family model")
-    info = log_nuclei_model("model", cells.MODELS_ROOT / name / "best.pt", mc.infer)
+    prepared = params.paths.prepared / params.cells.dataset
+    from microseg.stages.common import samples
+
+    test = samples(prepared, params.cells.split)
+    info = log_nuclei_model(
+        "model",
+        cells.MODELS_ROOT / name / "best.pt",
+        mc.infer,
+        input_example_path=test[0].image_path if test else None,
+    )
     metrics = _metrics(params.paths.metrics / "cells" / f"{name}.json")
     return info, metrics, mc, params.cells.dataset
 
