@@ -254,6 +254,9 @@ class CellsConfig(_Strict):
     n_overlays: int = 2
     #: evaluate only the first N images of the split (smoke runs); null: all
     max_images: int | None = Field(None, ge=1)
+    #: U-Net watershed thresholds searched on the validation split before the test split is
+    #: predicted (``PostprocessConfig`` keys -> candidate values); empty: the trained defaults
+    post_grid: dict[str, list[Any]] = Field(default_factory=dict)
     #: learned models (``train_cells@``/``evaluate_cells@`` iterate over these keys)
     models: dict[str, CellModelConfig] = Field(default_factory=dict)
     #: classical references, in every table (``evaluate_baseline@``)

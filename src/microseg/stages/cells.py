@@ -136,8 +136,46 @@ def instance_scores(labels: np.ndarray, prob: np.ndarray) -> dict[int, float]:
     return {int(i): float(m) for i, m in zip(ids, np.atleast_1d(means), strict=True)}
 
 
+def tune_unet_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any] | None:
+    """Watershed thresholds of a U-Net chosen on the validation split (``cells.post_grid``);
+    the table goes to ``out_dir/postprocess_search.csv``. None when the grid is empty."""
+    from microseg.infer.instances import InferConfig, predict_probs
+    from microseg.models.unet import load_unet
+    from microseg.train.unet import UnetTrainConfig
+    from microseg.tune.postprocess import search_postprocess
+
+    mc = model_config(params, name)
+    if mc.family != "unet" or not params.cells.post_grid:
+        return None
+    net, _, post = load_unet(MODELS_ROOT / name / "best.pt")
+    base = UnetTrainConfig.from_mapping(mc.train).infer_config()
+    cfg = InferConfig.from_mapping(
+        {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, "post": post} | mc.infer
+    )
+    prepared = params.paths.prepared / params.cells.dataset
+    from microseg.data.manifest import read_manifest
+
+    m = read_manifest(prepared)
+    rows = m[(m["split"] == "val") & (m["label_kind"] == "instance")]
+    if params.cells.max_images is not None:
+        rows = rows.head(params.cells.max_images)
+    probs = [
+        predict_probs(net, read_stack(prepared / r.image_path), cfg) for r in rows.itertuples()
+    ]
+    gts = [read_stack(prepared / r.label_path) for r in rows.itertuples()]
+    chosen, table = search_postprocess(probs, gts, cfg.post, params.cells.post_grid)
+    with atomic_path(out_dir / "postprocess_search.csv") as tmp:
+        table.to_csv(tmp, index=False)
+    from dataclasses import asdict
+
+    return asdict(chosen)
+
+
 def load_predictor(
-    mc: CellModelConfig, model_dir: Path, default_infer: dict[str, Any] | None = None
+    mc: CellModelConfig,
+    model_dir: Path,
+    default_infer: dict[str, Any] | None = None,
+    post: dict[str, Any] | None = None,
 ) -> Predictor:
     """The family's model behind one call: ``raw image -> (labels, fg prob, scores)``."""
     if mc.family == "classical":
@@ -157,6 +195,10 @@ def load_predictor(
         base = UnetTrainConfig.from_mapping(mc.train).infer_config()
         infer = {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, "post": post}
         cfg = InferConfig.from_mapping({**infer, **(default_infer or {}), **mc.infer})
+        if post is not None:
+            cfg = InferConfig.from_mapping({**{f: getattr(cfg, f) for f in (
+                "roi", "overlap", "blend", "sw_batch_size", "percentiles", "device"
+            )}, "post": post})  # fmt: skip
 
         def unet(image: np.ndarray) -> Prediction:
             labels, probs = predict_instances(net, image, cfg)
@@ -204,10 +246,11 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
     mc = model_config(params, name)
     out_dir = out_dir or REPORTS_ROOT / name
     prepared = params.paths.prepared / params.cells.dataset
-    predictor = load_predictor(mc, MODELS_ROOT / name)
     samples, objects, seconds = [], [], 0.0
     rows = _rows(params)
     with atomic_path(out_dir) as tmp:
+        post = tune_unet_postprocess(params, name, tmp)
+        predictor = load_predictor(mc, MODELS_ROOT / name, post=post)
         for row in tqdm(rows.itertuples(), total=len(rows), desc=f"evaluate {name}"):
             sid = str(row.sample_id)
             image = read_stack(prepared / row.image_path)
@@ -223,6 +266,8 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
         coco = coco_evaluate(samples)
         metrics = {**evaluation.summary, **coco_metrics(coco)}
         metrics["predict_seconds_per_image"] = seconds / len(samples)
+        if post is not None:
+            (tmp / "postprocess.json").write_text(json.dumps(post, indent=2))
         errors = error_table(
             [(s.image_id, s.gt, s.pred) for s in samples],
             threshold=params.cells.iou_thresholds[0],

@@ -1,0 +1,73 @@
+"""Post-processing chosen on the validation split: the seeded-watershed thresholds of a 3-class
+U-Net (``t_seed``, ``t_mask``, ``elevation``, ``min_size``).
+
+nnU-Net decides its post-processing on validation folds and Cellpose exposes its flow and
+probability thresholds for the same reason: the network's probabilities are fixed after
+training, but where to cut them into instances depends on the data (on DSB 2018 the defaults
+merge touching nuclei). Probabilities are computed once per image; each grid point only reruns
+the watershed, so an exhaustive grid is cheap and needs no Optuna.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
+
+import numpy as np
+import pandas as pd
+
+from microseg.errors import ConfigError
+from microseg.evaluate.instances import image_scores, threshold_key
+from microseg.models.unet import PostprocessConfig, probs_to_instances
+
+log = logging.getLogger(__name__)
+
+
+def grid_points(grid: Mapping[str, Sequence]) -> list[dict]:
+    names = {f for f in asdict(PostprocessConfig())}
+    unknown = sorted(set(grid) - names)
+    if unknown:
+        raise ConfigError(f"unknown post-processing keys {unknown}; known: {sorted(names)}")
+    keys = sorted(grid)
+    return [
+        dict(zip(keys, values, strict=True))
+        for values in itertools.product(*(grid[k] for k in keys))
+    ]
+
+
+def search_postprocess(
+    probs: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    base: PostprocessConfig,
+    grid: Mapping[str, Sequence],
+    threshold: float = 0.5,
+) -> tuple[PostprocessConfig, pd.DataFrame]:
+    """The grid point with the best pooled F1 at ``threshold`` (ties: the earliest point, with
+    ``base`` itself first so an unhelpful grid changes nothing) and the table of all points."""
+    if len(probs) != len(gts) or not probs:
+        raise ConfigError("post-processing search needs validation images with labels")
+    points = [{}, *grid_points(grid)]
+    key = threshold_key(threshold)
+    rows = []
+    for point in points:
+        cfg = replace(base, **point)
+        tp = fp = fn = 0
+        for p, gt in zip(probs, gts, strict=True):
+            s = image_scores(gt, probs_to_instances(p, cfg), (threshold,), dsb_thresholds=(),
+                             with_rand=False)  # fmt: skip
+            tp, fp, fn = tp + s[f"tp_{key}"], fp + s[f"fp_{key}"], fn + s[f"fn_{key}"]
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        rows.append({**asdict(cfg), "f1": f1, "tp": tp, "fp": fp, "fn": fn})
+    table = pd.DataFrame(rows)
+    best = int(np.argmax(table["f1"].to_numpy()))  # first maximum
+    chosen = replace(base, **{k: table.iloc[best][k] for k in asdict(base)})
+    chosen = PostprocessConfig(**{k: _plain(v) for k, v in asdict(chosen).items()})
+    log.info("post-processing on validation: F1 %.4f (base %.4f) with %s",
+             table["f1"].iloc[best], table["f1"].iloc[0], asdict(chosen))  # fmt: skip
+    return chosen, table
+
+
+def _plain(v):
+    return v.item() if isinstance(v, np.generic) else v
