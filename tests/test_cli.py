@@ -83,6 +83,7 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     }
     params["tracking"]["seg"]["train"] = tiny_unet
     params["cells"]["max_images"] = 3
+    params["cells"]["post_grid"] = {"t_seed": [0.5, 0.7]}
     params["cells"]["models"] = {
         "unet": {"family": "unet", "description": "tiny", "train": tiny_unet | {"patch_size": 64}}
     }
@@ -115,6 +116,20 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         assert cells["n_images"] == 3 and {"f1_50", "segm_AP", "are"} <= set(cells)
     html = (repo_copy / "reports" / "benchmark" / "index.html").read_text()
     assert "otsu" in html and "unet" in html
+    # registry: both tasks registered; the first version of each became champion
+    assert {"register"} <= stages
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for task, name in (("spines", "microseg-spines"), ("nuclei", "microseg-nuclei")):
+        record = json.loads((repo_copy / "reports" / "registry" / f"{task}.json").read_text())
+        assert record["promotion"]["promoted"] is True, record
+        assert client.get_model_version_by_alias(name, "champion").version == "1"
+    batch = json.loads(
+        (repo_copy / "reports" / "batch_eval" / "spines" / "batch_eval.json").read_text()
+    )
+    s = batch["summary"]
+    assert s["n_evaluated"] == 2 and s["n_bad_inputs"] == 0 and s["n_scored"] == 2, s
     assert {"tune_fusion", "fuse", "evaluate_spines"} <= stages
     table = json.loads((repo_copy / "metrics" / "spines.json").read_text())
     assert {"yolo", "punet_spots", "log_baseline", "fusion"} <= set(table)
