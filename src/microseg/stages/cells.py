@@ -191,14 +191,14 @@ def load_predictor(
         from microseg.models.unet import load_unet
         from microseg.train.unet import UnetTrainConfig
 
-        net, _, post = load_unet(weights)
+        net, _, trained_post = load_unet(weights)
         base = UnetTrainConfig.from_mapping(mc.train).infer_config()
-        infer = {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, "post": post}
-        cfg = InferConfig.from_mapping({**infer, **(default_infer or {}), **mc.infer})
-        if post is not None:
-            cfg = InferConfig.from_mapping({**{f: getattr(cfg, f) for f in (
-                "roi", "overlap", "blend", "sw_batch_size", "percentiles", "device"
-            )}, "post": post})  # fmt: skip
+        infer = {"roi": base.roi, "overlap": base.overlap, "blend": base.blend}
+        # post-processing: chosen on validation (``post``) > the model's params > the checkpoint
+        chosen = post if post is not None else mc.infer.get("post", trained_post)
+        cfg = InferConfig.from_mapping(
+            {**infer, **(default_infer or {}), **mc.infer, "post": chosen}
+        )
 
         def unet(image: np.ndarray) -> Prediction:
             labels, probs = predict_instances(net, image, cfg)
