@@ -892,6 +892,16 @@ def where(params_path: ParamsOpt = Path("params.yaml")) -> None:
         typer.echo(f"  {label:<20} {Path(path).resolve()}{state}")
     for html in sorted(Path(p.reports, "validation").glob("*/data_docs/**/index.html"))[:10]:
         typer.echo(f"  data docs            {html.resolve()}")
+    bench = Path(p.reports, "benchmark", "index.html")
+    if bench.exists():
+        typer.echo(f"  nuclei benchmark     {bench.resolve()}")
+    for record in sorted(Path(p.reports, "registry").glob("*.json")):
+        import json
+
+        r = json.loads(record.read_text())
+        promo = r.get("promotion", {})
+        state = "champion" if promo.get("promoted") else "challenger"
+        typer.echo(f"  registered model     models:/{r.get('name')}/{r.get('version')} ({state})")
     uri = tracking_uri(params)
     typer.echo(f"MLflow tracking store: {uri}")
     typer.echo(f"MLflow UI: mlflow ui --backend-store-uri {uri} --port 5000  (or: make ui)")
