@@ -124,7 +124,7 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     for task, name in (("spines", "microseg-spines"), ("nuclei", "microseg-nuclei")):
         record = json.loads((repo_copy / "reports" / "registry" / f"{task}.json").read_text())
         assert record["promotion"]["promoted"] is True, record
-        assert client.get_model_version_by_alias(name, "champion").version == "1"
+        assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     batch = json.loads(
         (repo_copy / "reports" / "batch_eval" / "spines" / "batch_eval.json").read_text()
     )
