@@ -22,6 +22,7 @@ _KNOWN_MODULES = {
     "yolo": "microseg.models.yolo",
     "punet": "microseg.models.punet",
     "unet": "microseg.models.unet",
+    "maskrcnn": "microseg.models.maskrcnn",
 }
 
 T = TypeVar("T", bound=type)
