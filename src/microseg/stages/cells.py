@@ -136,22 +136,35 @@ def instance_scores(labels: np.ndarray, prob: np.ndarray) -> dict[int, float]:
     return {int(i): float(m) for i, m in zip(ids, np.atleast_1d(means), strict=True)}
 
 
+def load_unet_inference(
+    weights: Path, train_cfg: dict[str, Any], infer: dict[str, Any], post: Any = None
+):
+    """A trained U-Net and its inference config: the training run's window, overlap and blend,
+    then ``infer`` overrides; post-processing from ``post`` (e.g. chosen on validation), else
+    ``infer["post"]``, else the checkpoint's."""
+    from microseg.infer.instances import InferConfig
+    from microseg.models.unet import load_unet
+    from microseg.train.unet import UnetTrainConfig
+
+    net, _, trained_post = load_unet(weights)
+    base = UnetTrainConfig.from_mapping(train_cfg).infer_config()
+    chosen = post if post is not None else infer.get("post", trained_post)
+    cfg = InferConfig.from_mapping(
+        {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, **infer, "post": chosen}
+    )
+    return net, cfg
+
+
 def tune_unet_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any] | None:
     """Watershed thresholds of a U-Net chosen on the validation split (``cells.post_grid``);
     the table goes to ``out_dir/postprocess_search.csv``. None when the grid is empty."""
-    from microseg.infer.instances import InferConfig, predict_probs
-    from microseg.models.unet import load_unet
-    from microseg.train.unet import UnetTrainConfig
+    from microseg.infer.instances import predict_probs
     from microseg.tune.postprocess import search_postprocess
 
     mc = model_config(params, name)
     if mc.family != "unet" or not params.cells.post_grid:
         return None
-    net, _, post = load_unet(MODELS_ROOT / name / "best.pt")
-    base = UnetTrainConfig.from_mapping(mc.train).infer_config()
-    cfg = InferConfig.from_mapping(
-        {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, "post": post} | mc.infer
-    )
+    net, cfg = load_unet_inference(MODELS_ROOT / name / "best.pt", mc.train, mc.infer)
     prepared = params.paths.prepared / params.cells.dataset
     from microseg.data.manifest import read_manifest
 
@@ -172,10 +185,7 @@ def tune_unet_postprocess(params: Params, name: str, out_dir: Path) -> dict[str,
 
 
 def load_predictor(
-    mc: CellModelConfig,
-    model_dir: Path,
-    default_infer: dict[str, Any] | None = None,
-    post: dict[str, Any] | None = None,
+    mc: CellModelConfig, model_dir: Path, post: dict[str, Any] | None = None
 ) -> Predictor:
     """The family's model behind one call: ``raw image -> (labels, fg prob, scores)``."""
     if mc.family == "classical":
@@ -187,18 +197,9 @@ def load_predictor(
     if not weights.is_file():
         raise MissingFileError(f"no trained weights; run train_cells@{model_dir.name}", weights)
     if mc.family == "unet":
-        from microseg.infer.instances import InferConfig, predict_instances
-        from microseg.models.unet import load_unet
-        from microseg.train.unet import UnetTrainConfig
+        from microseg.infer.instances import predict_instances
 
-        net, _, trained_post = load_unet(weights)
-        base = UnetTrainConfig.from_mapping(mc.train).infer_config()
-        infer = {"roi": base.roi, "overlap": base.overlap, "blend": base.blend}
-        # post-processing: chosen on validation (``post``) > the model's params > the checkpoint
-        chosen = post if post is not None else mc.infer.get("post", trained_post)
-        cfg = InferConfig.from_mapping(
-            {**infer, **(default_infer or {}), **mc.infer, "post": chosen}
-        )
+        net, cfg = load_unet_inference(weights, mc.train, mc.infer, post)
 
         def unet(image: np.ndarray) -> Prediction:
             labels, probs = predict_instances(net, image, cfg)

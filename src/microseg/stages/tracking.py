@@ -72,16 +72,11 @@ def train_tracking_seg(params: Params, hooks=None) -> dict[str, Any]:
 
 def segment_sequences(params: Params, out_dir: Path = SEG_PRED_DIR) -> dict[str, int]:
     """Instance masks of every frame of the tracking split's sequences (TYX uint16)."""
-    from microseg.infer.instances import InferConfig, predict_instances
-    from microseg.models.unet import load_unet
-    from microseg.train.unet import UnetTrainConfig
+    from microseg.infer.instances import predict_instances
+    from microseg.stages.cells import load_unet_inference
 
-    net, _, post = load_unet(SEG_MODEL_DIR / "best.pt")
-    base = UnetTrainConfig.from_mapping(params.tracking.seg.train).infer_config()
-    cfg = InferConfig.from_mapping(
-        {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, "post": post}
-        | params.tracking.seg.infer
-    )
+    seg = params.tracking.seg
+    net, cfg = load_unet_inference(SEG_MODEL_DIR / "best.pt", seg.train, seg.infer)
     gt_root = Path(params.datasets["tracking"].source)
     counts = {}
     for seq in _sequences(params, params.tracking.split):
