@@ -89,6 +89,24 @@ def test_blends_agree_with_a_window_independent_model(blend):
     assert np.allclose(probs, pointwise_probs(model, image), atol=1e-4)
 
 
+@pytest.mark.parametrize("blend", ["gaussian", "min"])
+def test_mirroring_tta_is_flip_equivariant_and_averages_the_flips(blend):
+    torch.manual_seed(0)
+    model = build_unet(UnetConfig(arch="unet", features=(4, 8, 16))).eval()
+    image = np.random.default_rng(2).random((1, 48, 48)).astype(np.float32)
+    cfg = InferConfig(roi=48, blend=blend, tta=True)  # one unpadded window: TTA is the only mean
+    probs = predict_probs(model, image, cfg, normalised=True)
+    flipped = predict_probs(model, image[:, ::-1, :].copy(), cfg, normalised=True)
+    assert np.allclose(flipped, probs[:, ::-1, :], atol=1e-5)
+    plain = InferConfig(roi=48, blend=blend)
+    views = [
+        np.flip(predict_probs(model, np.flip(image, d).copy(), plain, normalised=True), d)
+        for d in [(), (2,), (1,), (1, 2)]
+    ]
+    assert np.allclose(probs, np.mean(views, axis=0), atol=1e-5)
+    assert not np.allclose(probs, views[0], atol=1e-3)  # an untrained net is not symmetric
+
+
 def test_min_blend_is_conservative_at_window_edges():
     model = EdgeHallucination().eval()
     image = np.zeros((1, 64, 64), np.float32)  # nothing to find

@@ -1,24 +1,20 @@
-"""The unet family: MONAI architectures, watershed post-processing, save/load, registry."""
+"""The unet family: MONAI architectures, save/load, registry."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from skimage.draw import disk
 
-from microseg.data.targets import instances_to_classes
 from microseg.errors import ConfigError, DataFormatError
+from microseg.infer.watershed import PostprocessConfig
 from microseg.models import get_model
 from microseg.models.unet import (
-    PostprocessConfig,
     UnetConfig,
     UnetSegmenter,
     build_unet,
     load_unet,
     model_in_channels,
-    probs_to_instances,
-    remove_small_and_relabel,
     save_unet,
 )
 
@@ -61,60 +57,6 @@ def test_config_rejects_bad_values():
         UnetConfig(arch="basic", features=(4, 8, 16))
     with pytest.raises(ConfigError, match="unknown"):
         UnetConfig.from_mapping({"arch": "basic", "width": 3})
-
-
-def two_touching_discs() -> np.ndarray:
-    labels = np.zeros((64, 64), np.uint16)
-    labels[disk((32, 22), 10.5, shape=labels.shape)] = 1
-    labels[disk((32, 43), 10.5, shape=labels.shape)] = 2
-    return labels
-
-
-def iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / (a | b).sum())
-
-
-@pytest.mark.parametrize("elevation", ["prob", "distance"])
-def test_watershed_recovers_touching_discs_from_perfect_map(elevation):
-    truth = two_touching_discs()
-    classes = instances_to_classes(truth)
-    probs = np.eye(3, dtype=np.float32)[classes].transpose(2, 0, 1)
-    labels = probs_to_instances(probs, PostprocessConfig(elevation=elevation, min_size=5))
-    assert labels.dtype == np.uint16
-    assert labels.max() == 2
-    for i in (1, 2):
-        best = max(iou(truth == i, labels == j) for j in (1, 2))
-        assert best > 0.95
-    # the foreground is exactly the truth's
-    assert np.array_equal(labels > 0, truth > 0)
-
-
-def test_unseeded_components_and_small_objects():
-    probs = np.zeros((3, 32, 32), np.float32)
-    probs[0] = 1.0
-    # a blob of boundary only (no interior seed) and a 2-pixel speck
-    probs[:, 5:12, 5:12] = np.array([0, 0, 1], np.float32)[:, None, None]
-    probs[:, 20, 20:22] = np.array([0, 1, 0], np.float32)[:, None]
-    keep = probs_to_instances(probs, PostprocessConfig(seed_min_size=1, min_size=1))
-    assert keep.max() == 2
-    strict = probs_to_instances(probs, PostprocessConfig(min_size=5, keep_unseeded=False))
-    assert strict.max() == 0
-
-
-def test_remove_small_and_relabel():
-    labels = np.zeros((10, 10), np.int32)
-    labels[0, :3] = 7
-    labels[5:8, 5:8] = 3
-    labels[9, 9] = 12
-    out = remove_small_and_relabel(labels, min_size=3)
-    assert out.dtype == np.uint16
-    assert sorted(np.unique(out).tolist()) == [0, 1, 2]
-    assert out[9, 9] == 0
-
-
-def test_probs_shape_is_checked():
-    with pytest.raises(DataFormatError):
-        probs_to_instances(np.zeros((2, 8, 8), np.float32))
 
 
 def test_save_load_roundtrip_and_registry(tmp_path):

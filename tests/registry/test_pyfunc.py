@@ -22,9 +22,10 @@ from microseg.errors import AnnotationError, ConfigError, DataFormatError, Missi
 from microseg.infer.fusion import FusionParams
 from microseg.infer.instances import InferConfig, predict_instances
 from microseg.infer.spine_pipeline import SpinePipelineConfig, predict_spines
+from microseg.infer.watershed import PostprocessConfig
 from microseg.io.tiff import read_stack, write_stack
 from microseg.models.punet import ProbUNet, load_punet, save_punet
-from microseg.models.unet import PostprocessConfig, UnetConfig, build_unet, load_unet, save_unet
+from microseg.models.unet import UnetConfig, build_unet, load_unet, save_unet
 from microseg.models.yolo import YoloSpineDetector
 from microseg.registry.pyfunc import (
     NUCLEI_OUTPUT_COLS,

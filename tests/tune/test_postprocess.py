@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from microseg.errors import ConfigError
-from microseg.models.unet import PostprocessConfig
+from microseg.infer.watershed import PostprocessConfig
 from microseg.tune.postprocess import grid_points, search_postprocess
 
 

@@ -14,6 +14,9 @@
   thinner objects. (The DeepD3_V2 seed code that inspired the option contains no stitching
   code; the rule is ours.)
 
+With ``tta=True`` every window is also predicted mirrored along x, y and both, and the four
+softmaxes are averaged (nnU-Net's test-time mirroring; 4x the inference time).
+
 Images smaller than a window are zero-padded (both modes) and cropped back. Images come raw
 (``YX`` greyscale or ``YXC`` colour, as ``ingest`` writes them) and are percentile normalised
 and matched to the network's input channels here (greyscale repeated to 3 channels), or come
@@ -43,14 +46,16 @@ from tqdm.auto import tqdm
 from microseg.data.manifest import read_manifest
 from microseg.data.targets import match_channels, percentile_normalise
 from microseg.errors import ConfigError
+from microseg.infer.watershed import PostprocessConfig, probs_to_instances
 from microseg.io.tiff import read_stack, write_stack
-from microseg.models.unet import PostprocessConfig, model_in_channels, probs_to_instances
+from microseg.models.unet import model_in_channels
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
 Blend = Literal["gaussian", "min"]
 OBJECTS_NAME = "objects.csv"
+MIRRORS: tuple[tuple[int, ...], ...] = ((-1,), (-2,), (-2, -1))
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,8 @@ class InferConfig:
     post: PostprocessConfig = field(default_factory=PostprocessConfig)
     device: str = "auto"
     save_probs: bool = False
+    #: test-time mirroring (nnU-Net's default): softmax averaged over the 4 flips of a window
+    tta: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.post, Mapping):
@@ -157,7 +164,12 @@ def predict_probs(
         t = torch.from_numpy(np.ascontiguousarray(x))[None].to(device)
 
         def net(batch: torch.Tensor) -> torch.Tensor:
-            return torch.softmax(model(batch), dim=1)
+            out = torch.softmax(model(batch), dim=1)
+            if cfg.tta:
+                for dims in MIRRORS:
+                    out = out + torch.softmax(model(batch.flip(dims)), dim=1).flip(dims)
+                out = out / (1 + len(MIRRORS))
+            return out
 
         if cfg.blend == "gaussian":
             inferer = SlidingWindowInferer(

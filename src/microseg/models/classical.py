@@ -34,7 +34,7 @@ from skimage.segmentation import watershed
 
 from microseg.data.targets import percentile_normalise
 from microseg.errors import ConfigError
-from microseg.models.unet import remove_small_and_relabel
+from microseg.infer.watershed import remove_small_and_relabel
 
 Polarity = Literal["auto", "bright", "dark"]
 

@@ -65,6 +65,7 @@ from microseg.data.targets import match_channels, percentile_normalise
 from microseg.errors import ConfigError, DataFormatError, MissingFileError, ShapeMismatchError
 from microseg.models import register_model
 from microseg.utils.atomic import atomic_path
+from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
 
@@ -75,14 +76,6 @@ MODEL_FORMAT = "microseg.maskrcnn/1"
 D2_CONFIG = "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x.yaml"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _fields_from(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown {what} keys {unknown}; known: {sorted(names)}")
-    return dict(values)
 
 
 def detectron2_available() -> bool:
@@ -168,7 +161,7 @@ class MaskRCNNConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> MaskRCNNConfig:
-        return cls(**_fields_from(cls, values, "maskrcnn model"))
+        return cls(**known_fields(cls, values, "maskrcnn model"))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -213,7 +206,7 @@ class MaskRCNNPostConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> MaskRCNNPostConfig:
-        return cls(**_fields_from(cls, values, "maskrcnn post-processing"))
+        return cls(**known_fields(cls, values, "maskrcnn post-processing"))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

@@ -18,48 +18,33 @@ are repeated to R = G = B, colour (H&E tissue) stays colour; with ``in_channels=
 averaged to grey (:func:`microseg.data.targets.match_channels`). Images are percentile
 normalised per channel (1..99 % -> [0, 1]) before the network sees them.
 
-Post-processing (:func:`probs_to_instances`) turns the softmax into instances by a seeded
-watershed: seeds are connected components of ``P(interior) > t_seed`` (seeds smaller than
-``seed_min_size`` dropped), the mask is ``1 - P(background) > t_mask`` (= interior + boundary),
-the elevation is ``-P(interior)`` (``"prob"``) or minus the distance transform of the mask
-(``"distance"``). Mask components without a seed become instances of their own
-(``keep_unseeded``). Objects smaller than ``min_size`` pixels are removed and the rest
-relabelled 1..N (uint16).
+Post-processing (:func:`microseg.infer.watershed.probs_to_instances`) turns the softmax into
+instances by a seeded watershed; its thresholds are saved with the weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, UNet
-from scipy import ndimage
-from skimage.segmentation import relabel_sequential, watershed
 from torch import nn
 
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
+from microseg.infer.watershed import PostprocessConfig
 from microseg.models import register_model
 from microseg.utils.atomic import atomic_path
+from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
 
 Arch = Literal["basic", "unet", "dynunet", "attention"]
 ARCHS: tuple[str, ...] = ("basic", "unet", "dynunet", "attention")
 MODEL_FORMAT = "microseg.unet/1"
-
-
-def _fields_from(cls: type, values: Mapping[str, Any], what: str) -> dict[str, Any]:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ConfigError(f"unknown {what} keys {unknown}; known: {sorted(names)}")
-    return dict(values)
 
 
 @dataclass(frozen=True)
@@ -104,7 +89,7 @@ class UnetConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> UnetConfig:
-        return cls(**_fields_from(cls, values, "unet model"))
+        return cls(**known_fields(cls, values, "unet model"))
 
     def as_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -147,67 +132,6 @@ def model_in_channels(model: nn.Module) -> int:
         if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
             return int(m.in_channels)
     raise ConfigError(f"{type(model).__name__} has no 2D convolution to read in_channels from")
-
-
-# -- post-processing --------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PostprocessConfig:
-    """3-class probabilities -> instances (see :func:`probs_to_instances`)."""
-
-    t_seed: float = 0.5
-    t_mask: float = 0.5
-    elevation: Literal["prob", "distance"] = "prob"
-    seed_min_size: int = 4
-    min_size: int = 20  # DSB 2018: 1 % of true nuclei are smaller than 21 px
-    keep_unseeded: bool = True
-
-    def __post_init__(self) -> None:
-        if self.elevation not in ("prob", "distance"):
-            raise ConfigError(f"elevation must be 'prob' or 'distance'; found {self.elevation!r}")
-        for name in ("t_seed", "t_mask"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"{name} must be in [0, 1]; found {getattr(self, name)}")
-
-    @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> PostprocessConfig:
-        return cls(**_fields_from(cls, values, "unet post-processing"))
-
-
-def remove_small_and_relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Objects smaller than ``min_size`` pixels set to 0, the rest numbered 1..N (uint16)."""
-    labels = np.asarray(labels)
-    if min_size > 1 and labels.max() > 0:
-        areas = np.bincount(labels.ravel())
-        small = areas < min_size
-        small[0] = False
-        labels = np.where(small[labels], 0, labels)
-    out, _, _ = relabel_sequential(labels)
-    if out.max() > np.iinfo(np.uint16).max:
-        raise DataFormatError(f"{out.max()} instances do not fit uint16")
-    return out.astype(np.uint16)
-
-
-def probs_to_instances(probs: np.ndarray, cfg: PostprocessConfig | None = None) -> np.ndarray:
-    """Seeded watershed of a ``(3, H, W)`` softmax (background, interior, boundary) -> uint16."""
-    cfg = cfg or PostprocessConfig()
-    probs = np.asarray(probs, np.float32)
-    if probs.ndim != 3 or probs.shape[0] != 3:
-        raise DataFormatError(f"expected (3, H, W) class probabilities; found {probs.shape}")
-    interior = probs[1]
-    seeds, n_seeds = ndimage.label(interior > cfg.t_seed)
-    if n_seeds and cfg.seed_min_size > 1:
-        seeds = remove_small_and_relabel(seeds, cfg.seed_min_size).astype(np.int32)
-    mask = (1.0 - probs[0] > cfg.t_mask) | (seeds > 0)
-    if cfg.elevation == "prob":
-        elevation = -interior
-    else:
-        elevation = -ndimage.distance_transform_edt(mask).astype(np.float32)
-    labels = watershed(elevation, seeds, mask=mask) if seeds.max() > 0 else np.zeros_like(seeds)
-    if cfg.keep_unseeded:
-        rest, n_rest = ndimage.label(mask & (labels == 0))
-        if n_rest:
-            labels = np.where(rest > 0, rest + labels.max(), labels)
-    return remove_small_and_relabel(labels, cfg.min_size)
 
 
 # -- save / load ------------------------------------------------------------------------------

@@ -66,13 +66,8 @@ from microseg.data.targets import TargetSample, load_targets, match_channels
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import image_scores
 from microseg.infer.instances import InferConfig, predict_probs
-from microseg.models.unet import (
-    MODEL_FORMAT,
-    PostprocessConfig,
-    UnetConfig,
-    build_unet,
-    probs_to_instances,
-)
+from microseg.infer.watershed import PostprocessConfig, probs_to_instances
+from microseg.models.unet import MODEL_FORMAT, UnetConfig, build_unet
 from microseg.train.checkpoint import load_checkpoint, save_checkpoint
 from microseg.train.hooks import EarlyStopping, HookBase, Hooks
 from microseg.train.seg_losses import build_loss

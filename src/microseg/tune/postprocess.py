@@ -20,7 +20,7 @@ import pandas as pd
 
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import image_scores, threshold_key
-from microseg.models.unet import PostprocessConfig, probs_to_instances
+from microseg.infer.watershed import PostprocessConfig, probs_to_instances
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,127 @@
+"""Seeded watershed of 3-class probabilities: perfect maps, unseeded blobs, neck splitting."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+from skimage.draw import disk
+
+from microseg.data.targets import instances_to_classes
+from microseg.errors import ConfigError, DataFormatError
+from microseg.infer.watershed import (
+    PostprocessConfig,
+    probs_to_instances,
+    remove_small_and_relabel,
+    split_cores,
+)
+
+
+def two_touching_discs() -> np.ndarray:
+    labels = np.zeros((64, 64), np.uint16)
+    labels[disk((32, 22), 10.5, shape=labels.shape)] = 1
+    labels[disk((32, 43), 10.5, shape=labels.shape)] = 2
+    return labels
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / (a | b).sum())
+
+
+@pytest.mark.parametrize("elevation", ["prob", "distance"])
+def test_watershed_recovers_touching_discs_from_perfect_map(elevation):
+    truth = two_touching_discs()
+    classes = instances_to_classes(truth)
+    probs = np.eye(3, dtype=np.float32)[classes].transpose(2, 0, 1)
+    labels = probs_to_instances(probs, PostprocessConfig(elevation=elevation, min_size=5))
+    assert labels.dtype == np.uint16
+    assert labels.max() == 2
+    for i in (1, 2):
+        best = max(iou(truth == i, labels == j) for j in (1, 2))
+        assert best > 0.95
+    # the foreground is exactly the truth's
+    assert np.array_equal(labels > 0, truth > 0)
+
+
+def test_unseeded_components_and_small_objects():
+    probs = np.zeros((3, 32, 32), np.float32)
+    probs[0] = 1.0
+    # a blob of boundary only (no interior seed) and a 2-pixel speck
+    probs[:, 5:12, 5:12] = np.array([0, 0, 1], np.float32)[:, None, None]
+    probs[:, 20, 20:22] = np.array([0, 1, 0], np.float32)[:, None]
+    keep = probs_to_instances(probs, PostprocessConfig(seed_min_size=1, min_size=1))
+    assert keep.max() == 2
+    strict = probs_to_instances(probs, PostprocessConfig(min_size=5, keep_unseeded=False))
+    assert strict.max() == 0
+
+
+def test_remove_small_and_relabel():
+    labels = np.zeros((10, 10), np.int32)
+    labels[0, :3] = 7
+    labels[5:8, 5:8] = 3
+    labels[9, 9] = 12
+    out = remove_small_and_relabel(labels, min_size=3)
+    assert out.dtype == np.uint16
+    assert sorted(np.unique(out).tolist()) == [0, 1, 2]
+    assert out[9, 9] == 0
+
+
+def test_probs_shape_is_checked():
+    with pytest.raises(DataFormatError):
+        probs_to_instances(np.zeros((2, 8, 8), np.float32))
+
+
+def merged_core_probs() -> tuple[np.ndarray, np.ndarray]:
+    """Two discs of radius 9 whose *interiors* touch through a 5-pixel neck (the network's
+    typical merge on dense tissue): one interior component, two nuclei."""
+    truth = np.zeros((48, 72), np.uint16)
+    truth[disk((24, 22), 11, shape=truth.shape)] = 1
+    truth[disk((24, 48), 11, shape=truth.shape)] = 2
+    truth[20:29, 33:37] = 0
+    interior = np.zeros(truth.shape, bool)
+    interior[disk((24, 22), 9, shape=truth.shape)] = True
+    interior[disk((24, 48), 9, shape=truth.shape)] = True
+    interior[22:27, 28:43] = True  # the neck joining the two cores
+    fg = truth > 0
+    probs = np.zeros((3, *truth.shape), np.float32)
+    probs[1] = interior
+    probs[2] = fg & ~interior
+    probs[0] = ~(fg | interior)
+    return truth, probs
+
+
+def test_split_h_splits_a_neck_and_zero_keeps_it_merged():
+    truth, probs = merged_core_probs()
+    assert ndimage.label(probs[1] > 0.5)[1] == 1
+    merged = probs_to_instances(probs, PostprocessConfig(min_size=5))
+    split = probs_to_instances(probs, PostprocessConfig(min_size=5, split_h=2.0))
+    assert merged.max() == 1
+    assert split.max() == 2
+    for i in (1, 2):  # each nucleus recovered (the neck pixels go to one side or the other)
+        assert max(iou(truth == i, split == j) for j in (1, 2)) > 0.85
+
+
+def test_split_h_leaves_an_ellipse_whole():
+    core = np.zeros((40, 80), bool)
+    yy, xx = np.mgrid[:40, :80]
+    core[((yy - 20) / 8.0) ** 2 + ((xx - 40) / 30.0) ** 2 <= 1] = True
+    labels = split_cores(core, 2.0)
+    assert labels.max() == 1
+    assert np.array_equal(labels > 0, core)
+
+
+def test_split_cores_keeps_shallow_components_and_every_pixel():
+    core = np.zeros((30, 30), bool)
+    core[2:4, 2:9] = True  # too thin for any maximum of height 3
+    core[10:25, 10:25] = True
+    labels = split_cores(core, 3.0)
+    assert labels.max() == 2
+    assert np.array_equal(labels > 0, core)
+    assert np.array_equal(split_cores(core, 0.0) > 0, core)
+
+
+def test_split_h_must_be_non_negative():
+    with pytest.raises(ConfigError, match="split_h"):
+        PostprocessConfig(split_h=-1)
+    with pytest.raises(ConfigError, match="unknown"):
+        PostprocessConfig.from_mapping({"t_seeds": 0.5})
