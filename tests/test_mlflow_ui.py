@@ -324,6 +324,7 @@ def test_demo_store_champion_in_ui(browser, server_for, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
     run = MlflowClient(tracking_uri=url, registry_uri=url).get_run(run_id)
+    assert run.data.metrics, f"the champion's run {run_id} logged no metrics"
     metric, value = sorted(run.data.metrics.items())[0]
     png = tmp_path / "demo_model.png"
     seen = _drive(

@@ -39,6 +39,16 @@ def _metrics(path: Path) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
+def log_eval_metrics(metrics: dict[str, Any], model_id: str | None) -> None:
+    """The evaluation metrics on the active run and on its logged model, so that the model
+    version's run in the MLflow UI shows what the version was registered with."""
+    import mlflow
+
+    finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+    if finite:
+        mlflow.log_metrics(finite, model_id=model_id)
+
+
 def _validation_passed(params: Params, dataset: str) -> bool:
     path = params.paths.reports / "validation" / dataset / "result.json"
     if not path.is_file():
@@ -109,6 +119,7 @@ def register_stage(params: Params, task: str) -> dict[str, Any]:
 
     _task(task)
     info, metrics, section, dataset = (_log_spines if task == "spines" else _log_nuclei)(params)
+    log_eval_metrics(metrics, info.model_id)
     cfg = getattr(params.registry, task)
     version = register_version(
         info.model_uri,
