@@ -111,6 +111,17 @@ def _existing_trials(storage: RDBStorage, name: str) -> int:
     return len(storage.get_all_trials(study_id, deepcopy=False))
 
 
+def _lost_table_race(exc: BaseException) -> bool:
+    """Workers starting together on an empty database race to create Optuna's tables; the
+    loser sees a unique violation in pg_type (PostgreSQL) or "table ... already exists"
+    (SQLite, an OperationalError) and, on retry, finds the tables made."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    if isinstance(exc, IntegrityError):
+        return True
+    return isinstance(exc, OperationalError) and "already exists" in str(exc)
+
+
 def study(
     name: str,
     storage_url: str | None = None,
@@ -124,17 +135,13 @@ def study(
     ``worker`` tells apart processes that run the same study at the same time (see module
     notes on seeding).
     """
-    from sqlalchemy.exc import IntegrityError
-
     for attempt in range(3):
         try:
-            # workers starting together on an empty database race to create Optuna's tables
-            # (PostgreSQL: a unique violation in pg_type); the loser retries and finds them
             storage = optuna_storage(storage_url)
             n_before = _existing_trials(storage, name)
             break
-        except IntegrityError:
-            if attempt == 2:
+        except Exception as exc:
+            if attempt == 2 or not _lost_table_race(exc):
                 raise
             log.info("another worker is creating the Optuna tables; retrying")
             time.sleep(1.0 + attempt)
