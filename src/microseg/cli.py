@@ -818,6 +818,15 @@ def promote(
     version: Annotated[
         int | None, typer.Option(help="version to promote (default: challenger)")
     ] = None,
+    record: Annotated[
+        bool,
+        typer.Option(
+            "--record/--no-record",
+            help="also write the decision into reports/registry/<task>.json, the register "
+            "stage's output (dvc.yaml does; by hand, the MLflow tag trail is the record and "
+            "DVC's outputs stay as the pipeline left them)",
+        ),
+    ] = False,
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
@@ -828,7 +837,7 @@ def promote(
     params = _params(params_path, set_)
     configure(params)
     d = registry.promote_stage(
-        params, task, force=force, reason=reason, actor=actor, version=version
+        params, task, force=force, reason=reason, actor=actor, version=version, record=record
     )
     verdict = "promoted to champion" if d["promoted"] else "not promoted"
     typer.echo(f"version {d['version']}: {verdict}: {d['reason']}")

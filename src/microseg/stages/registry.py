@@ -151,8 +151,13 @@ def promote_stage(
     reason: str | None = None,
     actor: str | None = None,
     version: int | None = None,
+    record: bool = True,
 ) -> dict[str, Any]:
-    """Apply the promotion policy of ``registry.<task>`` to the challenger (or ``version``)."""
+    """Apply the promotion policy of ``registry.<task>`` to the challenger (or ``version``).
+
+    ``record``: add the decision to ``reports/registry/<task>.json``. Only the register stage
+    should: a promotion by hand that rewrote that output made DVC re-run the registration
+    (a duplicate version) on the next ``dvc repro``."""
     from microseg.registry.promotion import promote
 
     _task(task)
@@ -167,8 +172,9 @@ def promote_stage(
         actor=actor,
         version=None if version is None else str(version),
     )
-    record_path = REGISTRY_DIR / f"{task}.json"
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    record["promotion"] = decision.as_dict()
-    write_json(record_path, record)
+    if record:
+        path = REGISTRY_DIR / f"{task}.json"
+        entry = json.loads(path.read_text()) if path.is_file() else {}
+        entry["promotion"] = decision.as_dict()
+        write_json(path, entry)
     return decision.as_dict()
