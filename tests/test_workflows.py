@@ -301,8 +301,11 @@ def test_repro_registers_and_promotes() -> None:
     """MLproject `main` and train-gpu.yml are `dvc repro`: register and promote live there."""
     cmds = [" ".join(argv) for _, argv in _dvc_yaml_commands()]
     for task in ("spines", "nuclei"):
-        for verb in ("register", "promote"):
-            assert f"microseg {verb} --task {task}" in cmds, f"dvc.yaml: no `{verb}` for {task}"
+        assert f"microseg register --task {task}" in cmds, f"dvc.yaml: no `register` for {task}"
+        # --record: the stage's output carries the decision (hand promotions do not touch it)
+        assert f"microseg promote --task {task} --record" in cmds, (
+            f"dvc.yaml: no `promote` for {task}"
+        )
 
 
 def _uses(path: Path) -> list[dict]:
