@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sklearn.calibration as sk_calibration
+import sklearn.metrics as sk_metrics
 
 from microseg.errors import MicrosegError, ShapeMismatchError
 from microseg.evaluate.calibration import (
@@ -15,9 +17,6 @@ from microseg.evaluate.calibration import (
     maximum_calibration_error,
     reliability_table,
 )
-
-sk_calibration = pytest.importorskip("sklearn.calibration")
-sk_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def _data(seed: int, shape=(8, 40, 40), bias: float = 0.0) -> tuple[np.ndarray, np.ndarray]:

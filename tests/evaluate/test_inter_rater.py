@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sklearn.metrics as sk_metrics
 from scipy import ndimage
 from scipy.stats import spearmanr
 
@@ -21,8 +22,6 @@ from microseg.evaluate.inter_rater import (
     roc_curve,
     vote_counts,
 )
-
-sk_metrics = pytest.importorskip("sklearn.metrics")
 
 # Fleiss (1971) as worked on Wikipedia's "Fleiss' kappa" page: 10 subjects, 14 raters,
 # 5 categories; P = 0.378, Pe = 0.213, kappa = 0.210.
@@ -197,7 +196,8 @@ def test_near_foreground_is_planar_for_stacks() -> None:
 
 
 def test_fleiss_kappa_matches_statsmodels_when_installed() -> None:
-    inter_rater = pytest.importorskip("statsmodels.stats.inter_rater")
+    from statsmodels.stats import inter_rater  # reference implementation, dev dependency
+
     assert fleiss_kappa_from_counts(FLEISS_TABLE) == pytest.approx(
         inter_rater.fleiss_kappa(FLEISS_TABLE, method="fleiss"), abs=1e-12
     )

@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pandas as pd
 import pytest
+import sklearn.metrics as sk_metrics
 from scipy import ndimage
 
 from microseg.errors import MicrosegError, ShapeMismatchError
@@ -23,8 +24,6 @@ from microseg.evaluate.segmentation import (
     threshold_sweep,
     tune_dog,
 )
-
-sk_metrics = pytest.importorskip("sklearn.metrics")
 
 
 def _pair(seed: int, shape=(6, 40, 50)) -> tuple[np.ndarray, np.ndarray]:
