@@ -17,6 +17,18 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture()
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors: one thread avoids thread-pool overhead on a busy machine (10x here).
+    Modules of small-network tests use it with ``pytestmark = usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture()
 def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Repo params with every output path and the MLflow store inside ``tmp_path``."""
     from microseg.config import load_params

@@ -24,14 +24,7 @@ from microseg.io.tiff import read_stack, write_stack
 from microseg.models.classical import otsu_watershed
 from microseg.models.unet import UnetConfig, build_unet
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids thread-pool overhead on a busy machine (10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Pointwise(nn.Module):

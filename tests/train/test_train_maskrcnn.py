@@ -38,12 +38,7 @@ TINY_MODEL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def toy_labels(seed: int, shape=(64, 64), n: int = 4) -> np.ndarray:

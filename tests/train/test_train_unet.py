@@ -24,14 +24,7 @@ from microseg.train.unet import (
     train_unet,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny tensors: one thread avoids thread-pool overhead on a busy machine (10x here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY_MODEL = {"arch": "unet", "features": [4, 8, 16], "num_res_units": 0}
