@@ -29,7 +29,6 @@ already normalised (``CYX`` float32 from the targets cache) with ``normalised=Tr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from microseg.infer.watershed import PostprocessConfig, probs_to_instances
 from microseg.io.tiff import read_stack, write_stack
 from microseg.models.unet import model_in_channels
 from microseg.utils.atomic import atomic_path
+from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +86,7 @@ class InferConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> InferConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown inference keys {unknown}; known: {sorted(names)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values, "inference"))
 
 
 def _device(model: nn.Module, name: str) -> torch.device:

@@ -70,6 +70,12 @@ def remove_small_and_relabel(labels: np.ndarray, min_size: int) -> np.ndarray:
     return out.astype(np.uint16)
 
 
+def label_rest(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``labels`` plus each component of ``mask`` that no label covers, numbered after them."""
+    rest, n_rest = ndimage.label(mask & (labels == 0))
+    return np.where(rest > 0, rest + labels.max(), labels) if n_rest else labels
+
+
 def split_cores(core: np.ndarray, h: float) -> np.ndarray:
     """Label a binary mask, splitting components at necks that are ``h`` pixels shallower
     than both cores (h-maxima of the distance transform as watershed markers)."""
@@ -79,10 +85,7 @@ def split_cores(core: np.ndarray, h: float) -> np.ndarray:
     dist = ndimage.distance_transform_edt(core).astype(np.float32)
     markers, _ = ndimage.label(h_maxima(dist, h))
     seeds = watershed(-dist, markers, mask=core)
-    rest, n_rest = ndimage.label(core & (seeds == 0))  # components too shallow to hold a maximum
-    if n_rest:
-        seeds = np.where(rest > 0, rest + seeds.max(), seeds)
-    return seeds.astype(np.int32)
+    return label_rest(seeds, core).astype(np.int32)  # components too shallow for a maximum
 
 
 def probs_to_instances(probs: np.ndarray, cfg: PostprocessConfig | None = None) -> np.ndarray:
@@ -102,7 +105,5 @@ def probs_to_instances(probs: np.ndarray, cfg: PostprocessConfig | None = None) 
         elevation = -ndimage.distance_transform_edt(mask).astype(np.float32)
     labels = watershed(elevation, seeds, mask=mask) if seeds.max() > 0 else np.zeros_like(seeds)
     if cfg.keep_unseeded:
-        rest, n_rest = ndimage.label(mask & (labels == 0))
-        if n_rest:
-            labels = np.where(rest > 0, rest + labels.max(), labels)
+        labels = label_rest(labels, mask)
     return remove_small_and_relabel(labels, cfg.min_size)

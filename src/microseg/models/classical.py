@@ -21,7 +21,6 @@ two-level split finds the cells, not the nuclei (train F1@0.5 about 0.05 on thos
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -35,6 +34,7 @@ from skimage.segmentation import watershed
 from microseg.data.targets import percentile_normalise
 from microseg.errors import ConfigError
 from microseg.infer.watershed import remove_small_and_relabel
+from microseg.utils.fields import known_fields
 
 Polarity = Literal["auto", "bright", "dark"]
 
@@ -64,11 +64,7 @@ class ClassicalConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> ClassicalConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown classical baseline keys {unknown}; known: {sorted(names)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values, "classical baseline"))
 
 
 def grey(image: np.ndarray) -> np.ndarray:

@@ -67,6 +67,7 @@ from microseg.models.maskrcnn import (
 )
 from microseg.train.checkpoint import load_checkpoint, save_checkpoint
 from microseg.train.hooks import EarlyStopping, HookBase, Hooks
+from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,7 @@ class MaskRCNNTrainConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> MaskRCNNTrainConfig:
         """From a dict (e.g. a params.yaml section); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown maskrcnn training keys {unknown}; known: {sorted(names)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values, "maskrcnn training"))
 
     def as_dict(self) -> dict[str, Any]:
         """Flat, JSON-friendly (``model.*``, ``post.*`` prefixed) for logging as params."""

@@ -23,7 +23,6 @@ Logging reaches MLflow/Optuna only through ``hooks`` (``train.hooks.HookBase``).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -51,6 +50,7 @@ from microseg.models.punet import HEADS, ProbUNet, build_punet, pad_to_multiple
 from microseg.train.checkpoint import load_checkpoint, save_checkpoint
 from microseg.train.hooks import HookBase, Hooks
 from microseg.train.losses import Geco, TverskyLoss, free_bits, linear_warmup
+from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +156,7 @@ class PunetTrainConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PunetTrainConfig:
         """Build from a dict (e.g. a params.yaml section); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown punet training keys {unknown}; known: {sorted(names)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values, "punet training"))
 
     def model_config(self) -> dict[str, Any]:
         """Constructor arguments of the :class:`ProbUNet` this config trains."""

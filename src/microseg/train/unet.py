@@ -35,7 +35,6 @@ early stopping on ``val_f1_50`` is :class:`microseg.train.hooks.EarlyStopping`.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import random
@@ -71,6 +70,7 @@ from microseg.models.unet import MODEL_FORMAT, UnetConfig, build_unet
 from microseg.train.checkpoint import load_checkpoint, save_checkpoint
 from microseg.train.hooks import EarlyStopping, HookBase, Hooks
 from microseg.train.seg_losses import build_loss
+from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
 
@@ -155,11 +155,7 @@ class UnetTrainConfig:
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> UnetTrainConfig:
         """From a dict (e.g. a params.yaml section); unknown keys are an error."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise ConfigError(f"unknown unet training keys {unknown}; known: {sorted(names)}")
-        return cls(**dict(values))
+        return cls(**known_fields(cls, values, "unet training"))
 
     def as_dict(self) -> dict[str, Any]:
         """Flat, JSON-friendly (``model.*``, ``post.*`` prefixed) for logging as params."""
