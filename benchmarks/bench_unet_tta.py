@@ -19,24 +19,19 @@ import torch
 
 from microseg.config import load_params
 from microseg.data.manifest import read_manifest
-from microseg.evaluate.instances import image_scores
 from microseg.infer.instances import predict_probs
-from microseg.infer.watershed import PostprocessConfig, probs_to_instances
+from microseg.infer.watershed import PostprocessConfig
 from microseg.io.tiff import read_stack
 from microseg.stages.cells import MODELS_ROOT, load_unet_inference, model_config
-from microseg.tune.postprocess import search_postprocess
+from microseg.tune.postprocess import pooled_f1, search_postprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def pooled_f1(items, post: PostprocessConfig, modality: str | None) -> float:
-    tp = fp = fn = 0
-    for mod, probs, gt in items:
-        if modality is None or mod == modality:
-            s = image_scores(gt, probs_to_instances(probs, post), (0.5,), dsb_thresholds=(),
-                             with_rand=False)  # fmt: skip
-            tp, fp, fn = tp + s["tp_50"], fp + s["fp_50"], fn + s["fn_50"]
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+def modality_f1(items, post: PostprocessConfig, modality: str | None) -> float:
+    """Pooled F1@0.5 over the ``(modality, probs, labels)`` items of one modality (None: all)."""
+    chosen = [(p, gt) for mod, p, gt in items if modality is None or mod == modality]
+    return pooled_f1([c[0] for c in chosen], [c[1] for c in chosen], post)[0]
 
 
 def main() -> None:
@@ -68,11 +63,11 @@ def main() -> None:
         )
         for label, post in (("defaults", cfg.post), ("val-chosen", chosen)):
             scores = {
-                name: round(pooled_f1(data["test"], post, mod), 4)
+                name: round(modality_f1(data["test"], post, mod), 4)
                 for name, mod in (("all", None), ("fluorescence", "fluorescence"),
                                   ("tissue", "tissue"))
             }  # fmt: skip
-            val_f1 = pooled_f1(val, post, None)
+            val_f1 = modality_f1(val, post, None)
             print(f"tta={tta!s:5} {label:10} val F1@0.5 {val_f1:.4f}  test F1@0.5 {scores}")
         print(f"           chosen: { {k: asdict(chosen)[k] for k in params.cells.post_grid} }")
     print(f"probabilities of {len(data['val']) + len(data['test'])} images: "

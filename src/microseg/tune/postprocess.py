@@ -37,6 +37,22 @@ def grid_points(grid: Mapping[str, Sequence]) -> list[dict]:
     ]
 
 
+def pooled_f1(
+    probs: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    cfg: PostprocessConfig,
+    threshold: float = 0.5,
+) -> tuple[float, int, int, int]:
+    """``(F1, TP, FP, FN)`` at IoU ``threshold`` with TP/FP/FN summed over the images."""
+    key = threshold_key(threshold)
+    tp = fp = fn = 0
+    for p, gt in zip(probs, gts, strict=True):
+        s = image_scores(gt, probs_to_instances(p, cfg), (threshold,), dsb_thresholds=(),
+                         with_rand=False)  # fmt: skip
+        tp, fp, fn = tp + s[f"tp_{key}"], fp + s[f"fp_{key}"], fn + s[f"fn_{key}"]
+    return (2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0), tp, fp, fn
+
+
 def search_postprocess(
     probs: Sequence[np.ndarray],
     gts: Sequence[np.ndarray],
@@ -49,16 +65,10 @@ def search_postprocess(
     if len(probs) != len(gts) or not probs:
         raise ConfigError("post-processing search needs validation images with labels")
     points = [{}, *grid_points(grid)]
-    key = threshold_key(threshold)
     rows = []
     for point in points:
         cfg = replace(base, **point)
-        tp = fp = fn = 0
-        for p, gt in zip(probs, gts, strict=True):
-            s = image_scores(gt, probs_to_instances(p, cfg), (threshold,), dsb_thresholds=(),
-                             with_rand=False)  # fmt: skip
-            tp, fp, fn = tp + s[f"tp_{key}"], fp + s[f"fp_{key}"], fn + s[f"fn_{key}"]
-        f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+        f1, tp, fp, fn = pooled_f1(probs, gts, cfg, threshold)
         rows.append({**asdict(cfg), "f1": f1, "tp": tp, "fp": fp, "fn": fn})
     table = pd.DataFrame(rows)
     best = int(np.argmax(table["f1"].to_numpy()))  # first maximum
