@@ -19,10 +19,9 @@ import torch
 
 from microseg.config import load_params
 from microseg.data.manifest import read_manifest
-from microseg.infer.instances import predict_probs
 from microseg.infer.watershed import PostprocessConfig
 from microseg.io.tiff import read_stack
-from microseg.stages.cells import MODELS_ROOT, load_unet_inference, model_config
+from microseg.stages.cells import MODELS_ROOT, load_model, model_config
 from microseg.tune.postprocess import pooled_f1, search_postprocess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,21 +46,22 @@ def main() -> None:
     weights = (args.weights or ROOT / MODELS_ROOT / args.model) / "best.pt"
     seconds = {}
     for tta in (False, True):
-        net, cfg = load_unet_inference(weights, mc.train, {**mc.infer, "tta": tta})
+        mc_tta = mc.model_copy(update={"infer": {**mc.infer, "tta": tta}})
+        model = load_model(mc_tta, weights.parent)
         data, t0 = {}, time.perf_counter()
         for split in ("val", "test"):
             rows = m[(m["split"] == split) & (m["label_kind"] == "instance")]
             data[split] = [
-                (r.modality, predict_probs(net, read_stack(prepared / r.image_path), cfg),
+                (r.modality, model.probabilities(read_stack(prepared / r.image_path)),
                  read_stack(prepared / r.label_path))
                 for r in rows.itertuples()
             ]  # fmt: skip
         seconds[tta] = time.perf_counter() - t0
         val = data["val"]
         chosen, _ = search_postprocess(
-            [v[1] for v in val], [v[2] for v in val], cfg.post, params.cells.post_grid
+            [v[1] for v in val], [v[2] for v in val], model.infer.post, params.cells.post_grid
         )
-        for label, post in (("defaults", cfg.post), ("val-chosen", chosen)):
+        for label, post in (("defaults", model.infer.post), ("val-chosen", chosen)):
             scores = {
                 name: round(modality_f1(data["test"], post, mod), 4)
                 for name, mod in (("all", None), ("fluorescence", "fluorescence"),

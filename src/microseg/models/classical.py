@@ -22,7 +22,7 @@ two-level split finds the cells, not the nuclei (train F1@0.5 about 0.05 on thos
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -34,6 +34,7 @@ from skimage.segmentation import watershed
 from microseg.data.targets import percentile_normalise
 from microseg.errors import ConfigError
 from microseg.infer.watershed import remove_small_and_relabel
+from microseg.models import Predictor, register_model
 from microseg.utils.fields import known_fields
 
 Polarity = Literal["auto", "bright", "dark"]
@@ -115,3 +116,28 @@ def otsu_watershed(image: np.ndarray, cfg: ClassicalConfig | None = None) -> np.
         extra, _ = ndimage.label(rest)
         labels = np.where(extra > 0, extra + labels.max(), labels)
     return remove_small_and_relabel(labels, cfg.min_size)
+
+
+@register_model("classical")
+@dataclass
+class ClassicalSegmenter:
+    """The Otsu + watershed baseline behind the ``models`` protocol (nothing to train)."""
+
+    config: ClassicalConfig = field(default_factory=ClassicalConfig)
+
+    trainable = False
+
+    @classmethod
+    def train(cls, data: Any, out_dir: Any, train: Mapping[str, Any], hooks: Any = None, **_: Any):
+        raise ConfigError("the classical baseline has nothing to train")
+
+    @classmethod
+    def load(
+        cls, path: Any = None, infer: Mapping[str, Any] | None = None, **_: Any
+    ) -> ClassicalSegmenter:
+        """No weights: the config is the model (``infer`` = :class:`ClassicalConfig` keys)."""
+        return cls(ClassicalConfig.from_mapping(infer or {}))
+
+    def as_predictor(self) -> Predictor:
+        cfg = self.config
+        return lambda image: (otsu_watershed(image, cfg), None, None)

@@ -17,18 +17,17 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import ndimage
 from tqdm.auto import tqdm
 
 from microseg.config import CellModelConfig, Params
-from microseg.errors import ConfigError, MissingFileError
+from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.io.tiff import read_stack, write_stack
+from microseg.models import InstanceSegmenter, Predictor, get_model
 from microseg.stages.common import write_json
 from microseg.utils.atomic import atomic_path
 
@@ -39,9 +38,6 @@ MODELS_ROOT = Path("models/cells")
 REPORTS_ROOT = Path("reports/cells")
 BENCHMARK_DIR = Path("reports/benchmark")
 INFO_NAME = "train_info.json"
-
-Prediction = tuple[np.ndarray, np.ndarray | None, dict[int, float] | None]
-Predictor = Callable[[np.ndarray], Prediction]
 
 
 def targets_dir(params: Params) -> Path:
@@ -72,14 +68,34 @@ def prepare_targets_stage(params: Params, out_dir: Path | None = None) -> dict[s
 
 
 # ------------------------------------------------------------------------------- training
+def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
+    """Train one model of ``cells.models`` through its registered family."""
+    mc = model_config(params, name)
+    family = get_model(mc.family)
+    if not getattr(family, "trainable", True):
+        raise ConfigError(f"cells model {name!r} ({mc.family}) has nothing to train")
+    out_dir = MODELS_ROOT / name
+    start = time.perf_counter()
+    result = family.train(targets_dir(params), out_dir, mc.train, hooks)
+    out = {
+        "best": dict(result.best),
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs_completed,
+        "seconds": result.seconds,
+    }
+    wall = time.perf_counter() - start
+    # the run's own training time (a resumed run adds up its pieces) when the loop reports it
+    seconds = float(out.get("seconds") or wall)
+    n_params = count_parameters(out_dir / "best.pt")
+    write_json(out_dir / INFO_NAME, {"seconds": seconds, "n_params": n_params, "family": mc.family})
+    return out | {"seconds": seconds, "n_params": n_params}
+
+
 def train_unet_model(
     train_cfg: dict[str, Any], data_dir: Path, out_dir: Path, hooks=None
 ) -> dict[str, Any]:
-    """A 3-class U-Net on a targets cache; returns the best validation scores and timing."""
-    from microseg.train.unet import UnetTrainConfig, train_unet
-
-    cfg = UnetTrainConfig.from_mapping({"progress": False, **train_cfg})
-    result = train_unet(data_dir, out_dir, cfg, hooks=hooks)
+    """A 3-class U-Net on a targets cache (tracking's segmenter); best scores and timing."""
+    result = get_model("unet").train(data_dir, out_dir, train_cfg, hooks)
     return {
         "best": result.best,
         "best_epoch": result.best_epoch,
@@ -88,38 +104,17 @@ def train_unet_model(
     }
 
 
-def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
-    mc = model_config(params, name)
-    out_dir = MODELS_ROOT / name
-    start = time.perf_counter()
-    if mc.family == "unet":
-        out = train_unet_model(mc.train, targets_dir(params), out_dir, hooks)
-    elif mc.family == "maskrcnn":
-        from microseg.data.targets import load_targets
-        from microseg.train.maskrcnn import MaskRCNNTrainConfig, train_maskrcnn
-
-        cfg = MaskRCNNTrainConfig.from_mapping(mc.train)
-        data = targets_dir(params)
-        result = train_maskrcnn(
-            load_targets(data, "train"), load_targets(data, "val"), out_dir, cfg, hooks=hooks
-        )
-        out = {"best": dict(result.best), "epochs": result.epochs_completed}
-    else:
-        raise ConfigError(f"cells model {name!r} ({mc.family}) has nothing to train")
-    wall = time.perf_counter() - start
-    # the run's own training time (a resumed run adds up its pieces) when the loop reports it
-    seconds = float(out.get("seconds") or wall)
-    n_params = _count_params(out_dir / "best.pt", mc)
-    write_json(out_dir / INFO_NAME, {"seconds": seconds, "n_params": n_params, "family": mc.family})
-    return out | {"seconds": seconds, "n_params": n_params}
-
-
-def _count_params(weights: Path, mc: CellModelConfig) -> int | None:
+def count_parameters(weights: Path) -> int | None:
+    """Parameters stored in a model file's ``model`` state dict (None when there is none)."""
     if not weights.is_file():
         return None
     import torch
 
-    ckpt = torch.load(weights, map_location="cpu", weights_only=False)
+    try:
+        ckpt = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        msg = f"not a readable model file ({type(exc).__name__}: {exc})"
+        raise DataFormatError(msg, weights) from exc
     state = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         return None
@@ -127,44 +122,29 @@ def _count_params(weights: Path, mc: CellModelConfig) -> int | None:
 
 
 # ------------------------------------------------------------------------------- prediction
-def instance_scores(labels: np.ndarray, prob: np.ndarray) -> dict[int, float]:
-    """Mean foreground probability of each instance (its confidence for COCO AP)."""
-    ids = np.unique(labels[labels > 0])
-    if ids.size == 0:
-        return {}
-    means = ndimage.mean(prob, labels, ids)
-    return {int(i): float(m) for i, m in zip(ids, np.atleast_1d(means), strict=True)}
+def load_model(
+    mc: CellModelConfig, model_dir: Path, post: dict[str, Any] | None = None
+) -> InstanceSegmenter:
+    """The family's model, loaded from ``model_dir/best.pt`` with its params sections."""
+    family = get_model(mc.family)
+    weights = model_dir / "best.pt"
+    if getattr(family, "trainable", True) and not weights.is_file():
+        raise MissingFileError(f"no trained weights; run train_cells@{model_dir.name}", weights)
+    return family.load(weights, train=mc.train, infer=mc.infer, post=post)
 
 
-def load_unet_inference(
-    weights: Path, train_cfg: dict[str, Any], infer: dict[str, Any], post: Any = None
-):
-    """A trained U-Net and its inference config: the training run's window, overlap and blend,
-    then ``infer`` overrides; post-processing from ``post`` (e.g. chosen on validation), else
-    ``infer["post"]``, else the checkpoint's."""
-    from microseg.infer.instances import InferConfig
-    from microseg.models.unet import load_unet
-    from microseg.train.unet import UnetTrainConfig
-
-    net, _, trained_post = load_unet(weights)
-    base = UnetTrainConfig.from_mapping(train_cfg).infer_config()
-    chosen = post if post is not None else infer.get("post", trained_post)
-    cfg = InferConfig.from_mapping(
-        {"roi": base.roi, "overlap": base.overlap, "blend": base.blend, **infer, "post": chosen}
-    )
-    return net, cfg
-
-
-def tune_unet_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any] | None:
-    """Watershed thresholds of a U-Net chosen on the validation split (``cells.post_grid``);
-    the table goes to ``out_dir/postprocess_search.csv``. None when the grid is empty."""
-    from microseg.infer.instances import predict_probs
+def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any] | None:
+    """Post-processing thresholds chosen on the validation split (``cells.post_grid``), for
+    families that expose probabilities; the table goes to ``out_dir/postprocess_search.csv``.
+    None when the grid is empty or the family has no probability map to search on."""
     from microseg.tune.postprocess import search_postprocess
 
     mc = model_config(params, name)
-    if mc.family != "unet" or not params.cells.post_grid:
+    if not params.cells.post_grid:
         return None
-    net, cfg = load_unet_inference(MODELS_ROOT / name / "best.pt", mc.train, mc.infer)
+    model = load_model(mc, MODELS_ROOT / name)
+    if not hasattr(model, "probabilities"):
+        return None
     prepared = params.paths.prepared / params.cells.dataset
     from microseg.data.manifest import read_manifest
 
@@ -172,11 +152,9 @@ def tune_unet_postprocess(params: Params, name: str, out_dir: Path) -> dict[str,
     rows = m[(m["split"] == "val") & (m["label_kind"] == "instance")]
     if params.cells.max_images is not None:
         rows = rows.head(params.cells.max_images)
-    probs = [
-        predict_probs(net, read_stack(prepared / r.image_path), cfg) for r in rows.itertuples()
-    ]
+    probs = [model.probabilities(read_stack(prepared / r.image_path)) for r in rows.itertuples()]
     gts = [read_stack(prepared / r.label_path) for r in rows.itertuples()]
-    chosen, table = search_postprocess(probs, gts, cfg.post, params.cells.post_grid)
+    chosen, table = search_postprocess(probs, gts, model.infer.post, params.cells.post_grid)
     with atomic_path(out_dir / "postprocess_search.csv") as tmp:
         table.to_csv(tmp, index=False)
     from dataclasses import asdict
@@ -188,40 +166,7 @@ def load_predictor(
     mc: CellModelConfig, model_dir: Path, post: dict[str, Any] | None = None
 ) -> Predictor:
     """The family's model behind one call: ``raw image -> (labels, fg prob, scores)``."""
-    if mc.family == "classical":
-        from microseg.models.classical import ClassicalConfig, otsu_watershed
-
-        ccfg = ClassicalConfig.from_mapping(mc.infer)
-        return lambda image: (otsu_watershed(image, ccfg), None, None)
-    weights = model_dir / "best.pt"
-    if not weights.is_file():
-        raise MissingFileError(f"no trained weights; run train_cells@{model_dir.name}", weights)
-    if mc.family == "unet":
-        from microseg.infer.instances import predict_instances
-
-        net, cfg = load_unet_inference(weights, mc.train, mc.infer, post)
-
-        def unet(image: np.ndarray) -> Prediction:
-            labels, probs = predict_instances(net, image, cfg)
-            fg = 1.0 - probs[0]
-            return labels, fg, instance_scores(labels, fg)
-
-        return unet
-    if mc.family == "maskrcnn":
-        from microseg.models.maskrcnn import MaskRCNNSegmenter
-
-        model = MaskRCNNSegmenter.load(weights, **mc.infer)
-
-        def maskrcnn(image: np.ndarray) -> Prediction:
-            out = model.predict([image])[0]
-            labels, scores = out[0], out[1]
-            prob = out[2] if len(out) > 2 else None
-            if not isinstance(scores, dict):
-                scores = {i + 1: float(s) for i, s in enumerate(np.asarray(scores).ravel())}
-            return labels, prob, scores
-
-        return maskrcnn
-    raise ConfigError(f"unknown cells family {mc.family!r}")
+    return load_model(mc, model_dir, post).as_predictor()
 
 
 # ------------------------------------------------------------------------------- evaluation
@@ -241,8 +186,8 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
     from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
     from microseg.evaluate.errors_analysis import error_table
     from microseg.evaluate.instances import InstanceSample, evaluate_instances
-    from microseg.infer.instances import object_stats
     from microseg.io.coco import write_coco
+    from microseg.models.unet.predict import object_stats
 
     mc = model_config(params, name)
     out_dir = out_dir or REPORTS_ROOT / name
@@ -250,7 +195,7 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
     samples, objects, seconds = [], [], 0.0
     rows = _rows(params)
     with atomic_path(out_dir) as tmp:
-        post = tune_unet_postprocess(params, name, tmp)
+        post = tune_postprocess(params, name, tmp)
         predictor = load_predictor(mc, MODELS_ROOT / name, post=post)
         for row in tqdm(rows.itertuples(), total=len(rows), desc=f"evaluate {name}"):
             sid = str(row.sample_id)

@@ -72,16 +72,16 @@ def train_tracking_seg(params: Params, hooks=None) -> dict[str, Any]:
 
 def segment_sequences(params: Params, out_dir: Path = SEG_PRED_DIR) -> dict[str, int]:
     """Instance masks of every frame of the tracking split's sequences (TYX uint16)."""
-    from microseg.infer.instances import predict_instances
-    from microseg.stages.cells import load_unet_inference
+    from microseg.models import get_model
 
     seg = params.tracking.seg
-    net, cfg = load_unet_inference(SEG_MODEL_DIR / "best.pt", seg.train, seg.infer)
+    model = get_model("unet").load(SEG_MODEL_DIR / "best.pt", train=seg.train, infer=seg.infer)
+    predict = model.as_predictor()
     gt_root = Path(params.datasets["tracking"].source)
     counts = {}
     for seq in _sequences(params, params.tracking.split):
         frames = ctc.read_ctc_gt(gt_root, seq).frames
-        masks = np.stack([predict_instances(net, f, cfg)[0] for f in frames]).astype(np.uint16)
+        masks = np.stack([predict(f)[0] for f in frames]).astype(np.uint16)
         tiff.write_stack(out_dir / f"{seq}.tif", masks)
         counts[seq] = int(sum(len(np.unique(m[m > 0])) for m in masks))
     return counts

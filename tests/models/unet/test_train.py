@@ -15,14 +15,14 @@ from microseg.data.targets import prepare_targets
 from microseg.errors import ConfigError
 from microseg.io.tiff import write_stack
 from microseg.models.unet import UnetConfig, build_unet, load_unet
-from microseg.train.hooks import HookBase
-from microseg.train.seg_losses import LOSSES, build_loss
-from microseg.train.unet import (
+from microseg.models.unet.train import (
     PatchSampler,
     UnetTrainConfig,
     _train_items,
     train_unet,
 )
+from microseg.train.hooks import HookBase
+from microseg.train.softmax_losses import LOSSES, build_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -115,7 +115,7 @@ def test_training_loss_decreases_on_toy(name, toy_targets):
 
     sampler = PatchSampler(_train_items(load_targets(toy_targets, "train"), cfg), cfg)
     sampler.reseed(0)
-    batch = sampler.batch()
+    batch = sampler.batch(np.random.default_rng(0))
     model = build_unet(UnetConfig.from_mapping(TINY_MODEL))
     loss_fn = build_loss(name)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -148,13 +148,13 @@ def test_patch_sampler_is_seeded_and_augments(toy_targets):
     a, b = PatchSampler(items, cfg), PatchSampler(items, cfg)
     a.reseed(1)
     b.reseed(1)
-    ba, bb = a.batch(), b.batch()
+    ba, bb = a.batch(np.random.default_rng(1)), b.batch(np.random.default_rng(1))
     assert ba["image"].shape == (2, 3, 32, 32)
     assert ba["target"].dtype == torch.long and ba["target"].shape == (2, 1, 32, 32)
     assert set(torch.unique(ba["target"]).tolist()) <= {0, 1, 2}
     assert all(torch.equal(ba[k], bb[k]) for k in ba)
     b.reseed(2)
-    assert not torch.equal(ba["image"], b.batch()["image"])
+    assert not torch.equal(ba["image"], b.batch(np.random.default_rng(2))["image"])
 
 
 # -- the loop ---------------------------------------------------------------------------------
@@ -166,7 +166,8 @@ def test_train_writes_checkpoints_and_reports_through_hooks(toy_targets, tmp_pat
     for m in rec.metrics:
         assert {"train_loss", "lr", "val_f1_50", "val_dice"} <= set(m)
         assert 0.0 <= m["val_f1_50"] <= 1.0
-    assert ("last.pt", False) in rec.checkpoints and ("best.pt", True) in rec.checkpoints
+    assert ("best.pt", True) in rec.checkpoints
+    assert (tmp_path / "run" / "last.ckpt").is_file()
     assert result.best_path == tmp_path / "run" / "best.pt"
     _, cfg, _ = load_unet(result.best_path)
     assert cfg.arch == "unet"
@@ -186,10 +187,12 @@ def test_resume_after_interruption_matches_uninterrupted(toy_targets, tmp_path):
     assert resumed.epochs_completed == 2 and len(resumed.history) == 2
 
     full = train_unet(toy_targets, tmp_path / "full", cfg)
-    a = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "full" / "last.pt", weights_only=False)["model"]
-    assert all(torch.allclose(a[k], b[k]) for k in a)
+    a = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "full" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == full.global_step == 2 * 3
+    assert all(torch.allclose(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert resumed.history[1]["train_loss"] == pytest.approx(full.history[1]["train_loss"])
+    assert resumed.best["val_f1_50"] == pytest.approx(full.best["val_f1_50"], abs=1e-6)
 
 
 def test_early_stop_hook_ends_training_for_good(toy_targets, tmp_path):
@@ -219,22 +222,18 @@ def test_config_validation():
     assert flat["model.arch"] == "unet" and flat["patch_size"] == 32
 
 
-def test_family_train_adopts_best_weights(toy_targets, tmp_path):
-    import microseg.models.unet  # noqa: F401  (registers "unet")
+def test_family_trains_and_predicts_through_the_registry(toy_targets, tmp_path):
     from microseg.models import get_model
 
     family = get_model("unet")
-    seg = family.build(**TINY_MODEL, post={"min_size": 3})
-    before = {k: v.clone() for k, v in seg.network.state_dict().items()}
-    result = seg.train(
-        toy_targets,
-        tmp_path / "fam",
-        patch_size=32,
-        batch_size=2,
-        epochs=1,
-        steps_per_epoch=2,
-        progress=False,
-    )
-    assert result.best_path is not None and seg.post.min_size == 3
-    after = seg.network.state_dict()
-    assert any(not torch.equal(before[k], after[k]) for k in before)
+    train = {"model": TINY_MODEL, "patch_size": 32, "batch_size": 2, "epochs": 1}
+    result = family.train(toy_targets, tmp_path / "fam", {**train, "steps_per_epoch": 2})
+    assert result.best_path is not None
+    seg = family.load(result.best_path, train=train, infer={"post": {"min_size": 3}})
+    assert seg.infer.roi == 32 and seg.infer.post.min_size == 3
+    from microseg.data.targets import load_targets
+
+    image = (load_targets(toy_targets, "val")[0].image[0] * 255).astype(np.uint8)
+    labels, fg, scores = seg.as_predictor()(image)
+    assert labels.shape == image.shape and fg.shape == image.shape
+    assert set(scores) == set(np.unique(labels[labels > 0]).tolist())

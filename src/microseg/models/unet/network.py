@@ -25,8 +25,8 @@ instances by a seeded watershed; its thresholds are saved with the weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -36,7 +36,6 @@ from torch import nn
 
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.infer.watershed import PostprocessConfig
-from microseg.models import register_model
 from microseg.utils.atomic import atomic_path
 from microseg.utils.fields import known_fields
 
@@ -163,7 +162,7 @@ def load_unet(
     if not path.is_file():
         raise MissingFileError("expected a unet model file (.pt), found nothing", path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:
         msg = f"not a readable torch file ({type(exc).__name__}: {exc})"
         raise DataFormatError(msg, path) from exc
@@ -175,48 +174,3 @@ def load_unet(
     model.load_state_dict(ckpt["model"])
     model.eval()
     return model, cfg, post
-
-
-# -- the registered family --------------------------------------------------------------------
-@register_model("unet")
-@dataclass
-class UnetSegmenter:
-    """A 3-class MONAI U-Net with its post-processing, behind the ``models`` protocol."""
-
-    network: nn.Module
-    config: UnetConfig = field(default_factory=UnetConfig)
-    post: PostprocessConfig = field(default_factory=PostprocessConfig)
-
-    @classmethod
-    def build(cls, **params: Any) -> UnetSegmenter:
-        post = params.pop("post", None) or {}
-        cfg = UnetConfig.from_mapping(params)
-        return cls(build_unet(cfg), cfg, PostprocessConfig.from_mapping(post))
-
-    def train(self, data: str | Path, out_dir: str | Path, **params: Any) -> Any:
-        """:func:`microseg.train.unet.train_unet` on a targets cache; adopts the best weights."""
-        from microseg.train.unet import UnetTrainConfig, train_unet
-
-        hooks = params.pop("hooks", None)
-        base = {"model": self.config.as_dict(), "post": asdict(self.post)}
-        cfg = UnetTrainConfig.from_mapping({**base, **params})
-        result = train_unet(data, out_dir, cfg, hooks=hooks)
-        if result.best_path is not None and Path(result.best_path).is_file():
-            self.network, self.config, self.post = load_unet(result.best_path)
-        return result
-
-    def predict(self, images: Sequence[Any], **params: Any) -> list[Any]:
-        """``(labels uint16, probs float32 3xHxW)`` per raw image (``YX`` or ``YXC``)."""
-        from microseg.infer.instances import InferConfig, predict_instances
-
-        params.setdefault("post", asdict(self.post))
-        cfg = InferConfig.from_mapping(params)
-        return [predict_instances(self.network, image, cfg) for image in images]
-
-    def save(self, path: str | Path) -> Path:
-        return save_unet(self.network, path, self.config, self.post)
-
-    @classmethod
-    def load(cls, path: str | Path, **params: Any) -> UnetSegmenter:
-        network, cfg, post = load_unet(path, params.get("map_location", "cpu"))
-        return cls(network, cfg, post)

@@ -1,0 +1,494 @@
+"""The training engine: one factory that builds a ``lightning.Trainer`` from params.
+
+Every trainable family (``models/<family>/train.py``) is a :class:`FamilyModule` (a
+``LightningModule`` that can also export its weights in the family's own model format) plus a
+``LightningDataModule``; :func:`fit` trains it. Lightning provides the loop, resume,
+gradient clipping, LR-schedule stepping, mixed precision, ``devices``/``accelerator`` and
+``strategy`` (DDP over GPUs, nodes, or CPU processes on gloo), early stopping and progress
+bars. What is ours is small and the same for every family:
+
+* ``out_dir/last.ckpt`` -- Lightning's full checkpoint after every epoch, written atomically
+  (:class:`AtomicCheckpointIO`); calling :func:`fit` again resumes from it.
+* ``out_dir/best.pt`` -- the weights with the best validation metric in the *family's model
+  format* (what predictors, stages and the MLflow pyfunc load; no Lightning needed).
+* ``out_dir/train_state.json`` -- epochs done, best metrics and epoch, history, whether the run
+  stopped early: a finished run is returned as it is, without building a trainer.
+* :class:`~microseg.train.hooks.HookBase` events (MLflow logging from ``registry/``, Optuna
+  pruning from ``tune/``) are called from :class:`RunCallback`, in this order per epoch:
+  validation -> ``after_checkpoint(best.pt)`` when it improved -> ``last.ckpt`` ->
+  ``after_epoch`` -> a hook asking to stop ends the run and ``last.ckpt`` is re-saved with the
+  stop recorded. An exception from a hook (``optuna.TrialPruned``) leaves ``last.ckpt`` of
+  the epoch on disk.
+
+Random batches: an epoch is ``steps_per_epoch`` batches drawn by the family from a generator
+seeded by ``(seed, epoch, rank)`` (:class:`EpochBatches`), so a resumed run draws the batches
+an uninterrupted one would, and DDP ranks draw different shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
+
+from microseg.errors import ConfigError
+from microseg.train.hooks import HookBase, Hooks
+from microseg.utils.atomic import atomic_path
+from microseg.utils.devices import auto_device, check_device, lightning_devices
+
+log = logging.getLogger(__name__)
+# our epoch datasets know their length and are read in the main process (num_workers=0)
+warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+
+LAST = "last.ckpt"
+BEST = "best.pt"
+STATE = "train_state.json"
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+
+
+@dataclass
+class EngineConfig:
+    """Knobs every trainable family shares (its train config subclasses this)."""
+
+    epochs: int = 12
+    steps_per_epoch: int = 100
+    val_every: int = 1
+    grad_clip_norm: float | None = 1.0
+    early_stop_patience: int = 0  # 0: off
+    seed: int = 42
+    #: auto | cpu | cuda | cuda:N | mps  (auto: CUDA, else MPS, else CPU)
+    device: str = "auto"
+    #: devices per node (int or "auto"); with 2+ the strategy runs DDP
+    devices: int | str = 1
+    num_nodes: int = 1
+    #: auto | ddp | ddp_spawn | ... (Lightning strategies)
+    strategy: str = "auto"
+    #: auto: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32-true elsewhere
+    precision: str = "auto"
+    num_threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        checks = {
+            "epochs": self.epochs >= 1,
+            "steps_per_epoch": self.steps_per_epoch >= 1,
+            "val_every": self.val_every >= 1,
+            "early_stop_patience": self.early_stop_patience >= 0,
+            "num_nodes": self.num_nodes >= 1,
+            "precision": str(self.precision) in PRECISIONS,
+            "devices": self.devices == "auto" or int(self.devices) >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(
+                "invalid training config: " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            )
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``auto`` -> bf16-mixed on a bf16-capable GPU, 16-mixed on other GPUs, else 32-true."""
+    if precision != "auto":
+        return "32-true" if precision == "32" else precision
+    if accelerator == "gpu":
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, but to a temporary file renamed into place: a kill
+    while saving leaves the previous ``last.ckpt`` intact."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
+    ) -> None:
+        with atomic_path(Path(path)) as tmp:
+            torch.save(checkpoint, tmp)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """The seed of one epoch's batches on one rank (rank 0 keeps the pre-Lightning formula)."""
+    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**31
+
+
+def seed_globals(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators (dropout, MONAI's defaults)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process (``(0, 1)`` outside distributed training)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EpochBatches(torch.utils.data.IterableDataset):
+    """``steps`` batches per epoch from ``draw(rng)``; ``set_epoch`` re-seeds the stream."""
+
+    def __init__(
+        self,
+        draw: Callable[[np.random.Generator], Any],
+        steps: int,
+        seed: int,
+        reseed: Callable[[int], None] | None = None,
+    ) -> None:
+        self.draw, self.steps, self.seed, self.reseed = draw, steps, seed, reseed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self) -> Iterator[Any]:
+        rank, _ = world()
+        seed = epoch_seed(self.seed, self.epoch, rank)
+        if self.reseed is not None:
+            self.reseed(seed)
+        rng = np.random.default_rng(seed)
+        for _ in range(self.steps):
+            yield self.draw(rng)
+
+
+def batches_loader(dataset: EpochBatches) -> torch.utils.data.DataLoader:
+    """A loader that hands the family's ready batches through unchanged."""
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0)
+
+
+class FamilyModule(L.LightningModule):
+    """What the engine needs of a family's LightningModule beyond Lightning's own API."""
+
+    #: the validation metric that picks ``best.pt`` (logged with ``self.log``)
+    monitor: str = "val_loss"
+    mode: str = "max"
+
+    def export_model(self, path: Path, metrics: Mapping[str, float]) -> None:
+        """Write the weights in the family's model format to ``path`` (atomically)."""
+        raise NotImplementedError
+
+    def flat_config(self) -> dict[str, Any]:
+        """The flat training config, for ``HookBase.before_train`` (logged as params)."""
+        return {}
+
+    def on_train_epoch_start(self) -> None:
+        loader = self.trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(self.current_epoch)
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already finished) training run leaves behind."""
+
+    best: dict[str, float]
+    best_epoch: int | None
+    best_path: Path | None
+    last_path: Path
+    epochs_completed: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    resumed_from_epoch: int | None = None
+    seconds: float = 0.0
+    global_step: int = 0
+
+
+@dataclass
+class TrainState:
+    """``train_state.json``: readable without torch, rewritten atomically every epoch."""
+
+    epochs_completed: int = 0
+    global_step: int = 0
+    best: dict[str, float] = field(default_factory=dict)
+    best_epoch: int | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    model_config: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, path: Path) -> TrainState | None:
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text())
+            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+        except (ValueError, TypeError) as exc:
+            msg = f"unreadable training state ({exc}); delete it to start over"
+            raise ConfigError(msg, path) from exc
+
+    def write(self, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(asdict(self), indent=1, default=float))
+
+
+def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        try:
+            out[str(k)] = float(v)
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _should_stop(hook: HookBase | None) -> bool:
+    if hook is None:
+        return False
+    if getattr(hook, "should_stop", False):
+        return True
+    return isinstance(hook, Hooks) and any(_should_stop(h) for h in hook.hooks)
+
+
+class RunCallback(Callback):
+    """Best export, ``last.ckpt``, ``train_state.json`` and our hook events, for every family."""
+
+    def __init__(self, out_dir: Path, hooks: HookBase, state: TrainState, has_val: bool) -> None:
+        self.out_dir, self.hooks, self.state, self.has_val = out_dir, hooks, state, has_val
+        self._t_epoch = 0.0
+        self._t_val = 0.0
+        self._val_seconds = 0.0
+        self._t_start = 0.0
+        self._seconds_before = state.seconds
+
+    # -- Lightning's callback state travels inside last.ckpt ----------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": json.dumps(asdict(self.state), default=float)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        data = json.loads(state_dict["state"])
+        self.state = TrainState(**data)
+        self._seconds_before = self.state.seconds
+
+    # -- events ------------------------------------------------------------------------
+    def on_fit_start(self, trainer: L.Trainer, pl_module: FamilyModule) -> None:
+        self._t_start = time.perf_counter()
+        if trainer.is_global_zero:
+            self.hooks.before_train(pl_module.flat_config())
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: FamilyModule) -> None:
+        self._t_epoch = time.perf_counter()
+        self._val_seconds = 0.0
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: FamilyModule) -> None:
+        self._t_val = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: FamilyModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._val_seconds = time.perf_counter() - self._t_val
+        value = trainer.callback_metrics.get(pl_module.monitor)
+        if value is None:
+            return
+        value = float(value)
+        best = self.state.best.get(pl_module.monitor)
+        better = (
+            best is None
+            or (pl_module.mode == "max" and value > best)
+            or (pl_module.mode == "min" and value < best)
+        )
+        if better:
+            self._export_best(trainer, pl_module)
+
+    def _export_best(self, trainer: L.Trainer, pl_module: FamilyModule) -> None:
+        metrics = _floats(trainer.callback_metrics)
+        self.state.best, self.state.best_epoch = metrics, int(trainer.current_epoch)
+        if trainer.is_global_zero:
+            path = self.out_dir / BEST
+            pl_module.export_model(path, metrics)
+            self.hooks.after_checkpoint(path, True)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: FamilyModule) -> None:
+        epoch = int(trainer.current_epoch)
+        metrics = _floats(trainer.callback_metrics)
+        metrics["lr"] = float(trainer.optimizers[0].param_groups[0]["lr"])
+        metrics["train_seconds"] = time.perf_counter() - self._t_epoch - self._val_seconds
+        if self._val_seconds:
+            metrics["val_seconds"] = self._val_seconds
+        if not self.has_val:  # nothing to validate on: the latest weights are the best we know
+            self._export_best(trainer, pl_module)
+        s = self.state
+        s.history.append({"epoch": float(epoch), **metrics})
+        s.epochs_completed, s.global_step = epoch + 1, int(trainer.global_step)
+        s.seconds = self._seconds_before + time.perf_counter() - self._t_start
+        s.stopped_early = bool(trainer.should_stop) and epoch + 1 < (trainer.max_epochs or 0)
+        self._save(trainer)
+        if trainer.is_global_zero:
+            log.info(
+                "epoch %d/%s: %s",
+                epoch + 1,
+                trainer.max_epochs,
+                ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
+            )
+            self.hooks.after_epoch(epoch, metrics)
+        stop = _broadcast_flag(trainer, _should_stop(self.hooks))
+        if stop and not trainer.should_stop:
+            trainer.should_stop = True
+            s.stopped_early = epoch + 1 < (trainer.max_epochs or 0)
+            self._save(trainer)
+
+    def _save(self, trainer: L.Trainer) -> None:
+        trainer.save_checkpoint(self.out_dir / LAST)
+        if trainer.is_global_zero:
+            self.state.write(self.out_dir / STATE)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: FamilyModule) -> None:
+        if trainer.is_global_zero:
+            best_path = self.out_dir / BEST
+            self.hooks.after_train(self.state.best, best_path if best_path.is_file() else None)
+
+
+def _broadcast_flag(trainer: L.Trainer, flag: bool) -> bool:
+    """Rank 0's hooks decide (they log and prune there); every rank must stop together."""
+    return bool(trainer.strategy.broadcast(flag, src=0))
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Set torch's intra-op threads for a block (an oversubscribed CPU trains faster on 1)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def build_trainer(
+    cfg: EngineConfig,
+    out_dir: Path,
+    *,
+    monitor: str,
+    mode: str,
+    callbacks: Sequence[Callback] = (),
+) -> L.Trainer:
+    """A ``lightning.Trainer`` for ``cfg``: devices, precision, strategy, budgets, callbacks."""
+    accelerator, devices = lightning_devices(cfg.device, cfg.devices)
+    extra: list[Callback] = list(callbacks)
+    if cfg.early_stop_patience:
+        extra.append(
+            EarlyStopping(
+                monitor=monitor,
+                patience=cfg.early_stop_patience,
+                mode=mode,
+                check_on_train_epoch_end=False,
+                strict=False,
+            )
+        )
+    if cfg.progress:
+        extra.append(TQDMProgressBar(leave=False))
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=resolve_precision(cfg.precision, accelerator),
+        max_epochs=cfg.epochs,
+        limit_train_batches=cfg.steps_per_epoch,
+        check_val_every_n_epoch=cfg.val_every,
+        num_sanity_val_steps=0,
+        gradient_clip_val=cfg.grad_clip_norm or None,
+        gradient_clip_algorithm="norm",
+        callbacks=extra,
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        default_root_dir=str(out_dir),
+        log_every_n_steps=max(1, cfg.steps_per_epoch),
+    )
+
+
+def _result(state: TrainState, out_dir: Path, **kw: Any) -> TrainResult:
+    best_path = out_dir / BEST
+    return TrainResult(
+        best=dict(state.best),
+        best_epoch=state.best_epoch,
+        best_path=best_path if best_path.is_file() else None,
+        last_path=out_dir / LAST,
+        epochs_completed=state.epochs_completed,
+        history=list(state.history),
+        stopped_early=state.stopped_early,
+        seconds=state.seconds,
+        global_step=state.global_step,
+        **kw,
+    )
+
+
+def fit(
+    module: FamilyModule,
+    datamodule: L.LightningDataModule,
+    cfg: EngineConfig,
+    out_dir: str | Path,
+    hooks: HookBase | None = None,
+    *,
+    resume: bool = True,
+    has_val: bool = True,
+    model_config: Mapping[str, Any] | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> TrainResult:
+    """Train ``module`` on ``datamodule``; resume from ``out_dir/last.ckpt`` when it can.
+
+    A finished run (all epochs, or stopped early) is returned as it is unless ``cfg.epochs``
+    grew; ``resume=False`` starts over. ``model_config`` guards resume: a checkpoint of a
+    differently built network is refused with the path to delete.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    last = out_dir / LAST
+    config = dict(model_config or {})
+    state = TrainState.read(out_dir / STATE) if resume and last.is_file() else None
+    if not resume:
+        for name in (LAST, STATE, BEST):
+            (out_dir / name).unlink(missing_ok=True)
+    if state is not None:
+        if state.model_config and config and state.model_config != config:
+            raise ConfigError(
+                f"{last} holds a model built as {state.model_config}, but the config asks for "
+                f"{config}; delete {out_dir} or pass resume=False",
+                last,
+            )
+        if state.epochs_completed >= cfg.epochs or state.stopped_early:
+            log.info("%s: training already finished (%d epochs)", last, state.epochs_completed)
+            return _result(state, out_dir)
+    fresh = TrainState(model_config=config)
+    run = RunCallback(out_dir, hooks or HookBase(), fresh, has_val)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer = build_trainer(
+        cfg, out_dir, monitor=module.monitor, mode=module.mode, callbacks=[run, *callbacks]
+    )
+    ckpt = str(last) if state is not None else None
+    if ckpt:
+        log.info("resuming from %s at epoch %d", last, state.epochs_completed)
+    with torch_threads(cfg.num_threads):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    return _result(
+        run.state,
+        out_dir,
+        resumed_from_epoch=state.epochs_completed if state is not None else None,
+    )
+
+
+def describe_device(cfg: EngineConfig) -> str:
+    """One line for logs: where and how a config will train."""
+    device = auto_device() if cfg.device == "auto" else cfg.device
+    return f"{device} x{cfg.devices} ({cfg.strategy}, precision {cfg.precision})"
