@@ -66,6 +66,10 @@ class UnetSegmenter:
 
     trainable = True
 
+    @property
+    def post(self) -> PostprocessConfig:
+        return self.infer.post
+
     @classmethod
     def build(cls, **params: Any) -> UnetSegmenter:
         post = params.pop("post", None) or {}

@@ -13,7 +13,7 @@ from torch import nn
 
 from microseg.data.manifest import write_manifest
 from microseg.errors import ConfigError
-from microseg.infer.instances import (
+from microseg.models.unet.predict import (
     InferConfig,
     object_stats,
     predict_dataset,
