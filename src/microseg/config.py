@@ -236,7 +236,8 @@ class TargetsConfig(_Strict):
 class CellModelConfig(_Strict):
     """One model of the nuclei benchmark: its family and that family's own knobs."""
 
-    family: Literal["unet", "maskrcnn", "classical"]
+    #: a registered family (``microseg.models.MODELS``: unet, maskrcnn, classical, ...)
+    family: str
     description: str = ""
     #: unet: ``UnetTrainConfig`` keys; maskrcnn: ``MaskRCNNTrainConfig`` keys
     train: dict[str, Any] = Field(default_factory=dict)

@@ -186,8 +186,8 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
     from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
     from microseg.evaluate.errors_analysis import error_table
     from microseg.evaluate.instances import InstanceSample, evaluate_instances
+    from microseg.infer.objects import object_stats
     from microseg.io.coco import write_coco
-    from microseg.models.unet.predict import object_stats
 
     mc = model_config(params, name)
     out_dir = out_dir or REPORTS_ROOT / name

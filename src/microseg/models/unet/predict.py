@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from microseg.data.manifest import read_manifest
 from microseg.data.targets import match_channels, percentile_normalise
 from microseg.errors import ConfigError
+from microseg.infer.objects import object_stats
 from microseg.infer.watershed import PostprocessConfig, probs_to_instances
 from microseg.io.tiff import read_stack, write_stack
 from microseg.models.unet.network import model_in_channels
@@ -184,23 +185,6 @@ def predict_instances(
     cfg = cfg or InferConfig()
     probs = predict_probs(model, image, cfg, normalised=normalised)
     return probs_to_instances(probs, cfg.post), probs
-
-
-def object_stats(sample_id: str, labels: np.ndarray) -> dict[str, Any]:
-    """Object count and area distribution (pixels) of one label image."""
-    areas = np.bincount(np.asarray(labels).ravel())[1:]
-    areas = areas[areas > 0]
-    if areas.size == 0:
-        q = dict.fromkeys(("area_mean", "area_median", "area_p10", "area_p90"), float("nan"))
-    else:
-        p10, p50, p90 = np.percentile(areas, (10, 50, 90))
-        q = {
-            "area_mean": float(areas.mean()),
-            "area_median": float(p50),
-            "area_p10": float(p10),
-            "area_p90": float(p90),
-        }
-    return {"sample_id": sample_id, "n_objects": int(areas.size), **q}
 
 
 Predictor = nn.Module | Callable[[np.ndarray], np.ndarray]

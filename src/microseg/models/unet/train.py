@@ -366,10 +366,10 @@ class UnetModule(FamilyModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=self.cfg.batch_size)
         return loss
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
         if isinstance(batch, TargetSample):  # whole val images stay numpy; the predictor moves
             return batch  # each window to the network's device
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        return super().transfer_batch_to_device(batch, device, idx)
 
     def validation_step(self, sample: TargetSample, batch_idx: int) -> None:
         probs = predict_probs(self.net, sample.image, self.infer_cfg, normalised=True)
