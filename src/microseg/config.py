@@ -288,8 +288,30 @@ class RegistryConfig(_Strict):
     nuclei_model: str = "unet"
 
 
+class EngineParams(_Strict):
+    """Where and how every Lightning-trained family trains (``microseg.train.engine``).
+
+    A model's own ``train`` section may set any of these keys for that model alone.
+    """
+
+    #: auto | cpu | cuda | cuda:N | mps (auto: CUDA, else Apple MPS, else the CPU)
+    device: str = "auto"
+    #: devices per node; 2+ runs DDP (``strategy: auto`` picks it)
+    devices: int | Literal["auto"] = 1
+    num_nodes: int = Field(1, ge=1)
+    #: auto | ddp | ddp_spawn | fsdp ... (Lightning's strategies)
+    strategy: str = "auto"
+    #: auto: bf16-mixed on a GPU that has it, 16-mixed on older GPUs, 32-true on CPU/MPS
+    precision: str = "auto"
+
+    def train_section(self, section: dict[str, Any]) -> dict[str, Any]:
+        """A family's ``train`` section with these keys as defaults."""
+        return {**self.model_dump(), **section}
+
+
 class Params(_Strict):
     seed: int = 42
+    engine: EngineParams = Field(default_factory=EngineParams)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     paths: PathsConfig = Field(default_factory=PathsConfig)
     synth: SynthConfig = Field(default_factory=SynthConfig)

@@ -76,7 +76,8 @@ def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
         raise ConfigError(f"cells model {name!r} ({mc.family}) has nothing to train")
     out_dir = MODELS_ROOT / name
     start = time.perf_counter()
-    result = family.train(targets_dir(params), out_dir, mc.train, hooks)
+    train = params.engine.train_section(mc.train)
+    result = family.train(targets_dir(params), out_dir, train, hooks)
     out = {
         "best": dict(result.best),
         "best_epoch": result.best_epoch,

@@ -63,7 +63,8 @@ def train_tracking_seg(params: Params, hooks=None) -> dict[str, Any]:
     index = write_targets(
         _frame_items(params, ("train", "val")), SEG_TARGETS, weights, tuple(t.percentiles)
     )
-    out = train_unet_model(params.tracking.seg.train, SEG_TARGETS, SEG_MODEL_DIR, hooks)
+    train = params.engine.train_section(params.tracking.seg.train)
+    out = train_unet_model(train, SEG_TARGETS, SEG_MODEL_DIR, hooks)
     out["n_frames_train"] = int((index["split"] == "train").sum())
     out["n_frames_val"] = int((index["split"] == "val").sum())
     out["segmented"] = segment_sequences(params)

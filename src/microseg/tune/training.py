@@ -306,7 +306,7 @@ class OptunaPruningHook(HookBase):
 
     When the pruner says so, it raises :class:`optuna.TrialPruned` (``raise_on_prune``), or
     instead sets ``should_stop`` so that a loop that honours it (ours, Ultralytics' through
-    ``registry.ultralytics_callbacks``) ends the run normally; ``pruned`` tells afterwards.
+    ``models.yolo.callbacks``) ends the run normally; ``pruned`` tells afterwards.
     Epochs without the metric (e.g. no validation that epoch) are not reported.
     """
 

@@ -84,3 +84,16 @@ def model_device(model: torch.nn.Module, device: str = "auto") -> torch.device:
     except StopIteration:
         where = torch.device("cpu")
     return where if where.type != "cpu" else resolve_device("auto")
+
+
+def ultralytics_device(device: str | int | None) -> str | int | None:
+    """Ultralytics' spelling of our device: ``cuda:N`` -> ``"N"``, ``auto`` -> the best here."""
+    if device is None or isinstance(device, int):
+        return device
+    text = check_device(device)
+    if text == "auto":
+        text = auto_device()
+    resolve_device(text)
+    if text.startswith("cuda"):
+        return text.split(":")[1] if ":" in text else "0"
+    return text

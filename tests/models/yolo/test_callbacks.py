@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from microseg.registry.ultralytics_callbacks import (
+from microseg.models.yolo.callbacks import (
     UltralyticsHookBridge,
     attach_hooks,
     disable_ultralytics_mlflow,
@@ -242,6 +242,6 @@ def test_disable_ultralytics_mlflow_is_idempotent():
 
 @pytest.mark.parametrize("value", [float("nan"), "abc", None])
 def test_non_numeric_metrics_are_dropped(value):
-    from microseg.registry.ultralytics_callbacks import val_metrics
+    from microseg.models.yolo.callbacks import val_metrics
 
     assert val_metrics({"metrics/mAP50(B)": value, "x": 1}) == {"x": 1.0}

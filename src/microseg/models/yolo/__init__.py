@@ -4,7 +4,7 @@ One class, :class:`YoloSpineDetector`, registered as ``"yolo"``: build from
 ``yolov8{n,s,m,l,x}-p2.yaml`` (no pretrained weights: nothing is downloaded), train with
 Ultralytics' trainer, predict boxes for batches of uint8 planes, save and load checkpoints.
 No MLflow and no CLI here: logging reaches training through ``hooks``
-(``registry/ultralytics_callbacks.py`` translates Ultralytics' callbacks into them).
+(``models/yolo/callbacks.py`` translates Ultralytics' callbacks into them).
 
 Resume: a run lives in ``<out_dir>/<name>/`` (``weights/last.pt``, ``best.pt``,
 ``results.csv``). Ultralytics' ``last.pt`` keeps the optimizer and the epoch while training
@@ -40,6 +40,7 @@ from microseg.errors import ConfigError, MissingFileError, ShapeMismatchError
 from microseg.models import register_model
 from microseg.train.hooks import HookBase
 from microseg.utils.atomic import atomic_path
+from microseg.utils.devices import ultralytics_device
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,13 @@ def native_imgsz(shape: Sequence[int], stride: int = 32) -> int:
 
 @register_model("yolo")
 class YoloSpineDetector:
-    """An ``ultralytics.YOLO`` detection model plus the conventions of this project."""
+    """An ``ultralytics.YOLO`` detection model plus the conventions of this project.
+
+    Trained by Ultralytics' own trainer (not the Lightning engine), with our hooks attached
+    through :mod:`microseg.models.yolo.callbacks` and the same ``device`` spelling.
+    """
+
+    trainable = True
 
     def __init__(self, yolo: Any, meta: Mapping[str, Any] | None = None) -> None:
         self.yolo = yolo
@@ -216,7 +223,7 @@ class YoloSpineDetector:
         cos_lr: bool = True,
         patience: int = 15,
         augment: Mapping[str, float] | None = None,
-        device: str | int | None = "cpu",
+        device: str | int | None = "auto",
         workers: int = 0,
         seed: int = 0,
         hooks: HookBase | None = None,
@@ -234,8 +241,9 @@ class YoloSpineDetector:
         """
         from ultralytics import YOLO
 
-        from microseg.registry.ultralytics_callbacks import attach_hooks, disable_ultralytics_mlflow
+        from microseg.models.yolo.callbacks import attach_hooks, disable_ultralytics_mlflow
 
+        device = ultralytics_device(device)
         data_yaml = Path(data_yaml).resolve()
         if not data_yaml.is_file():
             raise MissingFileError("expected an Ultralytics dataset yaml, found nothing", data_yaml)
@@ -299,7 +307,7 @@ class YoloSpineDetector:
         metrics = {}
         trainer = getattr(model, "trainer", None)
         if trainer is not None:
-            from microseg.registry.ultralytics_callbacks import val_metrics
+            from microseg.models.yolo.callbacks import val_metrics
 
             metrics = val_metrics(getattr(trainer, "metrics", None))
             metrics["fitness"] = float(trainer.best_fitness or 0.0)
@@ -318,7 +326,7 @@ class YoloSpineDetector:
     def _finished(self, save_dir: Path, last: Path, best: Path) -> TrainResult:
         from ultralytics import YOLO
 
-        from microseg.registry.ultralytics_callbacks import val_metrics
+        from microseg.models.yolo.callbacks import val_metrics
 
         weights = best if best.exists() else last
         self.yolo = YOLO(str(weights), task="detect")
@@ -357,7 +365,7 @@ class YoloSpineDetector:
             "save": False,
         }
         if device is not None:
-            kwargs["device"] = device
+            kwargs["device"] = ultralytics_device(device)
         results = self.yolo.predict(source=batch, **kwargs)
         out = []
         for r in results:

@@ -70,7 +70,7 @@ def test_registry_finds_yolo_and_rejects_unknown_names():
     assert get_model("yolo") is YoloSpineDetector
     for name in ("punet", "unet"):  # other families register on first lookup
         assert get_model(name).__module__ == f"microseg.models.{name}"
-    assert MODELS["yolo"] is YoloSpineDetector
+    assert MODELS.get("yolo") is YoloSpineDetector
     with pytest.raises(ConfigError, match="unknown model"):
         get_model("no-such-model")
 
@@ -88,7 +88,7 @@ def test_register_model_refuses_a_second_owner_of_a_name():
             class B:
                 pass
     finally:
-        MODELS.pop("_test_family")
+        MODELS.remove("_test_family")
 
 
 def test_detector_follows_the_model_family_protocol():
