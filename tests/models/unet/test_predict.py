@@ -13,6 +13,9 @@ from torch import nn
 
 from microseg.data.manifest import write_manifest
 from microseg.errors import ConfigError
+from microseg.io.tiff import read_stack, write_stack
+from microseg.models.classical import otsu_watershed
+from microseg.models.unet import UnetConfig, build_unet
 from microseg.models.unet.predict import (
     InferConfig,
     object_stats,
@@ -20,9 +23,6 @@ from microseg.models.unet.predict import (
     predict_instances,
     predict_probs,
 )
-from microseg.io.tiff import read_stack, write_stack
-from microseg.models.classical import otsu_watershed
-from microseg.models.unet import UnetConfig, build_unet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
