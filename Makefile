@@ -71,6 +71,7 @@ test-ui: env tools browser-tools
 lint: env
 	ruff check src tests benchmarks
 	ruff format --check src tests benchmarks
+	lint-imports
 
 format: env
 	ruff check --fix src tests benchmarks
