@@ -35,6 +35,7 @@ from scipy.sparse.csgraph import (
 from scipy.spatial import cKDTree
 
 from microseg.errors import AnnotationError, MicrosegError, ShapeMismatchError
+from microseg.evaluate.rates import prf
 
 logger = logging.getLogger(__name__)
 
@@ -76,16 +77,6 @@ def to_nm(points_zyx: np.ndarray, voxel_size_nm: VoxelSize) -> np.ndarray:
     return pts * _voxel_size(voxel_size_nm)
 
 
-def _rates(tp: int, n_pred: int, n_gt: int) -> tuple[float, float, float]:
-    """Precision, recall, F1 with the empty-set conventions documented on :class:`Matching`."""
-    fp, fn = n_pred - tp, n_gt - tp
-    precision = tp / n_pred if n_pred else (1.0 if n_gt == 0 else 0.0)
-    recall = tp / n_gt if n_gt else (1.0 if n_pred == 0 else 0.0)
-    denom = 2 * tp + fp + fn
-    f1 = 2 * tp / denom if denom else 1.0
-    return float(precision), float(recall), float(f1)
-
-
 @dataclass(frozen=True, eq=False)
 class Matching:
     """A one-to-one matching of predicted to ground-truth points.
@@ -113,7 +104,7 @@ class Matching:
 
     def __post_init__(self) -> None:
         tp = len(self.pred_idx)
-        p, r, f = _rates(tp, self.n_pred, self.n_gt)
+        p, r, f = prf(tp, self.n_pred - tp, self.n_gt - tp, empty=1.0)
         for name, value in (
             ("tp", tp),
             ("fp", self.n_pred - tp),
@@ -415,7 +406,7 @@ def pr_curve(
         p, _, _ = _solve_pairs(len(pred), len(gt), pi[e], gj[e], d[e])
         n_pred = int(kept.sum())
         tp = len(p)
-        prec, rec, f1 = _rates(tp, n_pred, len(gt))
+        prec, rec, f1 = prf(tp, n_pred - tp, len(gt) - tp, empty=1.0)
         rows.append((float(t), prec, rec, f1, tp, n_pred - tp, len(gt) - tp))
     return pd.DataFrame(
         rows, columns=["threshold", "precision", "recall", "f1", "tp", "fp", "fn"]

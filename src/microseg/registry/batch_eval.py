@@ -63,6 +63,7 @@ from microseg.data.validate import (
 from microseg.errors import MicrosegError, MissingFileError
 from microseg.evaluate.instances import image_scores, summarize
 from microseg.evaluate.points import evaluate_points
+from microseg.evaluate.rates import prf
 from microseg.io.png import read_image, read_png
 from microseg.io.points import read_points
 from microseg.io.tiff import SUPPORTED_DTYPES, TiffStack
@@ -466,14 +467,6 @@ def _annotation(where: Sequence[Path], names: Sequence[str]) -> Path | None:
     return None
 
 
-def _rates(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """P/R/F1 with the empty-set conventions of :mod:`microseg.evaluate.points`."""
-    precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
-    recall = tp / (tp + fn) if tp + fn else (1.0 if fp == 0 else 0.0)
-    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0
-    return {"precision": precision, "recall": recall, "f1": f1}
-
-
 def _score_spines(
     pred: pd.DataFrame,
     row: pd.Series,
@@ -596,7 +589,7 @@ def _summary(task: str, scored: pd.DataFrame) -> dict[str, Any]:
         tp, fp, fn = (int(scored[c].sum()) for c in ("tp", "fp", "fn"))
         return {
             "n_scored": len(scored),
-            **_rates(tp, fp, fn),
+            **prf(tp, fp, fn, empty=1.0)._asdict(),
             "tp": tp,
             "fp": fp,
             "fn": fn,

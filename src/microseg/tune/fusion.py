@@ -40,6 +40,7 @@ import yaml
 
 from microseg.errors import AnnotationError
 from microseg.evaluate.points import VoxelSize, match_points
+from microseg.evaluate.rates import prf_counts
 from microseg.infer.fusion import (
     AGGS,
     FusionParams,
@@ -107,19 +108,7 @@ def pooled_metrics(
         m = match_points(pred, st.gt_zyx, st.voxel_size_nm, max_dist_nm)
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
         per_stack.append(m.f1)
-    n_pred, n_gt = tp + fp, tp + fn
-    precision = tp / n_pred if n_pred else (1.0 if n_gt == 0 else 0.0)
-    recall = tp / n_gt if n_gt else (1.0 if n_pred == 0 else 0.0)
-    denom = 2 * tp + fp + fn
-    return {
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(2 * tp / denom) if denom else 1.0,
-        "tp": int(tp),
-        "fp": int(fp),
-        "fn": int(fn),
-        "f1_per_stack": per_stack,
-    }
+    return {**prf_counts(tp, fp, fn, empty=1.0), "f1_per_stack": per_stack}
 
 
 def params_from_search(values: Mapping[str, Any], base: FusionParams | None = None) -> FusionParams:

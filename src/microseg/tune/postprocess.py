@@ -20,6 +20,7 @@ import pandas as pd
 
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import image_scores, threshold_key
+from microseg.evaluate.rates import prf
 from microseg.infer.watershed import PostprocessConfig, probs_to_instances
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ def pooled_f1(
         s = image_scores(gt, probs_to_instances(p, cfg), (threshold,), dsb_thresholds=(),
                          with_rand=False)  # fmt: skip
         tp, fp, fn = tp + s[f"tp_{key}"], fp + s[f"fp_{key}"], fn + s[f"fn_{key}"]
-    return (2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0), tp, fp, fn
+    return prf(tp, fp, fn, empty=0.0).f1, tp, fp, fn
 
 
 def search_postprocess(
