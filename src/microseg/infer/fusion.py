@@ -40,9 +40,10 @@ import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 from microseg.errors import AnnotationError, ConfigError, ShapeMismatchError
-from microseg.evaluate.points import VoxelSize, evaluate_points
+from microseg.evaluate.points import evaluate_points
 from microseg.infer.dedup import dedup_3d
 from microseg.utils.atomic import atomic_path, write_text
+from microseg.utils.units import VoxelSize
 
 log = logging.getLogger(__name__)
 

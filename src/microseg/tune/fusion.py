@@ -39,7 +39,7 @@ import pandas as pd
 import yaml
 
 from microseg.errors import AnnotationError
-from microseg.evaluate.points import VoxelSize, match_points
+from microseg.evaluate.points import match_points
 from microseg.evaluate.rates import prf_counts
 from microseg.infer.fusion import (
     AGGS,
@@ -50,6 +50,7 @@ from microseg.infer.fusion import (
 )
 from microseg.tune.storage import study as open_study
 from microseg.utils.atomic import write_text
+from microseg.utils.units import VoxelSize
 
 log = logging.getLogger(__name__)
 
