@@ -29,6 +29,7 @@ from skimage.feature import blob_log
 from microseg.errors import AnnotationError, ConfigError, MicrosegError, ShapeMismatchError
 from microseg.evaluate.points import evaluate_points
 from microseg.infer.dedup import dedup_3d
+from microseg.utils.convert import to_builtin
 
 logger = logging.getLogger(__name__)
 
@@ -215,13 +216,8 @@ def tune_log(
         raise MicrosegError(f"no valid parameter combination in grid {dict(grid)}")
     table = pd.DataFrame(rows)
     best_row = table.iloc[int(table["f1"].to_numpy().argmax())]
-    best = {k: _py(best_row[k]) for k in keys}
+    best = {k: to_builtin(best_row[k]) for k in keys}
     return best, table
 
 
 _TABLE_METRICS = ("precision", "recall", "f1", "tp", "fp", "fn", "n_pred")
-
-
-def _py(value: Any) -> Any:
-    """numpy scalar -> plain Python, so best params write cleanly to YAML."""
-    return value.item() if isinstance(value, np.generic) else value

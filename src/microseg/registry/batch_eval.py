@@ -57,7 +57,6 @@ from microseg.data.validate import (
     _failures,
     _fmt,
     _import_gx,
-    _jsonable,
     _run_batch,
 )
 from microseg.errors import MicrosegError, MissingFileError
@@ -69,6 +68,7 @@ from microseg.io.points import read_points
 from microseg.io.tiff import SUPPORTED_DTYPES, TiffStack
 from microseg.registry import promotion, tracking
 from microseg.utils.atomic import atomic_path, write_text
+from microseg.utils.convert import jsonable
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -347,7 +347,7 @@ class _Validator:
                 values = ", ".join(f"{c}={_fmt(row[c])}" for c in f.columns if c in row)
                 reason = f"{f.signature} failed (observed {values})"
                 by_file.setdefault(Path(str(row["image_path"])).name, []).append(reason)
-        return by_file, failures, _jsonable(result.to_json_dict())
+        return by_file, failures, jsonable(result.to_json_dict(), default=str)
 
     def close(self) -> None:
         self._docs.cleanup()
@@ -742,10 +742,16 @@ def _write_reports(
         "files": table.to_dict(orient="records"),
         "great_expectations": in_json,
     }
-    write_text(result.out_dir / RESULT_NAME, json.dumps(_jsonable(report), indent=2) + "\n")
-    write_text(result.out_dir / INPUT_RESULT_NAME, json.dumps(_jsonable(inputs), indent=2) + "\n")
     write_text(
-        result.out_dir / METRICS_NAME, json.dumps(_jsonable(result.summary), indent=2) + "\n"
+        result.out_dir / RESULT_NAME, json.dumps(jsonable(report, default=str), indent=2) + "\n"
+    )
+    write_text(
+        result.out_dir / INPUT_RESULT_NAME,
+        json.dumps(jsonable(inputs, default=str), indent=2) + "\n",
+    )
+    write_text(
+        result.out_dir / METRICS_NAME,
+        json.dumps(jsonable(result.summary, default=str), indent=2) + "\n",
     )
 
 

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from microseg.data.manifest import read_manifest
@@ -17,6 +15,7 @@ from microseg.errors import MissingFileError
 from microseg.evaluate.rates import prf_counts
 from microseg.io import points as points_io
 from microseg.utils.atomic import write_text
+from microseg.utils.convert import jsonable as _jsonable
 
 
 @dataclass
@@ -59,18 +58,6 @@ def samples(prepared_dir: str | Path, split: str | None = None) -> list[Sample]:
             )
         )
     return out
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:

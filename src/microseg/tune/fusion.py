@@ -50,6 +50,7 @@ from microseg.infer.fusion import (
 )
 from microseg.tune.storage import study as open_study
 from microseg.utils.atomic import write_text
+from microseg.utils.convert import to_builtin
 from microseg.utils.units import VoxelSize
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def write_best_params(path: str | Path, best: Mapping[str, Any]) -> Path:
     The values are checked against :class:`FusionParams` first, so a bad file is never written.
     """
     FusionParams.from_dict(best)
-    plain = {str(k): (v.item() if isinstance(v, np.generic) else v) for k, v in best.items()}
+    plain = {str(k): to_builtin(v) for k, v in best.items()}
     write_text(path, yaml.safe_dump(plain, sort_keys=False))
     return Path(path)
 
