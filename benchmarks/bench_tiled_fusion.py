@@ -32,6 +32,7 @@ import pandas as pd
 
 from microseg.data.yolo_convert import convert_d3set_to_yolo, stack_boxes
 from microseg.evaluate.points import evaluate_points
+from microseg.evaluate.rates import prf
 from microseg.infer.dedup import dedup_3d
 from microseg.infer.yolo_predict import detections_to_points, predict_stack
 from microseg.io.d3set import read_d3set
@@ -82,7 +83,7 @@ def oracle(data: Path) -> pd.DataFrame:
                         if name == "benchmark":
                             row["f1_benchmark"] = m["f1"]
                             row["dist_nm_benchmark"] = m["mean_distance_nm"]
-                    row["f1_pooled"] = 2 * tp / (2 * tp + fp + fn)
+                    row["f1_pooled"] = prf(tp, fp, fn, empty=1.0).f1
                     rows.append(row)
     return pd.DataFrame(rows)
 

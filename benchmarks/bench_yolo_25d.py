@@ -20,6 +20,7 @@ import pandas as pd
 
 from microseg.data.yolo_convert import convert_d3set_to_yolo
 from microseg.evaluate.points import evaluate_points
+from microseg.evaluate.rates import prf
 from microseg.infer.yolo_predict import detections_to_points, predict_stack
 from microseg.io.d3set import read_d3set
 from microseg.io.points import read_points
@@ -39,7 +40,7 @@ def _f1s(boxes: list[pd.DataFrame], gts: list[pd.DataFrame], radius: float) -> d
             pts = detections_to_points(df[df["score"] >= conf], VS, radius)
             m = evaluate_points(pts, gt, VS, 1000.0)
             tp, fp, fn = tp + m["tp"], fp + m["fp"], fn + m["fn"]
-        out[conf] = 2 * tp / max(2 * tp + fp + fn, 1)
+        out[conf] = prf(tp, fp, fn, empty=0.0).f1
     return out
 
 

@@ -2,10 +2,11 @@
 
 Each stack is normalised once by its own intensity percentiles (``(x - p_lo) / (p_hi -
 p_lo)``, not clipped, so bright spines keep their contrast); inference must use the same
-:func:`intensity_range` and :func:`normalize`. A patch is drawn from a uniformly chosen stack:
-with probability ``fg_fraction`` it is centred (with jitter) on a random spine voxel, else
-its plane and corner are uniform. Augmentation is a MONAI dictionary-transform chain applied
-to ``image``, ``spine`` and ``dendrite`` together (masks resampled nearest).
+:func:`intensity_range` and :func:`normalize` (both from :mod:`microseg.data.transforms`). A
+patch is drawn from a uniformly chosen stack: with probability ``fg_fraction`` it is centred
+(with jitter) on a random spine voxel, else its plane and corner are uniform. Augmentation is a
+MONAI dictionary-transform chain applied to ``image``, ``spine`` and ``dendrite`` together
+(masks resampled nearest).
 
 Everything random is derived from ``(seed, epoch, index)``, so item ``i`` of epoch ``e`` is
 the same in every run, with any number of DataLoader workers and in any order; call
@@ -26,6 +27,7 @@ from monai import transforms as mt
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from microseg.data.transforms import intensity_range, normalize
 from microseg.errors import ShapeMismatchError
 from microseg.io.d3set import D3Set, read_d3set
 
@@ -33,62 +35,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PERCENTILES: tuple[float, float] = (1.0, 99.8)
 KEYS = ("image", "spine", "dendrite")
-
-
-def intensity_range(
-    stack: np.ndarray | object,
-    percentiles: tuple[float, float] = DEFAULT_PERCENTILES,
-    max_planes: int | None = None,
-) -> tuple[float, float]:
-    """Low and high intensity percentiles of a ZYX stack, read plane by plane.
-
-    uint8/uint16 stacks (all microscopy stacks here) are histogrammed plane by plane: the
-    result equals ``np.percentile(stack, percentiles)`` exactly and memory stays constant,
-    however deep a lazy stack is. Other dtypes are loaded, from at most ``max_planes``
-    evenly spaced planes when given.
-    """
-    depth = len(stack)  # type: ignore[arg-type]
-    first = np.asarray(stack[0])  # type: ignore[index]
-    if first.dtype.kind == "u" and first.dtype.itemsize <= 2:
-        hist = np.zeros(2 ** (8 * first.dtype.itemsize), dtype=np.int64)
-        for z in range(depth):
-            plane = first if z == 0 else np.asarray(stack[z])  # type: ignore[index]
-            hist += np.bincount(plane.ravel(), minlength=hist.size)
-        lo, hi = _histogram_percentiles(hist, percentiles)
-        return lo, hi
-    if max_planes is None or depth <= max_planes:
-        planes = range(depth)
-    else:
-        planes = np.unique(np.linspace(0, depth - 1, max_planes).round().astype(int))
-    if isinstance(stack, np.ndarray) and len(planes) == depth:
-        values = stack
-    else:
-        values = np.stack([np.asarray(stack[int(z)]) for z in planes])  # type: ignore[index]
-    lo, hi = np.percentile(values, percentiles)
-    return float(lo), float(hi)
-
-
-def _histogram_percentiles(hist: np.ndarray, percentiles: Sequence[float]) -> list[float]:
-    """``np.percentile`` (linear interpolation) of the values a count histogram describes."""
-    cum = np.cumsum(hist)
-    n = int(cum[-1])
-    out = []
-    for q in percentiles:
-        pos = q / 100.0 * (n - 1)
-        i = int(np.floor(pos))
-        frac = pos - i
-        lo = int(np.searchsorted(cum, i, side="right"))  # value of the i-th smallest
-        hi = int(np.searchsorted(cum, min(i + 1, n - 1), side="right"))
-        out.append(float(lo + frac * (hi - lo)))
-    return out
-
-
-def normalize(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """``(x - lo) / (hi - lo)`` as float32 (scale 1 when ``hi <= lo``)."""
-    scale = hi - lo if hi > lo else 1.0
-    return ((np.asarray(x, dtype=np.float32) - np.float32(lo)) / np.float32(scale)).astype(
-        np.float32, copy=False
-    )
 
 
 def context_planes(depth: int, z: int, context: int) -> list[int]:

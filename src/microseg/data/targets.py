@@ -19,7 +19,8 @@ watershed can turn back into instances:
   The default cap is 3: uncapped (about 7 for interior, 15+ for boundary on DSB 2018) the
   network over-predicts foreground and val F1@0.5 dropped (0.67 vs 0.72 after 300 steps).
 * **Normalised image** (float32, channel-first ``CYX``): each channel mapped from its 1st..99th
-  percentile to [0, 1] and clipped.
+  percentile to [0, 1] and clipped
+  (:func:`microseg.data.transforms.percentile_normalise`).
 
 Distances are computed per instance inside its bounding box padded by ``cutoff_sigmas * sigma``
 (one small EDT per instance), keeping the two smallest distances per pixel. Where the true
@@ -47,6 +48,11 @@ from skimage.segmentation import find_boundaries
 from tqdm.auto import tqdm
 
 from microseg.data.manifest import read_manifest
+from microseg.data.transforms import (  # noqa: F401  (re-exported: they lived here)
+    match_channels,
+    percentile_normalise,
+    to_chw,
+)
 from microseg.errors import DataFormatError, MissingFileError, ShapeMismatchError
 from microseg.io.tiff import read_stack, write_stack
 from microseg.utils.atomic import atomic_path
@@ -57,55 +63,6 @@ BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 N_CLASSES = 3
 INDEX_NAME = "index.parquet"
 PARAMS_NAME = "targets.json"
-
-
-# -- images -----------------------------------------------------------------------------------
-def to_chw(image: np.ndarray) -> np.ndarray:
-    """``YX`` -> ``1YX``; ``YXC`` (C <= 4, as ingest writes colour) -> ``CYX``; ``CYX`` kept."""
-    image = np.asarray(image)
-    if image.ndim == 2:
-        return image[None]
-    if image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[0] > 4:
-        return np.moveaxis(image[..., :3], -1, 0)
-    if image.ndim == 3 and image.shape[0] <= 4:
-        return image[:3]
-    raise ShapeMismatchError(f"expected a 2D image (YX, YXC or CYX); found shape {image.shape}")
-
-
-def percentile_normalise(
-    image: np.ndarray, lower: float = 1.0, upper: float = 99.0, eps: float = 1e-6
-) -> np.ndarray:
-    """Per channel ``(x - p_lower) / (p_upper - p_lower)`` clipped to [0, 1], float32 ``CYX``.
-
-    ``image`` is ``YX``, ``YXC`` or ``CYX`` (see :func:`to_chw`). A flat channel becomes 0.
-    """
-    x = to_chw(image).astype(np.float32)
-    out = np.empty_like(x)
-    for c in range(x.shape[0]):
-        lo, hi = np.percentile(x[c], (lower, upper))
-        scale = float(hi - lo)
-        if not np.isfinite(scale) or scale <= eps:
-            out[c] = 0.0
-            continue
-        out[c] = (x[c] - np.float32(lo)) * np.float32(1.0 / scale)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
-
-
-def match_channels(image_chw: np.ndarray, channels: int) -> np.ndarray:
-    """The model-input convention: greyscale is repeated to 3 channels, colour averaged to 1.
-
-    Models default to ``in_channels=3`` so that colour (H&E tissue) keeps its information and
-    greyscale images (fluorescence, brightfield) are the same grey in R, G and B.
-    """
-    c = image_chw.shape[0]
-    if c == channels:
-        return image_chw
-    if channels == 3 and c == 1:
-        return np.repeat(image_chw, 3, axis=0)
-    if channels == 1:
-        return image_chw.mean(axis=0, keepdims=True, dtype=np.float32)
-    raise ShapeMismatchError(f"cannot turn a {c}-channel image into {channels} channels")
 
 
 # -- targets ----------------------------------------------------------------------------------

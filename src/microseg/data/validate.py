@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -33,6 +32,7 @@ from microseg.config import SplitConfig, ValidateConfig
 from microseg.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 from microseg.errors import ValidationFailed
 from microseg.utils.atomic import atomic_path
+from microseg.utils.convert import jsonable
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_validation_result import (
@@ -315,7 +315,7 @@ def _failures(batch: str, result: ExpectationSuiteValidationResult) -> list[Fail
         if r.success:
             continue
         kwargs = dict(r.expectation_config.kwargs)
-        res = _jsonable(dict(r.result or {}))
+        res = jsonable(dict(r.result or {}), default=str)
         info = r.exception_info or {}
         exception = None
         if info.get("raised_exception"):
@@ -325,7 +325,7 @@ def _failures(batch: str, result: ExpectationSuiteValidationResult) -> list[Fail
             exception = "; ".join(dict.fromkeys(m for m in messages if m)) or None
         columns = [str(kwargs[k]) for k in _COLUMN_KEYS if kwargs.get(k) is not None]
         bounds = {
-            _BOUND_NAMES[k]: _jsonable(v)
+            _BOUND_NAMES[k]: jsonable(v, default=str)
             for k, v in kwargs.items()
             if k in _BOUND_NAMES and v is not None
         }
@@ -423,7 +423,7 @@ def validate_manifest(
             ],
             "great_expectations": {b: r.to_json_dict() for b, r in results.items()},
         }
-        (tmp / RESULT_NAME).write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+        (tmp / RESULT_NAME).write_text(json.dumps(jsonable(summary, default=str), indent=2) + "\n")
     report = ValidationReport(
         dataset=dataset,
         success=not failures,
@@ -488,20 +488,3 @@ def _fmt(value: Any) -> str:
     if value is None or value is pd.NA:
         return "null"
     return str(value)
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars to Python, NaN/inf to None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple | set):
-        return [_jsonable(v) for v in obj]
-    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if obj is pd.NA or obj is pd.NaT:
-        return None
-    if isinstance(obj, str | int | float | bool) or obj is None:
-        return obj
-    return str(obj)

@@ -50,6 +50,7 @@ from PIL import Image
 from scipy import ndimage as ndi
 from tqdm import tqdm
 
+from microseg.data.transforms import percentile_range, to_uint8
 from microseg.errors import ConfigError, ShapeMismatchError
 from microseg.io.d3set import read_d3set
 from microseg.io.yolo import write_yolo_labels
@@ -87,23 +88,6 @@ class SplitStats:
             out["box_size_px_median"] = float(np.median(widths))
             out["box_size_px_p95"] = float(np.percentile(widths, 95))
         return out
-
-
-def percentile_range(
-    values: np.ndarray, percentiles: Sequence[float] = (1.0, 99.8)
-) -> tuple[float, float]:
-    """``(low, high)`` intensity at the given percentiles; ``high > low`` always."""
-    lo, hi = np.percentile(np.asarray(values, dtype=np.float32), list(percentiles))
-    lo, hi = float(lo), float(hi)
-    if not hi > lo:
-        hi = lo + 1.0
-    return lo, hi
-
-
-def to_uint8(plane: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    """Map ``lo..hi`` linearly onto ``0..255`` (clipped)."""
-    scaled = (np.asarray(plane, dtype=np.float32) - lo) * (255.0 / (hi - lo))
-    return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
 
 
 def plane_image(stack: np.ndarray, z: int, lo: float, hi: float, channels: Channels) -> np.ndarray:

@@ -64,6 +64,7 @@ from skimage.metrics import adapted_rand_error, variation_of_information
 
 from microseg.errors import MicrosegError, ShapeMismatchError
 from microseg.evaluate.calibration import CalibrationAccumulator
+from microseg.evaluate.rates import prf
 from microseg.evaluate.segmentation import Confusion
 
 logger = logging.getLogger(__name__)
@@ -279,15 +280,15 @@ class Matching:
 
     @property
     def precision(self) -> float:
-        return _precision(self.tp, self.fp, self.fn)
+        return prf(self.tp, self.fp, self.fn, empty=1.0).precision
 
     @property
     def recall(self) -> float:
-        return _recall(self.tp, self.fp, self.fn)
+        return prf(self.tp, self.fp, self.fn, empty=1.0).recall
 
     @property
     def f1(self) -> float:
-        return _f1(self.tp, self.fp, self.fn)
+        return prf(self.tp, self.fp, self.fn, empty=1.0).f1
 
     @property
     def dsb_ap(self) -> float:
@@ -316,21 +317,6 @@ class Matching:
 
     def scores(self) -> dict[str, float | int]:
         return {name: getattr(self, name) for name in PER_THRESHOLD}
-
-
-def _precision(tp: int, fp: int, fn: int) -> float:
-    n = tp + fp
-    return tp / n if n else (1.0 if fn == 0 else 0.0)
-
-
-def _recall(tp: int, fp: int, fn: int) -> float:
-    n = tp + fn
-    return tp / n if n else (1.0 if fp == 0 else 0.0)
-
-
-def _f1(tp: int, fp: int, fn: int) -> float:
-    d = 2 * tp + fp + fn
-    return 2 * tp / d if d else 1.0
 
 
 def _dsb_ap(tp: int, fp: int, fn: int) -> float:
@@ -497,11 +483,12 @@ def summarize(
         if not set(need) <= set(per_image.columns):
             raise MicrosegError(f"per-image table lacks {need} for threshold {t}")
         tp, fp, fn = (int(per_image[c].sum()) for c in need)
+        rates = prf(tp, fp, fn, empty=1.0)
         out.update(
             {
-                f"precision_{k}": _precision(tp, fp, fn),
-                f"recall_{k}": _recall(tp, fp, fn),
-                f"f1_{k}": _f1(tp, fp, fn),
+                f"precision_{k}": rates.precision,
+                f"recall_{k}": rates.recall,
+                f"f1_{k}": rates.f1,
                 f"dsb_ap_{k}": _dsb_ap(tp, fp, fn),
             }
         )

@@ -34,11 +34,11 @@ from scipy.sparse.csgraph import (
 )
 from scipy.spatial import cKDTree
 
-from microseg.errors import AnnotationError, MicrosegError, ShapeMismatchError
+from microseg.errors import AnnotationError, MicrosegError
+from microseg.evaluate.rates import prf
+from microseg.utils.units import VoxelSize, to_nm  # re-exported: they lived here
 
 logger = logging.getLogger(__name__)
-
-VoxelSize = Sequence[float] | np.ndarray
 
 #: Components with more points than this on both sides are solved by sparse LAPJV
 #: (:func:`_solve_sparse`) instead of a dense Hungarian block. Crowded stacks make the candidate
@@ -48,42 +48,6 @@ DENSE_MAX = 100
 #: Score thresholds in :func:`pr_curve` default to every distinct score up to this many;
 #: beyond it, this many quantiles of the scores (each threshold costs one full re-matching).
 MAX_DEFAULT_THRESHOLDS = 256
-
-
-def _voxel_size(voxel_size_nm: VoxelSize) -> np.ndarray:
-    vs = np.asarray(voxel_size_nm, dtype=float)
-    if vs.shape != (3,) or not np.all(np.isfinite(vs)) or np.any(vs <= 0):
-        raise MicrosegError(
-            f"voxel_size_nm must be three positive numbers (z, y, x) in nm; found {voxel_size_nm!r}"
-        )
-    return vs
-
-
-def to_nm(points_zyx: np.ndarray, voxel_size_nm: VoxelSize) -> np.ndarray:
-    """Voxel coordinates ``(N, 3)`` in z, y, x order -> nanometres (float64, same order)."""
-    pts = np.asarray(points_zyx, dtype=float)
-    if pts.ndim == 1 and pts.size == 0:
-        pts = pts.reshape(0, 3)
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ShapeMismatchError(
-            f"points must be an (N, 3) array of z, y, x voxel coordinates; found shape {pts.shape}"
-        )
-    if not np.all(np.isfinite(pts)):
-        raise AnnotationError(
-            f"points must be finite; found {int((~np.isfinite(pts)).any(axis=1).sum())} "
-            "row(s) with NaN or inf"
-        )
-    return pts * _voxel_size(voxel_size_nm)
-
-
-def _rates(tp: int, n_pred: int, n_gt: int) -> tuple[float, float, float]:
-    """Precision, recall, F1 with the empty-set conventions documented on :class:`Matching`."""
-    fp, fn = n_pred - tp, n_gt - tp
-    precision = tp / n_pred if n_pred else (1.0 if n_gt == 0 else 0.0)
-    recall = tp / n_gt if n_gt else (1.0 if n_pred == 0 else 0.0)
-    denom = 2 * tp + fp + fn
-    f1 = 2 * tp / denom if denom else 1.0
-    return float(precision), float(recall), float(f1)
 
 
 @dataclass(frozen=True, eq=False)
@@ -113,7 +77,7 @@ class Matching:
 
     def __post_init__(self) -> None:
         tp = len(self.pred_idx)
-        p, r, f = _rates(tp, self.n_pred, self.n_gt)
+        p, r, f = prf(tp, self.n_pred - tp, self.n_gt - tp, empty=1.0)
         for name, value in (
             ("tp", tp),
             ("fp", self.n_pred - tp),
@@ -415,7 +379,7 @@ def pr_curve(
         p, _, _ = _solve_pairs(len(pred), len(gt), pi[e], gj[e], d[e])
         n_pred = int(kept.sum())
         tp = len(p)
-        prec, rec, f1 = _rates(tp, n_pred, len(gt))
+        prec, rec, f1 = prf(tp, n_pred - tp, len(gt) - tp, empty=1.0)
         rows.append((float(t), prec, rec, f1, tp, n_pred - tp, len(gt) - tp))
     return pd.DataFrame(
         rows, columns=["threshold", "precision", "recall", "f1", "tp", "fp", "fn"]

@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import ndimage
 from skimage.filters import difference_of_gaussians
 
+from microseg.data.transforms import normalise_percentiles
 from microseg.errors import MicrosegError, ShapeMismatchError
 
 logger = logging.getLogger(__name__)
@@ -179,20 +180,6 @@ def threshold_sweep(
 # --------------------------------------------------------------------------- DoG baseline
 
 Sigma = float | Sequence[float]
-
-
-def normalise_percentiles(
-    stack: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.8)
-) -> np.ndarray:
-    """``(x - p_lo) / (p_hi - p_lo)`` in float32 (not clipped), from the stack's percentiles."""
-    x = np.asarray(stack, dtype=np.float32)
-    lo, hi = np.percentile(x, percentiles)
-    scale = float(hi - lo)
-    if not np.isfinite(scale) or scale <= 0:
-        scale = 1.0
-    x = x - np.float32(lo)
-    x *= np.float32(1.0 / scale)
-    return x
 
 
 def _sigmas(sigma: Sigma, ndim: int, name: str) -> tuple[float, ...]:

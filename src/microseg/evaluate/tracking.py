@@ -27,6 +27,7 @@ import pandas as pd
 from skimage.metrics import adapted_rand_error
 
 from microseg.errors import AnnotationError, DataFormatError, MissingFileError, ShapeMismatchError
+from microseg.utils.convert import to_builtin
 
 log = logging.getLogger(__name__)
 
@@ -36,13 +37,6 @@ PER_FRAME_COLUMNS = (
 )  # fmt: skip
 _NEED_GRAPH = {"LNK", "OP_CLB", "BIO"}  # py-ctcmetrics computes these only beside DET/TRA
 _NEED_SEG = {"SEG", "OP_CSB", "OP_CTB"}
-
-
-def _plain(value: object) -> object:
-    """numpy scalars to Python numbers, so the result dumps to JSON as is."""
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _run_quietly(func, *args, **kwargs) -> tuple[object, list[str]]:
@@ -129,7 +123,7 @@ def evaluate_ctc(
         raise AnnotationError(
             "not a valid CTC result; the checker says: " + "; ".join(messages[:10]), res_dir
         )
-    scores = {k: _plain(v) for k, v in result.items() if v is not None}
+    scores = {k: to_builtin(v) for k, v in result.items() if v is not None}
     log.info(
         "%s: TRA %.4f DET %.4f SEG %s",
         res_dir,

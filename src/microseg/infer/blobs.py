@@ -26,39 +26,15 @@ import pandas as pd
 from scipy import ndimage as ndi
 from skimage.feature import blob_log
 
+from microseg.data.transforms import normalize_stack
 from microseg.errors import AnnotationError, ConfigError, MicrosegError, ShapeMismatchError
 from microseg.evaluate.points import evaluate_points
 from microseg.infer.dedup import dedup_3d
+from microseg.utils.convert import to_builtin
 
 logger = logging.getLogger(__name__)
 
 BLOB_COLS = ["z", "y", "x", "sigma", "response", "score", "x1", "y1", "x2", "y2"]
-
-
-def normalize_stack(
-    stack: np.ndarray,
-    mode: Literal["stack", "plane"] | None = "stack",
-    percentiles: tuple[float, float] = (1.0, 99.8),
-    background_sigma: float | None = None,
-) -> np.ndarray:
-    """Float32 copy of ``stack``, optionally background-flattened and percentile-scaled to [0, 1].
-
-    ``background_sigma`` (pixels) subtracts a wide per-plane Gaussian blur first, removing
-    uneven illumination. ``mode="stack"`` maps the stack's p_low..p_high to 0..1 (keeps the
-    fall-off of brightness with depth); ``"plane"`` does it per plane (undoes it). Clipped to
-    [0, 1] so that thresholds on the LoG response mean the same across stacks.
-    """
-    img = np.asarray(stack, dtype=np.float32)
-    if background_sigma:
-        img = img - ndi.gaussian_filter(img, sigma=(0, background_sigma, background_sigma))
-    if mode is None:
-        return img
-    if mode not in ("stack", "plane"):
-        raise ConfigError(f"normalize must be 'stack', 'plane' or None; found {mode!r}")
-    axis = None if mode == "stack" else (1, 2)
-    lo, hi = np.percentile(img, percentiles, axis=axis, keepdims=True)
-    scale = np.where(hi > lo, hi - lo, 1.0)
-    return np.clip((img - lo) / scale, 0.0, 1.0).astype(np.float32)
 
 
 def _log_kernel(sigma: float) -> np.ndarray:
@@ -215,13 +191,8 @@ def tune_log(
         raise MicrosegError(f"no valid parameter combination in grid {dict(grid)}")
     table = pd.DataFrame(rows)
     best_row = table.iloc[int(table["f1"].to_numpy().argmax())]
-    best = {k: _py(best_row[k]) for k in keys}
+    best = {k: to_builtin(best_row[k]) for k in keys}
     return best, table
 
 
 _TABLE_METRICS = ("precision", "recall", "f1", "tp", "fp", "fn", "n_pred")
-
-
-def _py(value: Any) -> Any:
-    """numpy scalar -> plain Python, so best params write cleanly to YAML."""
-    return value.item() if isinstance(value, np.generic) else value

@@ -32,7 +32,7 @@ from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
 from microseg.errors import AnnotationError, MicrosegError
-from microseg.evaluate.points import to_nm
+from microseg.utils.units import to_nm
 
 logger = logging.getLogger(__name__)
 

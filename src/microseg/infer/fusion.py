@@ -40,9 +40,11 @@ import pandas as pd
 from numpy.lib.stride_tricks import sliding_window_view
 
 from microseg.errors import AnnotationError, ConfigError, ShapeMismatchError
-from microseg.evaluate.points import VoxelSize, evaluate_points
+from microseg.evaluate.points import evaluate_points
 from microseg.infer.dedup import dedup_3d
 from microseg.utils.atomic import atomic_path, write_text
+from microseg.utils.convert import jsonable
+from microseg.utils.units import VoxelSize
 
 log = logging.getLogger(__name__)
 
@@ -396,18 +398,6 @@ def evaluate_fusion(
     return evaluate_points(result.dedup[["x", "y", "z"]], gt_points_df, voxel_size_nm, max_dist_nm)
 
 
-def _json_safe(v: Any) -> Any:
-    if isinstance(v, Mapping):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, np.generic):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def write_fusion_outputs(
     out_dir: str | Path,
     result: FusionResult,
@@ -440,7 +430,7 @@ def write_fusion_outputs(
         "params": result.params.to_dict(),
         "metrics": m,
     }
-    write_text(paths["results"], json.dumps(_json_safe(summary), indent=2) + "\n")
+    write_text(paths["results"], json.dumps(jsonable(summary), indent=2) + "\n")
     return paths
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from microseg.data.yolo_convert import percentile_range, to_uint8
+from microseg.data.transforms import sample_percentiles, to_uint8
 from microseg.errors import ConfigError, ShapeMismatchError
 from microseg.evaluate.points import evaluate_points
 from microseg.infer.dedup import dedup_3d
@@ -51,24 +51,6 @@ class Detector(Protocol):
 def _empty_detections() -> pd.DataFrame:
     df = pd.DataFrame({c: pd.Series(dtype=float) for c in DET_COLS})
     return df.astype({"z": np.int64})
-
-
-def sample_percentiles(
-    stack: TiffStack | np.ndarray,
-    percentiles: Sequence[float] = (1.0, 99.8),
-    max_planes: int = 16,
-    max_pixels: int = 1_000_000,
-) -> tuple[float, float]:
-    """Intensity percentiles from at most ``max_planes`` evenly spaced planes, strided in XY.
-
-    Reads those planes one at a time and keeps at most ``max_pixels`` values in all.
-    """
-    depth, height, width = (int(s) for s in stack.shape[:3])
-    zs = np.unique(np.linspace(0, depth - 1, min(depth, max_planes)).round().astype(int))
-    per_plane = max(1, max_pixels // len(zs))
-    stride = max(1, int(np.ceil(np.sqrt(height * width / per_plane))))
-    samples = [np.asarray(stack[int(z)])[::stride, ::stride].ravel() for z in zs]
-    return percentile_range(np.concatenate(samples), percentiles)
 
 
 class _PlaneCache:

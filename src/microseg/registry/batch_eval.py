@@ -57,17 +57,18 @@ from microseg.data.validate import (
     _failures,
     _fmt,
     _import_gx,
-    _jsonable,
     _run_batch,
 )
 from microseg.errors import MicrosegError, MissingFileError
 from microseg.evaluate.instances import image_scores, summarize
 from microseg.evaluate.points import evaluate_points
+from microseg.evaluate.rates import prf
 from microseg.io.png import read_image, read_png
 from microseg.io.points import read_points
 from microseg.io.tiff import SUPPORTED_DTYPES, TiffStack
 from microseg.registry import promotion, tracking
 from microseg.utils.atomic import atomic_path, write_text
+from microseg.utils.convert import jsonable
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -346,7 +347,7 @@ class _Validator:
                 values = ", ".join(f"{c}={_fmt(row[c])}" for c in f.columns if c in row)
                 reason = f"{f.signature} failed (observed {values})"
                 by_file.setdefault(Path(str(row["image_path"])).name, []).append(reason)
-        return by_file, failures, _jsonable(result.to_json_dict())
+        return by_file, failures, jsonable(result.to_json_dict(), default=str)
 
     def close(self) -> None:
         self._docs.cleanup()
@@ -464,14 +465,6 @@ def _annotation(where: Sequence[Path], names: Sequence[str]) -> Path | None:
             if (folder / name).is_file():
                 return folder / name
     return None
-
-
-def _rates(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """P/R/F1 with the empty-set conventions of :mod:`microseg.evaluate.points`."""
-    precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
-    recall = tp / (tp + fn) if tp + fn else (1.0 if fp == 0 else 0.0)
-    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0
-    return {"precision": precision, "recall": recall, "f1": f1}
 
 
 def _score_spines(
@@ -596,7 +589,7 @@ def _summary(task: str, scored: pd.DataFrame) -> dict[str, Any]:
         tp, fp, fn = (int(scored[c].sum()) for c in ("tp", "fp", "fn"))
         return {
             "n_scored": len(scored),
-            **_rates(tp, fp, fn),
+            **prf(tp, fp, fn, empty=1.0)._asdict(),
             "tp": tp,
             "fp": fp,
             "fn": fn,
@@ -749,10 +742,16 @@ def _write_reports(
         "files": table.to_dict(orient="records"),
         "great_expectations": in_json,
     }
-    write_text(result.out_dir / RESULT_NAME, json.dumps(_jsonable(report), indent=2) + "\n")
-    write_text(result.out_dir / INPUT_RESULT_NAME, json.dumps(_jsonable(inputs), indent=2) + "\n")
     write_text(
-        result.out_dir / METRICS_NAME, json.dumps(_jsonable(result.summary), indent=2) + "\n"
+        result.out_dir / RESULT_NAME, json.dumps(jsonable(report, default=str), indent=2) + "\n"
+    )
+    write_text(
+        result.out_dir / INPUT_RESULT_NAME,
+        json.dumps(jsonable(inputs, default=str), indent=2) + "\n",
+    )
+    write_text(
+        result.out_dir / METRICS_NAME,
+        json.dumps(jsonable(result.summary, default=str), indent=2) + "\n",
     )
 
 

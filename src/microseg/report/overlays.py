@@ -44,7 +44,7 @@ bundled default font (no download).
 
 **Contrast**: intensities are mapped ``lo..hi -> 0..255`` with ``lo, hi`` the ``percentiles``
 of the whole stack estimated from at most 16 evenly spaced planes, strided in XY
-(:func:`microseg.infer.yolo_predict.sample_percentiles`, the scaling the detector saw), so the
+(:func:`microseg.data.transforms.sample_percentiles`, the scaling the detector saw), so the
 stack is not read twice. Optional CLAHE follows (:func:`apply_clahe`).
 """
 
@@ -65,7 +65,7 @@ import tifffile
 from PIL import Image, ImageColor, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
-from microseg.data.yolo_convert import to_uint8
+from microseg.data.transforms import sample_percentiles, to_uint8
 from microseg.errors import (
     AnnotationError,
     ConfigError,
@@ -73,7 +73,6 @@ from microseg.errors import (
     MicrosegError,
     MissingFileError,
 )
-from microseg.infer.yolo_predict import sample_percentiles
 from microseg.io.tiff import open_stack
 from microseg.utils.atomic import atomic_path
 

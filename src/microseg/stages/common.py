@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from microseg.data.manifest import read_manifest
 from microseg.errors import MissingFileError
+from microseg.evaluate.rates import prf_counts
 from microseg.io import points as points_io
 from microseg.utils.atomic import write_text
+from microseg.utils.convert import jsonable as _jsonable
 
 
 @dataclass
@@ -59,27 +60,11 @@ def samples(prepared_dir: str | Path, split: str | None = None) -> list[Sample]:
     return out
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     """Atomic, sorted, NaN-free JSON (DVC metrics files must parse everywhere)."""
     write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
     return Path(path)
 
 
-def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
-    """Precision, recall, F1 from counts, with the empty-set convention of evaluate.points."""
-    p = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
-    r = tp / (tp + fn) if tp + fn else (1.0 if fp == 0 else 0.0)
-    f1 = 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else 1.0
-    return {"precision": p, "recall": r, "f1": f1, "tp": int(tp), "fp": int(fp), "fn": int(fn)}
+#: precision, recall, F1 and counts, with the empty-set convention of evaluate.points
+prf = partial(prf_counts, empty=1.0)

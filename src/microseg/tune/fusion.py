@@ -39,7 +39,8 @@ import pandas as pd
 import yaml
 
 from microseg.errors import AnnotationError
-from microseg.evaluate.points import VoxelSize, match_points
+from microseg.evaluate.points import match_points
+from microseg.evaluate.rates import prf_counts
 from microseg.infer.fusion import (
     AGGS,
     FusionParams,
@@ -49,6 +50,8 @@ from microseg.infer.fusion import (
 )
 from microseg.tune.storage import study as open_study
 from microseg.utils.atomic import write_text
+from microseg.utils.convert import to_builtin
+from microseg.utils.units import VoxelSize
 
 log = logging.getLogger(__name__)
 
@@ -107,19 +110,7 @@ def pooled_metrics(
         m = match_points(pred, st.gt_zyx, st.voxel_size_nm, max_dist_nm)
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
         per_stack.append(m.f1)
-    n_pred, n_gt = tp + fp, tp + fn
-    precision = tp / n_pred if n_pred else (1.0 if n_gt == 0 else 0.0)
-    recall = tp / n_gt if n_gt else (1.0 if n_pred == 0 else 0.0)
-    denom = 2 * tp + fp + fn
-    return {
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(2 * tp / denom) if denom else 1.0,
-        "tp": int(tp),
-        "fp": int(fp),
-        "fn": int(fn),
-        "f1_per_stack": per_stack,
-    }
+    return {**prf_counts(tp, fp, fn, empty=1.0), "f1_per_stack": per_stack}
 
 
 def params_from_search(values: Mapping[str, Any], base: FusionParams | None = None) -> FusionParams:
@@ -209,7 +200,7 @@ def write_best_params(path: str | Path, best: Mapping[str, Any]) -> Path:
     The values are checked against :class:`FusionParams` first, so a bad file is never written.
     """
     FusionParams.from_dict(best)
-    plain = {str(k): (v.item() if isinstance(v, np.generic) else v) for k, v in best.items()}
+    plain = {str(k): to_builtin(v) for k, v in best.items()}
     write_text(path, yaml.safe_dump(plain, sort_keys=False))
     return Path(path)
 

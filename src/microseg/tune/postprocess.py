@@ -20,7 +20,9 @@ import pandas as pd
 
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import image_scores, threshold_key
+from microseg.evaluate.rates import prf
 from microseg.infer.watershed import PostprocessConfig, probs_to_instances
+from microseg.utils.convert import to_builtin
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ def pooled_f1(
         s = image_scores(gt, probs_to_instances(p, cfg), (threshold,), dsb_thresholds=(),
                          with_rand=False)  # fmt: skip
         tp, fp, fn = tp + s[f"tp_{key}"], fp + s[f"fp_{key}"], fn + s[f"fn_{key}"]
-    return (2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0), tp, fp, fn
+    return prf(tp, fp, fn, empty=0.0).f1, tp, fp, fn
 
 
 def search_postprocess(
@@ -73,11 +75,7 @@ def search_postprocess(
     table = pd.DataFrame(rows)
     best = int(np.argmax(table["f1"].to_numpy()))  # first maximum
     chosen = replace(base, **{k: table.iloc[best][k] for k in asdict(base)})
-    chosen = PostprocessConfig(**{k: _plain(v) for k, v in asdict(chosen).items()})
+    chosen = PostprocessConfig(**{k: to_builtin(v) for k, v in asdict(chosen).items()})
     log.info("post-processing on validation: F1 %.4f (base %.4f) with %s",
              table["f1"].iloc[best], table["f1"].iloc[0], asdict(chosen))  # fmt: skip
     return chosen, table
-
-
-def _plain(v):
-    return v.item() if isinstance(v, np.generic) else v
