@@ -1,7 +1,8 @@
-"""Mask R-CNN training on toy nuclei: patches, targets, overfitting, checkpoints, resume."""
+"""Mask R-CNN training on toy nuclei: patches, targets, the Lightning module, resume, façade."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -14,9 +15,9 @@ from microseg.data.manifest import write_manifest
 from microseg.data.targets import TargetSample, prepare_targets
 from microseg.errors import ConfigError
 from microseg.io.tiff import write_stack
-from microseg.models.maskrcnn import MaskRCNNConfig, build_network, load_maskrcnn
-from microseg.train.hooks import HookBase
-from microseg.train.maskrcnn import (
+from microseg.models.maskrcnn import MODEL_FORMAT, MaskRCNNConfig, build_network, load_maskrcnn
+from microseg.models.maskrcnn.train import (
+    CHECKPOINT_FORMAT,
     MaskRCNNTrainConfig,
     PatchSampler,
     build_optimizer,
@@ -26,6 +27,7 @@ from microseg.train.maskrcnn import (
     train_loss,
     train_maskrcnn,
 )
+from microseg.train.hooks import HookBase
 
 #: resnet18-FPN, few sampled RoIs and proposals: one CPU step of a 64 px patch in ~1 s
 TINY_MODEL = {
@@ -70,6 +72,7 @@ def tiny_cfg(**kw) -> MaskRCNNTrainConfig:
         "warmup_steps": 0,
         "device": "cpu",
         "progress": False,
+        "num_threads": 1,
     }
     values.update(kw)
     return MaskRCNNTrainConfig.from_mapping(values)
@@ -157,29 +160,18 @@ def test_scale_patch_doubles_sizes_and_keeps_ids():
     assert set(np.unique(lab)) == {0, 3} and np.count_nonzero(lab) == 4 * 12
 
 
-def test_patch_sampler_is_reseeded_per_epoch():
+def test_patch_sampler_batches_follow_the_generator():
     cfg = tiny_cfg(patch_size=32, batch_size=2)
     sampler = PatchSampler([toy_sample(0), toy_sample(1)], cfg)
-    sampler.reseed(3)
-    a = sampler.batch()
-    sampler.reseed(3)
-    b = sampler.batch()
-    sampler.reseed(4)
-    c = sampler.batch()
+    a = sampler.batch(np.random.default_rng(3))
+    b = sampler.batch(np.random.default_rng(3))
+    c = sampler.batch(np.random.default_rng(4))
+    assert len(a[0]) == 2 and a[0][0].shape == (3, 32, 32)
+    assert set(a[1][0]) == {"boxes", "labels", "masks"}
     assert all(torch.equal(x, y) for x, y in zip(a[0], b[0], strict=True))
     assert not all(torch.equal(x, y) for x, y in zip(a[0], c[0], strict=True))
-
-
-def test_config_validation_and_flat_dict():
-    with pytest.raises(ConfigError, match="unknown"):
-        MaskRCNNTrainConfig.from_mapping({"epochz": 3})
-    with pytest.raises(ConfigError, match="optimizer"):
-        tiny_cfg(optimizer="lbfgs")
-    with pytest.raises(ConfigError, match="backbone"):
-        tiny_cfg(model={"backbone": "vgg"})
-    flat = tiny_cfg().as_dict()
-    assert flat["model.backbone"] == "resnet18" and flat["post.min_size"] == 5
-    assert flat["patch_size"] == 64 and flat["model.anchor_sizes"] == [8, 16, 32, 64, 128]
+    with pytest.raises(ConfigError, match="empty"):
+        PatchSampler([], cfg)
 
 
 # -- learning ---------------------------------------------------------------------------------
@@ -212,6 +204,98 @@ def test_overfits_a_fixed_batch_of_two_images():
     assert losses[20] < 0.7 * losses[0], losses
 
 
+# -- the engine run ---------------------------------------------------------------------------
+def test_train_writes_best_and_last_and_reports_through_hooks(tmp_path):
+    rec = Recorder()
+    result = train_maskrcnn(
+        [toy_sample(0), toy_sample(1)], [toy_sample(2, "val")], tmp_path / "run", tiny_cfg(), rec
+    )
+    assert result.epochs_completed == 2 and result.global_step == 2 and result.best_epoch == 0
+    assert rec.events[:3] == ["before_train", "ckpt:best.pt", "after_epoch"]
+    assert rec.events.count("after_epoch") == 2 and rec.events[-1] == "after_train"
+    assert rec.config["model.engine"] == "torchvision"  # resolved before training
+    for m in rec.metrics:
+        assert {"train_loss", "train_loss_mask", "lr", "val_f1_50", "val_dice"} <= set(m)
+        assert m["val_images"] == 1.0 and 0.0 <= m["val_f1_50"] <= 1.0
+    assert result.best_path == tmp_path / "run" / "best.pt"
+    best = torch.load(result.best_path, map_location="cpu", weights_only=True)
+    assert best["format"] == MODEL_FORMAT and best["train_format"] == CHECKPOINT_FORMAT
+    assert best["epoch"] == 1 and "val_f1_50" in best["metrics"]
+    _, cfg, post = load_maskrcnn(result.best_path)
+    assert cfg.backbone == "resnet18" and cfg.engine == "torchvision" and post.min_size == 5
+    last = torch.load(tmp_path / "run" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["train_format"] == CHECKPOINT_FORMAT and last["global_step"] == 2
+    # finished: a second call trains nothing and returns the same history
+    rec2 = Recorder()
+    again = train_maskrcnn([toy_sample(0)], [], tmp_path / "run", tiny_cfg(), rec2)
+    assert again.epochs_completed == 2 and rec2.events == [] and again.history == result.history
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    """A hook raising after epoch 0 leaves that epoch's last.ckpt; the resumed run ends with
+    the uninterrupted run's global step, weights and final validation metrics (to 1e-6:
+    the same float32 computations in the same order)."""
+    train, val = [toy_sample(0), toy_sample(1)], [toy_sample(2, "val")]
+    cfg = tiny_cfg()
+    with pytest.raises(RuntimeError, match="interrupted"):
+        train_maskrcnn(train, val, tmp_path / "cut", cfg, hooks=Recorder(fail_after=0))
+    rec = Recorder()
+    resumed = train_maskrcnn(train, val, tmp_path / "cut", cfg, hooks=rec)
+    assert resumed.resumed_from_epoch == 1 and rec.epochs == [1]  # epoch 0 not redone
+    assert resumed.epochs_completed == 2 and len(resumed.history) == 2
+
+    full = train_maskrcnn(train, val, tmp_path / "full", cfg)
+    assert resumed.global_step == full.global_step == 2
+    a = torch.load(tmp_path / "cut" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "full" / "last.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-6) for k in a)
+    last_r, last_f = resumed.history[-1], full.history[-1]
+    for key in ("train_loss", "val_f1_50", "val_dice"):
+        assert last_r[key] == pytest.approx(last_f[key], abs=1e-6), key
+    assert resumed.best["val_f1_50"] == pytest.approx(full.best["val_f1_50"], abs=1e-6)
+
+
+def test_early_stop_hook_ends_training_for_good(tmp_path):
+    train = [toy_sample(0)]
+    cfg = tiny_cfg(epochs=3)
+    result = train_maskrcnn(train, [], tmp_path / "run", cfg, hooks=Recorder(stop_after=0))
+    assert result.stopped_early and result.epochs_completed == 1
+    rec = Recorder()
+    again = train_maskrcnn(train, [], tmp_path / "run", cfg, hooks=rec)
+    assert again.stopped_early and rec.epochs == []
+
+
+def test_resume_refuses_another_architecture(tmp_path):
+    train = [toy_sample(0)]
+    train_maskrcnn(train, [], tmp_path / "run", tiny_cfg(epochs=1))
+    other = tiny_cfg(epochs=2, model={**TINY_MODEL, "anchor_sizes": [4, 8, 16, 32, 64]})
+    with pytest.raises(ConfigError, match="resume=False"):
+        train_maskrcnn(train, [], tmp_path / "run", other)
+    # test-time settings are not part of what was trained: the finished run is returned
+    same = tiny_cfg(epochs=1, model={**TINY_MODEL, "box_detections_per_img": 5})
+    assert train_maskrcnn(train, [], tmp_path / "run", same).epochs_completed == 1
+
+
+def test_a_non_finite_loss_skips_its_step(tmp_path, monkeypatch, caplog):
+    import microseg.models.maskrcnn.train as mt
+
+    def nan_loss(model, images, targets):
+        loss, parts = train_loss(model, images, targets)
+        return loss * float("nan"), parts
+
+    monkeypatch.setattr(mt, "train_loss", nan_loss)
+    cfg = tiny_cfg(epochs=1, steps_per_epoch=2, seed=5)
+    with caplog.at_level(logging.WARNING, logger=mt.__name__):
+        result = train_maskrcnn([toy_sample(0)], [], tmp_path / "run", cfg)
+    assert "non-finite loss" in caplog.text and result.global_step == 2
+    torch.manual_seed(cfg.seed)  # the weights the module started from
+    start = dict(build_network(cfg.model).named_parameters())
+    saved = torch.load(result.best_path, weights_only=True)["model"]
+    assert all(torch.equal(saved[k], p.detach()) for k, p in start.items())  # no step taken
+    assert "train_loss" not in result.history[0]
+
+
+# -- the registered family ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def toy_targets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("toy")
@@ -237,86 +321,25 @@ def toy_targets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "targets"
 
 
-def test_family_train_writes_checkpoints_reports_and_adopts_best(toy_targets, tmp_path):
+def test_family_trains_and_predicts_through_the_registry(toy_targets, tmp_path):
     from microseg.models import get_model
 
-    seg = get_model("maskrcnn").build(**TINY_MODEL, post={"min_size": 5})
+    family = get_model("maskrcnn")
+    assert family.trainable
+    train = {"model": TINY_MODEL, "patch_size": 64, "batch_size": 1, "warmup_steps": 0}
     rec = Recorder()
-    result = seg.train(
-        toy_targets,
-        tmp_path / "run",
-        hooks=rec,
-        epochs=1,
-        steps_per_epoch=1,
-        batch_size=1,
-        patch_size=64,
-        warmup_steps=0,
-        device="cpu",
-        progress=False,
+    result = family.train(
+        toy_targets, tmp_path / "fam", {**train, "epochs": 1, "steps_per_epoch": 1}, rec
     )
-    assert result.epochs_completed == 1 and result.best_epoch == 0
-    assert rec.events == [
-        "before_train",
-        "ckpt:last.pt",
-        "ckpt:best.pt",
-        "after_epoch",
-        "after_train",
-    ]
-    m = rec.metrics[0]
-    assert {"train_loss", "train_loss_mask", "lr", "val_f1_50", "val_dice"} <= set(m)
-    assert m["val_images"] == 1.0 and 0.0 <= m["val_f1_50"] <= 1.0
-    assert rec.config["model.engine"] == "torchvision"  # resolved before training
-    _, cfg, post = load_maskrcnn(result.best_path)
-    assert cfg.backbone == "resnet18" and post.min_size == 5
-    best = torch.load(result.best_path, weights_only=False)["model"]
-    own = seg.network.state_dict()
-    assert all(torch.equal(own[k], best[k]) for k in best)  # the family adopted best.pt
-    # finished: a second call trains nothing
-    rec2 = Recorder()
-    again = seg.train(
-        toy_targets, tmp_path / "run", hooks=rec2, epochs=1, steps_per_epoch=1,
-        batch_size=1, patch_size=64, device="cpu", progress=False,
-    )  # fmt: skip
-    assert again.epochs_completed == 1 and rec2.epochs == []
-
-
-def test_resume_refuses_another_architecture(tmp_path):
-    train = [toy_sample(0)]
-    train_maskrcnn(train, [], tmp_path / "run", tiny_cfg(epochs=1))
-    other = tiny_cfg(epochs=2, model={**TINY_MODEL, "anchor_sizes": [4, 8, 16, 32, 64]})
-    with pytest.raises(ConfigError, match="resume=False"):
-        train_maskrcnn(train, [], tmp_path / "run", other)
-    # test-time settings are not part of what was trained: the finished run is returned
-    same = tiny_cfg(epochs=1, model={**TINY_MODEL, "box_detections_per_img": 5})
-    assert train_maskrcnn(train, [], tmp_path / "run", same).epochs_completed == 1
-
-
-def test_resume_after_interruption_matches_uninterrupted(tmp_path):
-    train, val = [toy_sample(0), toy_sample(1)], []  # no validation: ~4 s less
-    cfg = tiny_cfg()
-    with pytest.raises(RuntimeError, match="interrupted"):
-        train_maskrcnn(train, val, tmp_path / "cut", cfg, hooks=Recorder(fail_after=0))
-    rec = Recorder()
-    resumed = train_maskrcnn(train, val, tmp_path / "cut", cfg, hooks=rec)
-    assert resumed.resumed_from_epoch == 1 and rec.epochs == [1]  # epoch 0 not redone
-    assert resumed.epochs_completed == 2 and len(resumed.history) == 2
-
-    full = train_maskrcnn(train, val, tmp_path / "full", cfg)
-    a = torch.load(tmp_path / "cut" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "full" / "last.pt", weights_only=False)
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-    assert a["scheduler"]["last_epoch"] == b["scheduler"]["last_epoch"] == 2
-    assert resumed.history[1]["train_loss"] == pytest.approx(full.history[1]["train_loss"])
-
-
-def test_early_stop_hook_ends_training_for_good(tmp_path):
-    train = [toy_sample(0)]
-    cfg = tiny_cfg(epochs=3)
-    result = train_maskrcnn(train, [], tmp_path / "run", cfg, hooks=Recorder(stop_after=0))
-    assert result.stopped_early and result.epochs_completed == 1
-    rec = Recorder()
-    again = train_maskrcnn(train, [], tmp_path / "run", cfg, hooks=rec)
-    assert again.stopped_early and rec.epochs == []
+    assert result.best_path == tmp_path / "fam" / "best.pt" and result.epochs_completed == 1
+    assert rec.metrics[0]["val_images"] == 1.0  # the cache's val split was validated on
+    assert rec.config["progress"] is False and rec.config["device"] == "auto"
+    seg = family.load(result.best_path, train=train, infer={"score_thresh": 0.0, "min_size": 0})
+    assert seg.post.score_thresh == 0.0 and seg.config.backbone == "resnet18"
+    image = (np.random.default_rng(0).random((64, 64)) * 255).astype(np.uint8)
+    labels, prob, scores = seg.as_predictor()(image)
+    assert labels.dtype == np.uint16 and labels.shape == image.shape and prob is None
+    assert set(scores) == set(np.unique(labels[labels > 0]).tolist())
 
 
 # -- detectron2 (only where it is installed) --------------------------------------------------
@@ -334,5 +357,5 @@ def test_detectron2_engine_trains_evaluates_and_resumes(tmp_path):
     m = rec.metrics[0]
     assert {"train_loss", "val_f1_50", "val_segm_AP", "val_segm_AP50", "val_bbox_AP"} <= set(m)
     assert (tmp_path / "run" / "detectron2" / "train_coco.json").is_file()
-    _, mcfg, _ = load_maskrcnn(result.last_path)
+    _, mcfg, _ = load_maskrcnn(result.best_path)
     assert mcfg.engine == "detectron2"

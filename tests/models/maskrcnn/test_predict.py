@@ -1,4 +1,4 @@
-"""The maskrcnn family: post-processing, tiling, mask pasting, build, save/load, engines."""
+"""Mask R-CNN prediction: post-processing, mask pasting, tiling, the predictor's type."""
 
 from __future__ import annotations
 
@@ -7,22 +7,14 @@ import pytest
 import torch
 from skimage.draw import disk
 
-from microseg.errors import ConfigError, MissingFileError
-from microseg.models import get_model
 from microseg.models.maskrcnn import (
     Detections,
-    MaskRCNNConfig,
     MaskRCNNPostConfig,
     MaskRCNNSegmenter,
-    build_network,
     detect_tiled,
-    load_local_weights,
-    load_maskrcnn,
     paste_mask,
-    resolve_engine,
     resolve_instances,
     tile_windows,
-    weights_digest,
 )
 
 #: resnet18-FPN with few proposals/detections: a CPU forward pass of a 64 px image in ~1 s
@@ -165,67 +157,14 @@ def test_tiled_detection_equals_whole_image_detection():
     assert np.array_equal(whole > 0, tiled > 0)
 
 
-# -- networks ---------------------------------------------------------------------------------
-def test_registry_and_engine_resolution(monkeypatch):
-    assert get_model("maskrcnn") is MaskRCNNSegmenter
-    import microseg.models.maskrcnn as mr
-
-    monkeypatch.setattr(mr, "detectron2_available", lambda: False)
-    assert resolve_engine("auto") == "torchvision"
-    with pytest.raises(ConfigError, match="detectron2 is not installed"):
-        resolve_engine("detectron2")
-    with pytest.raises(ConfigError, match="detectron2 is not installed"):
-        MaskRCNNSegmenter.build(engine="detectron2")
-    monkeypatch.setattr(mr, "detectron2_available", lambda: True)
-    assert resolve_engine("auto") == "detectron2"
-    with pytest.raises(ConfigError, match="engine"):
-        resolve_engine("mmdet")
-
-
-def test_config_validation():
-    with pytest.raises(ConfigError, match="anchor_sizes"):
-        MaskRCNNConfig(anchor_sizes=(8, 16))
-    with pytest.raises(ConfigError, match="backbone"):
-        MaskRCNNConfig(backbone="vit")
-    with pytest.raises(ConfigError, match="unknown"):
-        MaskRCNNConfig.from_mapping({"anchors": 3})
-    with pytest.raises(ConfigError, match="tile_overlap"):
-        MaskRCNNPostConfig(max_size=64, tile_overlap=40)
-    assert MaskRCNNConfig().trainable_layers == 5
-    assert MaskRCNNConfig(weights_path="w.pt").trainable_layers == 3
-
-
-def test_default_r50_fpn_v2_builds_without_any_download(monkeypatch):
-    from torchvision.models._api import WeightsEnum
-
-    calls = []
-    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", lambda *a, **k: calls.append(a))
-    model = build_network(MaskRCNNConfig(engine="torchvision"))
-    assert not calls
-    # the guard inside the builder: a weight enum asking for its file is refused
-    from torchvision.models import ResNet50_Weights
-
-    from microseg.models.maskrcnn import no_weight_downloads
-
-    with no_weight_downloads(), pytest.raises(ConfigError, match="never downloads"):
-        ResNet50_Weights.IMAGENET1K_V1.get_state_dict()
-    assert WeightsEnum.get_state_dict.__name__ == "get_state_dict"  # restored afterwards
-    # nuclei-sized anchors, 2 classes, enough detections for dense images, no resizing
-    assert model.rpn.anchor_generator.sizes == ((8,), (16,), (32,), (64,), (128,))
-    assert model.roi_heads.box_predictor.cls_score.out_features == 2
-    assert model.roi_heads.detections_per_img >= 300
-    x = torch.rand(3, 70, 90)
-    assert model.transform.resize(x)[0] is x
-    assert model.rpn.head.cls_logits.out_channels == 3
-
-
+# -- the network behind the family's prediction types ------------------------------------------
 def test_build_and_predict_return_the_family_prediction_type():
     seg = MaskRCNNSegmenter.build(**TINY, post={"score_thresh": 0.0, "min_size": 0})
     assert seg.engine == "torchvision"
     rng = np.random.default_rng(0)
     grey = (rng.random((64, 72)) * 255).astype(np.uint8)
     colour = (rng.random((48, 40, 3)) * 255).astype(np.uint8)
-    out = seg.predict([grey, colour])
+    out = seg.predict([grey, colour], device="auto")
     assert len(out) == 2
     for (labels, scores), image in zip(out, (grey, colour), strict=True):
         assert labels.dtype == np.uint16 and labels.shape == image.shape[:2]
@@ -236,81 +175,8 @@ def test_build_and_predict_return_the_family_prediction_type():
     # predict's per-call override of the score floor
     labels, scores = seg.predict([grey], score_thresh=1.0)[0]
     assert labels.max() == 0 and scores.size == 0
-
-
-def test_save_load_round_trip_gives_identical_predictions(tmp_path):
-    torch.manual_seed(1)
-    seg = MaskRCNNSegmenter.build(**TINY, post={"score_thresh": 0.0, "min_size": 0})
-    image = (np.random.default_rng(1).random((64, 64)) * 255).astype(np.uint8)
-    before = seg.predict([image])[0]
-    path = seg.save(tmp_path / "m" / "model.pt")
-    assert sorted(p.name for p in path.parent.iterdir()) == ["model.pt"]  # atomic, no temp
-    again = MaskRCNNSegmenter.load(path)
-    assert again.config == seg.config and again.post == seg.post
-    assert weights_digest(again.network) == weights_digest(seg.network)
-    after = again.predict([image])[0]
-    assert np.array_equal(before[0], after[0]) and np.array_equal(before[1], after[1])
-    assert before[0].max() > 0
-    # inference keys given to load override the stored post-processing
-    strict = MaskRCNNSegmenter.load(path, score_thresh=1.0, map_location="cpu")
-    assert strict.post.score_thresh == 1.0 and strict.post.min_size == 0
-    assert strict.predict([image])[0][0].max() == 0
-    with pytest.raises(ConfigError, match="unknown"):
-        MaskRCNNSegmenter.load(path, roi=128)
-    net, cfg, post = load_maskrcnn(path)
-    assert cfg.backbone == "resnet18" and post.min_size == 0 and not net.training
-
-
-def test_local_weights_are_loaded_by_name_and_shape(tmp_path):
-    torch.manual_seed(2)
-    a = build_network(MaskRCNNConfig(**TINY))
-    path = tmp_path / "w.pt"
-    state = a.state_dict()
-    state["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(91, 1024)  # COCO head
-    torch.save({"model": state}, path)
-    b = build_network(MaskRCNNConfig(**TINY, weights_path=str(path)))
-    loaded, skipped = load_local_weights(build_network(MaskRCNNConfig(**TINY)), path)
-    assert skipped == 1 and loaded == len(state) - 1
-    sb = b.state_dict()
-    assert torch.equal(
-        sb["backbone.body.conv1.weight"], a.state_dict()["backbone.body.conv1.weight"]
-    )
-    assert not torch.equal(
-        sb["roi_heads.box_predictor.cls_score.weight"],
-        a.state_dict()["roi_heads.box_predictor.cls_score.weight"],
-    )
-    # with weights, 3 trainable stages by default: conv1 and layer1 are frozen
-    frozen = {n for n, p in b.backbone.body.named_parameters() if not p.requires_grad}
-    assert any(n.startswith("layer1") for n in frozen) and "conv1.weight" in frozen
-    assert not any(n.startswith("layer2") for n in frozen)
-    with pytest.raises(MissingFileError):
-        build_network(MaskRCNNConfig(**TINY, weights_path=str(tmp_path / "nope.pt")))
-
-
-# -- detectron2 (only where it is installed) --------------------------------------------------
-def test_detectron2_engine_builds_and_predicts_the_same_type(tmp_path):
-    pytest.importorskip("detectron2")
-    tiny = {**TINY, "engine": "detectron2"}
-    seg = MaskRCNNSegmenter.build(**tiny, post={"score_thresh": 0.0, "min_size": 0})
-    assert seg.engine == "detectron2"
-    image = (np.random.default_rng(0).random((64, 80)) * 255).astype(np.uint8)
-    labels, scores = seg.predict([image])[0]
-    assert labels.dtype == np.uint16 and labels.shape == (64, 80)
-    assert scores.shape == (labels.max(),) and np.all(np.diff(scores) <= 0)
-    assert labels.max() > 0
-    path = seg.save(tmp_path / "d2.pt")
-    again = MaskRCNNSegmenter.load(path)
-    assert again.engine == "detectron2"
-    l2, s2 = again.predict([image])[0]
-    assert np.array_equal(labels, l2) and np.array_equal(scores, s2)
-
-
-def test_detectron2_config_comes_from_the_model_zoo_file():
-    pytest.importorskip("detectron2")
-    from microseg.models.maskrcnn import detectron2_cfg
-
-    c = detectron2_cfg(MaskRCNNConfig(engine="detectron2"), "cpu")
-    assert c.MODEL.META_ARCHITECTURE == "GeneralizedRCNN" and c.MODEL.MASK_ON
-    assert c.MODEL.RESNETS.DEPTH == 50 and c.MODEL.WEIGHTS == ""
-    assert c.MODEL.ROI_HEADS.NUM_CLASSES == 1 and c.INPUT.MIN_SIZE_TEST == 0
-    assert c.MODEL.ANCHOR_GENERATOR.SIZES == [[8], [16], [32], [64], [128]]
+    # the stages' predictor: the same labels, no probability map, a score per id
+    labels2, prob, by_id = seg.as_predictor()(grey)
+    assert np.array_equal(labels2, out[0][0]) and prob is None
+    assert by_id == {i + 1: pytest.approx(float(s)) for i, s in enumerate(out[0][1])}
+    assert np.array_equal(seg(grey), labels2)

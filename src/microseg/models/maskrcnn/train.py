@@ -1,0 +1,397 @@
+"""The Mask R-CNN family's training on the torchvision engine: a LightningModule and
+DataModule run by the engine (:mod:`microseg.train.engine`).
+
+Input: :class:`microseg.data.targets.TargetSample` lists (``load_targets(dir, "train")`` and
+``"val"``): normalised ``CYX`` images and instance labels (the 3-class maps are not used).
+
+Patches: one random ``patch_size`` crop per draw (images smaller than a patch are zero-padded),
+with random flips on both axes and a random multiple of 90 degrees when ``augment``; instances
+cut by the crop to fewer than ``min_instance_pixels`` pixels are left out of the targets (their
+pixels count as background for the mask head). The crop is resized by the model's ``scale``
+(bilinear image, nearest labels) so training sees nuclei at the size inference does. An epoch
+is ``steps_per_epoch`` batches of ``batch_size`` patches drawn from a generator seeded by
+``(seed, epoch, rank)`` (:class:`~microseg.train.engine.EpochBatches`), which also re-seeds
+torch (the RPN and RoI samplers draw from it), so a resumed run draws what an uninterrupted
+one would.
+
+Optimisation: the loss is the sum of torchvision's five Mask R-CNN losses (RPN objectness and
+box, classifier, box regression, mask BCE; each is logged as ``train_<name>``). SGD with
+momentum (or AdamW), linear warm-up then cosine decay per step (floor 0.02), gradient-norm
+clipping (10 by default); a non-finite loss skips its step (the schedule still advances).
+Full precision by default (``precision: 32-true``), as before Lightning.
+
+Validation every ``val_every`` epochs: every val image whole through
+:func:`~microseg.models.maskrcnn.predict.predict_image` (tiled above ``post.max_size``), then
+the mean instance F1 at IoU 0.5 (``val_f1_50``, :func:`microseg.evaluate.instances.
+image_scores`) and foreground Dice; ``best.pt`` (model format ``microseg.maskrcnn/1``) holds
+the weights of the best ``val_f1_50``, ``last.ckpt`` is Lightning's resume checkpoint.
+
+The detectron2 engine keeps detectron2's own trainer
+(:mod:`microseg.models.maskrcnn.train_detectron2`); :func:`train_maskrcnn` dispatches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from microseg.data.targets import TargetSample, match_channels
+from microseg.errors import ConfigError, DataFormatError
+from microseg.evaluate.instances import image_scores
+from microseg.models.maskrcnn.config import MaskRCNNConfig, MaskRCNNPostConfig, resolve_engine
+from microseg.models.maskrcnn.network import build_network, save_maskrcnn
+from microseg.models.maskrcnn.predict import predict_image
+from microseg.train.engine import (
+    EngineConfig,
+    EpochBatches,
+    FamilyModule,
+    TrainResult,
+    batches_loader,
+    fit,
+    seed_globals,
+)
+from microseg.train.hooks import HookBase
+from microseg.train.schedules import warmup_cosine
+from microseg.utils.fields import known_fields
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "microseg.maskrcnn.train/2"
+BEST_METRIC = "val_f1_50"
+
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
+
+
+@dataclass
+class MaskRCNNTrainConfig(EngineConfig):
+    """Every knob of :func:`train_maskrcnn`: the engine's, plus ``model``/``post`` (the
+    family's configs), patches and the optimizer."""
+
+    model: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
+    post: MaskRCNNPostConfig = field(default_factory=MaskRCNNPostConfig)
+    # engine defaults of this family
+    grad_clip_norm: float | None = 10.0
+    precision: str = "32-true"
+    # data
+    patch_size: int = 256
+    batch_size: int = 4
+    augment: bool = True
+    min_instance_pixels: int = 4
+    # schedule
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    # validation
+    val_max_images: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.model, Mapping):
+            self.model = MaskRCNNConfig.from_mapping(self.model)
+        if isinstance(self.post, Mapping):
+            self.post = MaskRCNNPostConfig.from_mapping(self.post)
+        checks = {
+            "batch_size": self.batch_size >= 1,
+            "patch_size": self.patch_size >= 32,
+            "lr": self.lr > 0,
+            "optimizer": self.optimizer in ("sgd", "adamw"),
+            "warmup_steps": self.warmup_steps >= 0,
+            "min_instance_pixels": self.min_instance_pixels >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(
+                "invalid maskrcnn training config: "
+                + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            )
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> MaskRCNNTrainConfig:
+        """From a dict (e.g. a params.yaml section); unknown keys are an error."""
+        return cls(**known_fields(cls, values, "maskrcnn training"))
+
+    def as_dict(self) -> dict[str, Any]:
+        """Flat, JSON-friendly (``model.*``, ``post.*`` prefixed) for logging as params."""
+        out: dict[str, Any] = {}
+        for k, v in asdict(self).items():
+            if isinstance(v, dict):
+                out.update(
+                    {f"{k}.{kk}": list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
+                )
+            else:
+                out[k] = v
+        return out
+
+
+# -- patches ----------------------------------------------------------------------------------
+def random_patch(
+    image: np.ndarray, labels: np.ndarray, size: int, rng: np.random.Generator, augment: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """A random ``size`` crop of a ``CYX`` image and its labels (zero-padded when smaller),
+    flipped and rotated by a multiple of 90 degrees when ``augment``."""
+    h, w = labels.shape
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        image = np.pad(image, ((0, 0), (0, ph), (0, pw)))
+        labels = np.pad(labels, ((0, ph), (0, pw)))
+        h, w = labels.shape
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    image, labels = image[:, y : y + size, x : x + size], labels[y : y + size, x : x + size]
+    if augment:
+        if rng.random() < 0.5:
+            image, labels = image[:, ::-1], labels[::-1]
+        if rng.random() < 0.5:
+            image, labels = image[:, :, ::-1], labels[:, ::-1]
+        k = int(rng.integers(0, 4))
+        image, labels = np.rot90(image, k, axes=(1, 2)), np.rot90(labels, k)
+    return np.ascontiguousarray(image, np.float32), np.ascontiguousarray(labels)
+
+
+def scale_patch(
+    image: np.ndarray, labels: np.ndarray, scale: float
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``3 x H x W`` tensor and labels resized by ``scale`` (bilinear / nearest)."""
+    x = torch.from_numpy(np.ascontiguousarray(match_channels(image, 3)))
+    if scale == 1.0:
+        return x, labels
+    x = F.interpolate(x[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+    lab = torch.from_numpy(labels.astype(np.int64))[None, None].float()
+    lab = F.interpolate(lab, size=tuple(x.shape[-2:]), mode="nearest")[0, 0]
+    return x, lab.numpy().astype(labels.dtype)
+
+
+def instance_targets(labels: np.ndarray, min_pixels: int = 1) -> dict[str, torch.Tensor]:
+    """torchvision detection targets (boxes ``x0, y0, x1, y1``, labels 1, uint8 masks)."""
+    labels = np.asarray(labels)
+    ids, areas = np.unique(labels[labels > 0], return_counts=True)
+    ids = ids[areas >= min_pixels]
+    h, w = labels.shape
+    masks = np.zeros((len(ids), h, w), np.uint8)
+    boxes = np.zeros((len(ids), 4), np.float32)
+    for i, v in enumerate(ids):
+        m = labels == v
+        ys, xs = np.nonzero(m)
+        masks[i] = m
+        boxes[i] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    return {
+        "boxes": torch.from_numpy(boxes),
+        "labels": torch.ones(len(ids), dtype=torch.int64),
+        "masks": torch.from_numpy(masks),
+    }
+
+
+class PatchSampler:
+    """Batches of augmented, scaled patches drawn with the generator it is given."""
+
+    def __init__(self, samples: Sequence[TargetSample], cfg: MaskRCNNTrainConfig) -> None:
+        if not samples:
+            raise ConfigError("no training samples: the 'train' split is empty")
+        self.samples, self.cfg = list(samples), cfg
+
+    def reseed(self, seed: int) -> None:
+        """Start of an epoch: torch's global generator drives the RPN/RoI sampling."""
+        seed_globals(seed + 1)
+
+    def patch(
+        self, rng: np.random.Generator, index: int | None = None
+    ) -> tuple[torch.Tensor, np.ndarray]:
+        """One scaled patch ``(3 x P x P image, labels)`` of sample ``index`` (random if None)."""
+        if index is None:
+            index = int(rng.integers(0, len(self.samples)))
+        s = self.samples[index]
+        image, labels = random_patch(
+            np.asarray(s.image, np.float32),
+            np.asarray(s.labels),
+            self.cfg.patch_size,
+            rng,
+            self.cfg.augment,
+        )
+        return scale_patch(image, labels, self.cfg.model.scale)
+
+    def batch(self, rng: np.random.Generator) -> Batch:
+        images, targets = [], []
+        for _ in range(self.cfg.batch_size):
+            x, labels = self.patch(rng)
+            images.append(x)
+            targets.append(instance_targets(labels, self.cfg.min_instance_pixels))
+        return images, targets
+
+
+def build_optimizer(model: nn.Module, cfg: MaskRCNNTrainConfig) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW over the trainable parameters (a frozen stem stays out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
+def train_loss(
+    model: nn.Module, images: list[torch.Tensor], targets: list[dict]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed torchvision Mask R-CNN losses of one batch (model in train mode) and the parts."""
+    parts = model(images, targets)
+    return sum(parts.values()), parts
+
+
+# -- the Lightning pieces ---------------------------------------------------------------------
+class MaskRCNNDataModule(L.LightningDataModule):
+    """Random patch batches of the train samples; whole val images, one per step."""
+
+    def __init__(
+        self,
+        train_samples: Sequence[TargetSample],
+        val_samples: Sequence[TargetSample],
+        cfg: MaskRCNNTrainConfig,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.sampler = PatchSampler(train_samples, cfg)
+        val = list(val_samples)
+        self.val_samples = val if cfg.val_max_images is None else val[: cfg.val_max_images]
+        if not self.val_samples:
+            log.warning("maskrcnn: no 'val' samples; best.pt will be the last epoch")
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        s = self.sampler
+        return batches_loader(
+            EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed)
+        )
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
+        if not self.val_samples:
+            return []
+        return torch.utils.data.DataLoader(
+            self.val_samples, batch_size=None, collate_fn=_identity, num_workers=0
+        )
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class MaskRCNNModule(FamilyModule):
+    """torchvision's Mask R-CNN, its summed losses, optimizer and per-step schedule, and its
+    validation F1."""
+
+    monitor = BEST_METRIC
+    mode = "max"
+
+    def __init__(self, cfg: MaskRCNNTrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.net = build_network(cfg.model)
+
+    def forward(self, images: list[torch.Tensor], targets: list[dict] | None = None) -> Any:
+        return self.net(images, targets)
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Any:
+        images, targets = batch
+        loss, parts = train_loss(self.net, images, targets)
+        if not torch.isfinite(loss):
+            shown = {k: float(v.detach()) for k, v in parts.items()}
+            log.warning("non-finite loss at epoch %d (%s); step skipped", self.current_epoch, shown)
+            return None
+        n = len(images)
+        self.log("train_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=n)
+        for k, v in parts.items():
+            self.log(f"train_{k}", v.detach(), on_step=False, on_epoch=True, batch_size=n)
+        return loss
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        if isinstance(batch, TargetSample):  # whole val images stay numpy; predict_image moves
+            return batch  # each tile to the network's device
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def validation_step(self, sample: TargetSample, batch_idx: int) -> None:
+        cfg = self.cfg
+        labels, _ = predict_image(
+            self.net, cfg.model.engine, sample.image, cfg.model.scale, cfg.post, normalised=True
+        )
+        row = image_scores(sample.labels, labels, (0.5,), dsb_thresholds=(), with_rand=False)
+        for name, key in ((BEST_METRIC, "f1_50"), ("val_dice", "dice")):
+            self.log(name, float(row[key]), on_epoch=True, batch_size=1, sync_dist=True)
+        self.log("val_images", 1.0, on_epoch=True, reduce_fx="sum", batch_size=1, sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.cfg
+        opt = build_optimizer(self.net, cfg)
+        total = cfg.epochs * cfg.steps_per_epoch
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, warmup_cosine(total, cfg.warmup_steps, floor=0.02)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["train_format"] = CHECKPOINT_FORMAT
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("train_format") != CHECKPOINT_FORMAT:
+            raise DataFormatError(
+                f"expected a {CHECKPOINT_FORMAT} checkpoint, found something else; delete it "
+                "to start over"
+            )
+
+    def export_model(self, path: Path, metrics: Mapping[str, float]) -> None:
+        extra = {"train_format": CHECKPOINT_FORMAT, "epoch": self.current_epoch + 1}
+        save_maskrcnn(
+            self.net, path, self.cfg.model, self.cfg.post, {**extra, "metrics": dict(metrics)}
+        )
+
+    def flat_config(self) -> dict[str, Any]:
+        return self.cfg.as_dict()
+
+
+def train_maskrcnn(
+    train_samples: Sequence[TargetSample],
+    val_samples: Sequence[TargetSample],
+    out_dir: str | Path,
+    cfg: MaskRCNNTrainConfig | None = None,
+    hooks: HookBase | None = None,
+    *,
+    resume: bool = True,
+) -> TrainResult:
+    """Train Mask R-CNN: ``out_dir/best.pt`` (model format) and the resume state (torchvision:
+    ``out_dir/last.ckpt``; detectron2: its own, see ``train_detectron2``). An unfinished run is
+    continued; a finished one is returned as is unless ``cfg.epochs`` grew; ``resume=False``
+    starts over. A run of a different architecture (test-time settings aside) is refused."""
+    cfg = cfg or MaskRCNNTrainConfig()
+    engine = resolve_engine(cfg.model.engine)
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, engine=engine))
+    if engine == "detectron2":
+        from microseg.models.maskrcnn.train_detectron2 import train_detectron2
+
+        return train_detectron2(train_samples, val_samples, out_dir, cfg, hooks, resume=resume)
+    data = MaskRCNNDataModule(train_samples, val_samples, cfg)
+    log.info(
+        "maskrcnn (torchvision, %s) training: %d train / %d val images",
+        cfg.model.backbone,
+        len(data.sampler.samples),
+        len(data.val_samples),
+    )
+    L.seed_everything(cfg.seed, verbose=False)
+    module = MaskRCNNModule(cfg)
+    return fit(
+        module,
+        data,
+        cfg,
+        out_dir,
+        hooks,
+        resume=resume,
+        has_val=bool(data.val_samples),
+        model_config=cfg.model.architecture(),
+    )
