@@ -82,13 +82,9 @@ def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, 
 def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
     """Predict validation and benchmark stacks; Dice/IoU/ECE per head; DoG baseline."""
     from microseg.evaluate.calibration import calibration_summary, reliability_table
-    from microseg.evaluate.segmentation import (
-        dog_baseline,
-        segmentation_metrics,
-        threshold_sweep,
-        tune_dog,
-    )
+    from microseg.evaluate.segmentation import segmentation_metrics, threshold_sweep
     from microseg.infer.punet_predict import remove_small
+    from microseg.models.classical.dog import dog_baseline, tune_dog
     from microseg.models.punet import load_punet
     from microseg.report.figures import reliability_diagram
 
