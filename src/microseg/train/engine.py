@@ -45,7 +45,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 
 from microseg.errors import ConfigError
-from microseg.train.hooks import HookBase, Hooks
+from microseg.train.hooks import HookBase, should_stop
 from microseg.utils.atomic import atomic_path
 from microseg.utils.devices import auto_device, check_device, lightning_devices
 
@@ -249,14 +249,6 @@ def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
     return out
 
 
-def _should_stop(hook: HookBase | None) -> bool:
-    if hook is None:
-        return False
-    if getattr(hook, "should_stop", False):
-        return True
-    return isinstance(hook, Hooks) and any(_should_stop(h) for h in hook.hooks)
-
-
 class RunCallback(Callback):
     """Best export, ``last.ckpt``, ``train_state.json`` and our hook events, for every family."""
 
@@ -338,14 +330,14 @@ class RunCallback(Callback):
                 ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()),
             )
             self.hooks.after_epoch(epoch, metrics)
-        stop = _broadcast_flag(trainer, _should_stop(self.hooks))
+        stop = _broadcast_flag(trainer, should_stop(self.hooks))
         if stop and not trainer.should_stop:
             trainer.should_stop = True
             s.stopped_early = epoch + 1 < (trainer.max_epochs or 0)
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:
-        trainer.save_checkpoint(self.out_dir / LAST)
+        trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
         if trainer.is_global_zero:
             self.state.write(self.out_dir / STATE)
 

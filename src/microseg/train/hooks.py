@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+H = TypeVar("H", bound="HookBase")
 
 
 class HookBase:
@@ -49,6 +51,24 @@ class Hooks(HookBase):
     def after_train(self, best: Mapping[str, float], best_path: Path | None) -> None:
         for h in self.hooks:
             h.after_train(best, best_path)
+
+
+def should_stop(hook: HookBase | None) -> bool:
+    """True when ``hook`` (or any hook inside a :class:`Hooks`) asks the loop to stop."""
+    if hook is None:
+        return False
+    if getattr(hook, "should_stop", False):
+        return True
+    return isinstance(hook, Hooks) and any(should_stop(h) for h in hook.hooks)
+
+
+def find_hooks(hook: HookBase | None, kind: type[H]) -> list[H]:
+    """Every hook of type ``kind`` in ``hook`` (walking nested :class:`Hooks`)."""
+    if isinstance(hook, kind):
+        return [hook]
+    if isinstance(hook, Hooks):
+        return [found for h in hook.hooks for found in find_hooks(h, kind)]
+    return []
 
 
 class EarlyStopping(HookBase):

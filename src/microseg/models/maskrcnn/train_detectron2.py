@@ -42,8 +42,8 @@ from microseg.models.maskrcnn.train import (
     scale_patch,
 )
 from microseg.train.checkpoint import load_checkpoint, save_checkpoint
-from microseg.train.engine import TrainResult, _should_stop
-from microseg.train.hooks import EarlyStopping, HookBase
+from microseg.train.engine import TrainResult
+from microseg.train.hooks import EarlyStopping, HookBase, should_stop
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +450,7 @@ def _train_detectron2(
                 )
                 hooks.after_checkpoint(best_path, True)
             hooks.after_epoch(epoch, metrics)
-            if not stopped and _should_stop(hooks):
+            if not stopped and should_stop(hooks):
                 stopped = True
                 payload["stopped_early"] = True
                 save_checkpoint(last_path, payload)

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from microseg.train.hooks import HookBase, Hooks
+from microseg.train.hooks import HookBase, should_stop
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +133,6 @@ def train_config(trainer: Any) -> dict[str, Any]:
     return out
 
 
-def _wants_stop(hook: HookBase) -> bool:
-    if getattr(hook, "should_stop", False):
-        return True
-    if isinstance(hook, Hooks):
-        return any(_wants_stop(h) for h in hook.hooks)
-    return False
-
-
 class UltralyticsHookBridge:
     """Holds the per-run state of the translation (which ``on_fit_epoch_end`` is an epoch)."""
 
@@ -168,7 +160,7 @@ class UltralyticsHookBridge:
             return
         self.in_epoch = False
         self.hooks.after_epoch(int(trainer.epoch), epoch_metrics(trainer))
-        if _wants_stop(self.hooks):
+        if should_stop(self.hooks):
             log.info("a training hook asked to stop after epoch %d", trainer.epoch)
             trainer.stop = True
 
