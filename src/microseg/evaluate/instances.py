@@ -461,6 +461,13 @@ def image_scores(
     return row
 
 
+def validation_scores(gt: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """What training validates on per image: instance F1 at IoU 0.5 (one-to-one matching)
+    and pixel foreground Dice, named as the training loops log them."""
+    row = image_scores(gt, pred, (0.5,), dsb_thresholds=(), with_rand=False)
+    return {"val_f1_50": float(row["f1_50"]), "val_dice": float(row["dice"])}
+
+
 def summarize(
     per_image: pd.DataFrame, thresholds: Sequence[float] = DEFAULT_THRESHOLDS
 ) -> dict[str, float]:

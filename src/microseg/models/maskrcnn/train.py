@@ -46,22 +46,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from microseg.data.targets import TargetSample, match_channels
-from microseg.errors import ConfigError, DataFormatError
-from microseg.evaluate.instances import image_scores
+from microseg.errors import ConfigError
+from microseg.evaluate.instances import validation_scores
 from microseg.models.maskrcnn.config import MaskRCNNConfig, MaskRCNNPostConfig, resolve_engine
 from microseg.models.maskrcnn.network import build_network, save_maskrcnn
 from microseg.models.maskrcnn.predict import predict_image
 from microseg.train.engine import (
     EngineConfig,
-    EpochBatches,
     FamilyModule,
+    SampledDataModule,
     TrainResult,
-    batches_loader,
     fit,
+    per_step_schedule,
     seed_globals,
 )
 from microseg.train.hooks import HookBase
-from microseg.train.schedules import warmup_cosine
 from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
@@ -247,7 +246,7 @@ def train_loss(
 
 
 # -- the Lightning pieces ---------------------------------------------------------------------
-class MaskRCNNDataModule(L.LightningDataModule):
+class MaskRCNNDataModule(SampledDataModule):
     """Random patch batches of the train samples; whole val images, one per step."""
 
     def __init__(
@@ -264,23 +263,6 @@ class MaskRCNNDataModule(L.LightningDataModule):
         if not self.val_samples:
             log.warning("maskrcnn: no 'val' samples; best.pt will be the last epoch")
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        s = self.sampler
-        return batches_loader(
-            EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed)
-        )
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
-        if not self.val_samples:
-            return []
-        return torch.utils.data.DataLoader(
-            self.val_samples, batch_size=None, collate_fn=_identity, num_workers=0
-        )
-
-
-def _identity(x: Any) -> Any:
-    return x
-
 
 class MaskRCNNModule(FamilyModule):
     """torchvision's Mask R-CNN, its summed losses, optimizer and per-step schedule, and its
@@ -288,6 +270,7 @@ class MaskRCNNModule(FamilyModule):
 
     monitor = BEST_METRIC
     mode = "max"
+    checkpoint_format = CHECKPOINT_FORMAT
 
     def __init__(self, cfg: MaskRCNNTrainConfig) -> None:
         super().__init__()
@@ -310,50 +293,24 @@ class MaskRCNNModule(FamilyModule):
             self.log(f"train_{k}", v.detach(), on_step=False, on_epoch=True, batch_size=n)
         return loss
 
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        if isinstance(batch, TargetSample):  # whole val images stay numpy; predict_image moves
-            return batch  # each tile to the network's device
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
-
     def validation_step(self, sample: TargetSample, batch_idx: int) -> None:
         cfg = self.cfg
         labels, _ = predict_image(
             self.net, cfg.model.engine, sample.image, cfg.model.scale, cfg.post, normalised=True
         )
-        row = image_scores(sample.labels, labels, (0.5,), dsb_thresholds=(), with_rand=False)
-        for name, key in ((BEST_METRIC, "f1_50"), ("val_dice", "dice")):
-            self.log(name, float(row[key]), on_epoch=True, batch_size=1, sync_dist=True)
+        self.log_val(validation_scores(sample.labels, labels))
         self.log("val_images", 1.0, on_epoch=True, reduce_fx="sum", batch_size=1, sync_dist=True)
 
     def configure_optimizers(self) -> Any:
         cfg = self.cfg
         opt = build_optimizer(self.net, cfg)
-        total = cfg.epochs * cfg.steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(total, cfg.warmup_steps, floor=0.02)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["train_format"] = CHECKPOINT_FORMAT
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("train_format") != CHECKPOINT_FORMAT:
-            raise DataFormatError(
-                f"expected a {CHECKPOINT_FORMAT} checkpoint, found something else; delete it "
-                "to start over"
-            )
+        return per_step_schedule(opt, cfg.epochs * cfg.steps_per_epoch, cfg.warmup_steps, 0.02)
 
     def export_model(self, path: Path, metrics: Mapping[str, float]) -> None:
         extra = {"train_format": CHECKPOINT_FORMAT, "epoch": self.current_epoch + 1}
         save_maskrcnn(
             self.net, path, self.cfg.model, self.cfg.post, {**extra, "metrics": dict(metrics)}
         )
-
-    def flat_config(self) -> dict[str, Any]:
-        return self.cfg.as_dict()
 
 
 def train_maskrcnn(

@@ -30,7 +30,7 @@ from torch import nn
 
 from microseg.data.targets import TargetSample, match_channels
 from microseg.errors import ConfigError
-from microseg.evaluate.instances import image_scores
+from microseg.evaluate.instances import validation_scores
 from microseg.models.maskrcnn.config import MaskRCNNConfig, MaskRCNNPostConfig, resolve_engine
 from microseg.models.maskrcnn.network import MODEL_FORMAT, detectron2_cfg
 from microseg.models.maskrcnn.predict import predict_image
@@ -88,19 +88,14 @@ def validate_maskrcnn(
     post: MaskRCNNPostConfig,
 ) -> dict[str, float]:
     """Mean instance F1@0.5 and pixel foreground Dice over whole validation images."""
-    f1s, dices = [], []
-    for s in samples:
-        labels, _ = predict_image(model, engine, s.image, scale, post, normalised=True)
-        row = image_scores(s.labels, labels, (0.5,), dsb_thresholds=(), with_rand=False)
-        f1s.append(float(row["f1_50"]))
-        dices.append(float(row["dice"]))
-    if not f1s:
+    rows = [
+        validation_scores(s.labels, predict_image(model, engine, s.image, scale, post, True)[0])
+        for s in samples
+    ]
+    if not rows:
         return {}
-    return {
-        BEST_METRIC: float(np.mean(f1s)),
-        "val_dice": float(np.mean(dices)),
-        "val_images": float(len(f1s)),
-    }
+    means = {k: float(np.mean([r[k] for r in rows])) for k in rows[0]}
+    return {**means, "val_images": float(len(rows))}
 
 
 def _result(

@@ -50,25 +50,23 @@ from monai.transforms import (
     RandShiftIntensityd,
 )
 from monai.transforms.utils import map_binary_to_indices
-from torch import nn
 
 from microseg.data.targets import TargetSample, load_targets, match_channels
-from microseg.errors import ConfigError, DataFormatError
-from microseg.evaluate.instances import image_scores
+from microseg.errors import ConfigError
+from microseg.evaluate.instances import validation_scores
 from microseg.infer.watershed import PostprocessConfig, probs_to_instances
 from microseg.models.unet.network import UnetConfig, build_unet, save_unet
 from microseg.models.unet.predict import InferConfig, predict_probs
 from microseg.train.engine import (
     EngineConfig,
-    EpochBatches,
     FamilyModule,
+    SampledDataModule,
     TrainResult,
-    batches_loader,
     fit,
+    per_step_schedule,
     seed_globals,
 )
 from microseg.train.hooks import HookBase
-from microseg.train.schedules import warmup_cosine
 from microseg.train.softmax_losses import build_loss
 from microseg.utils.fields import known_fields
 
@@ -164,29 +162,6 @@ class UnetTrainConfig(EngineConfig):
 
 
 # -- validation -------------------------------------------------------------------------------
-@torch.no_grad()
-def validate_unet(
-    model: nn.Module,
-    samples: Sequence[TargetSample],
-    cfg: InferConfig,
-) -> dict[str, float]:
-    """Mean instance F1@0.5 and pixel foreground Dice over whole validation images."""
-    f1s, dices = [], []
-    for s in samples:
-        probs = predict_probs(model, s.image, cfg, normalised=True)
-        labels = probs_to_instances(probs, cfg.post)
-        row = image_scores(s.labels, labels, (0.5,), dsb_thresholds=(), with_rand=False)
-        f1s.append(float(row["f1_50"]))
-        dices.append(float(row["dice"]))
-    if not f1s:
-        return {}
-    return {
-        BEST_METRIC: float(np.mean(f1s)),
-        "val_dice": float(np.mean(dices)),
-        "val_images": float(len(f1s)),
-    }
-
-
 # -- data -------------------------------------------------------------------------------------
 def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
     h, w = a.shape[-2:]
@@ -296,7 +271,7 @@ class PatchSampler:
 
 
 # -- the Lightning pieces ---------------------------------------------------------------------
-class UnetDataModule(L.LightningDataModule):
+class UnetDataModule(SampledDataModule):
     """Random patch batches of the train split; whole val images, one per step."""
 
     def __init__(self, targets_dir: str | Path, cfg: UnetTrainConfig) -> None:
@@ -323,30 +298,13 @@ class UnetDataModule(L.LightningDataModule):
             cfg.model.arch,
         )
 
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        assert self.sampler is not None
-        s = self.sampler
-        return batches_loader(
-            EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed)
-        )
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
-        if not self.val_samples:
-            return []
-        return torch.utils.data.DataLoader(
-            self.val_samples, batch_size=None, collate_fn=_identity, num_workers=0
-        )
-
-
-def _identity(x: Any) -> Any:
-    return x
-
 
 class UnetModule(FamilyModule):
     """The 3-class U-Net, its loss, optimizer and per-step schedule, and its validation."""
 
     monitor = BEST_METRIC
     mode = "max"
+    checkpoint_format = CHECKPOINT_FORMAT
 
     def __init__(self, cfg: UnetTrainConfig) -> None:
         super().__init__()
@@ -366,45 +324,21 @@ class UnetModule(FamilyModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True, batch_size=self.cfg.batch_size)
         return loss
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
-        if isinstance(batch, TargetSample):  # whole val images stay numpy; the predictor moves
-            return batch  # each window to the network's device
-        return super().transfer_batch_to_device(batch, device, idx)
-
     def validation_step(self, sample: TargetSample, batch_idx: int) -> None:
         probs = predict_probs(self.net, sample.image, self.infer_cfg, normalised=True)
         labels = probs_to_instances(probs, self.infer_cfg.post)
-        row = image_scores(sample.labels, labels, (0.5,), dsb_thresholds=(), with_rand=False)
-        for name, key in ((BEST_METRIC, "f1_50"), ("val_dice", "dice")):
-            self.log(name, float(row[key]), on_epoch=True, batch_size=1, sync_dist=True)
+        self.log_val(validation_scores(sample.labels, labels))
 
     def configure_optimizers(self) -> Any:
         cfg = self.cfg
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        total = cfg.epochs * cfg.steps_per_epoch
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, warmup_cosine(total, cfg.warmup_steps, floor=0.02)
-        )
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["train_format"] = CHECKPOINT_FORMAT
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("train_format") != CHECKPOINT_FORMAT:
-            raise DataFormatError(
-                f"expected a {CHECKPOINT_FORMAT} checkpoint, found something else; delete it "
-                "to start over"
-            )
+        return per_step_schedule(opt, cfg.epochs * cfg.steps_per_epoch, cfg.warmup_steps, 0.02)
 
     def export_model(self, path: Path, metrics: Mapping[str, float]) -> None:
         extra = {"train_format": CHECKPOINT_FORMAT, "epoch": self.current_epoch + 1}
         save_unet(
             self.net, path, self.cfg.model, self.cfg.post, {**extra, "metrics": dict(metrics)}
         )
-
-    def flat_config(self) -> dict[str, Any]:
-        return self.cfg.as_dict()
 
 
 def train_unet(
