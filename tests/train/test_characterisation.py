@@ -34,9 +34,9 @@ from microseg.io.d3set import D3Set, meta_row
 from microseg.io.tiff import write_stack
 
 # -- the training API: the only lines that know it -----------------------------------------
-from microseg.train.maskrcnn import MaskRCNNTrainConfig, train_maskrcnn
+from microseg.models.maskrcnn.train import MaskRCNNTrainConfig, train_maskrcnn
 from microseg.train.punet import PunetTrainConfig, train_punet
-from microseg.train.unet import UnetTrainConfig, train_unet
+from microseg.models.unet.train import UnetTrainConfig, train_unet
 
 PINNED = Path(__file__).resolve().parents[1] / "data" / "characterisation.json"
 PINNED_SEED = 0
