@@ -1,7 +1,7 @@
 """data/transforms.py reproduces every normalisation it replaced, bit for bit.
 
 The ``_old_*`` functions are the implementations as they were at commit 610e2b0 (the call
-sites in data/targets.py, data/patches.py, data/yolo_convert.py, evaluate/segmentation.py and
+sites in data/targets.py, data/patches.py, data/yolo_convert.py, models/classical/dog.py and
 infer/blobs.py); each is pinned against the function that now serves that call site.
 """
 
@@ -155,14 +155,14 @@ def test_spine_stack_normalisations_unchanged(name: str, q: tuple[float, float])
 
 def test_old_import_paths_are_the_new_functions() -> None:
     from microseg.data import patches, targets, yolo_convert
-    from microseg.evaluate import segmentation
+    from microseg.models.classical import dog
     from microseg.infer import blobs, yolo_predict
 
     for module, names in (
         (targets, ("to_chw", "percentile_normalise", "match_channels")),
         (patches, ("intensity_range", "normalize")),
         (yolo_convert, ("percentile_range", "to_uint8")),
-        (segmentation, ("normalise_percentiles",)),
+        (dog, ("normalise_percentiles",)),
         (blobs, ("normalize_stack",)),
         (yolo_predict, ("sample_percentiles",)),
     ):
