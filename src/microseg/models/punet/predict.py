@@ -39,8 +39,9 @@ from tqdm.auto import tqdm
 from microseg.data.patches import DEFAULT_PERCENTILES, context_planes, intensity_range, normalize
 from microseg.errors import ShapeMismatchError
 from microseg.io.tiff import write_stack
-from microseg.models.punet import HEADS, ProbUNet, pad_to_multiple
+from microseg.models.punet.network import HEADS, ProbUNet, pad_to_multiple
 from microseg.utils.atomic import write_text
+from microseg.utils.devices import model_device
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,8 @@ def predict_stack_punet(
             ``<stat>_<head>`` for stat in :data:`STATS`.
         on_samples: called as ``on_samples(z, {head: (S, Y, X) float32 probabilities})``;
             whole-plane mode only (holds ``batch_planes * S`` planes per head meanwhile).
-        device: where to run; the model is moved there (default: where it is).
+        device: ``auto | cpu | cuda[:N] | mps``; the model is moved there. ``auto`` (or
+            ``None``): the accelerator the model already sits on, else the best one here.
 
     Returns:
         ``{"prob_spine", "prob_dendrite", "sum_p_spine", "sum_p2_spine",
@@ -232,9 +234,8 @@ def predict_stack_punet(
         raise ShapeMismatchError(f"expected a ZYX stack, found shape {shape}")
     if on_samples is not None and tile is not None:
         raise ValueError("on_samples needs whole-plane inference (tile=None)")
-    if device is not None:
-        model.to(device)
-    device = next(model.parameters()).device
+    device = model_device(model, str(device) if device is not None else "auto")
+    model.to(device)
     model.eval()
     context = (model.in_channels - 1) // 2
     lo, hi = intensity or intensity_range(stack, percentiles, max_planes=16)

@@ -1,60 +1,81 @@
-"""Training loop for the Probabilistic U-Net on DeepD3 ``.d3set`` files.
+"""The Prob-UNet family's training: a LightningModule and DataModule on DeepD3 ``.d3set`` files.
 
-One epoch = ``steps_per_epoch`` batches of random patches (:class:`PatchDataset`), then a
-deterministic validation on whole planes of the validation stacks with the prior mean
-latent (or the mean probability of a few prior samples): spine and dendrite Dice, precision
-and recall at probability 0.5. The checkpoint with the best validation spine Dice is
-``best.pt``; ``last.pt`` is rewritten after every epoch. Both hold model, optimizer,
-scheduler, GECO state, epoch, best metrics, history and RNG states, and are written
-atomically. Calling :func:`train_punet` again on the same ``out_dir`` continues from
-``last.pt`` where the previous call stopped (after a crash, a kill or an exception from a
-hook), with the same optimizer state and RNG streams, so an interrupted and resumed run ends
-with the same weights as an uninterrupted one.
+The engine (:mod:`microseg.train.engine`) runs it: ``out_dir/last.ckpt`` (resume), devices,
+precision, DDP, gradient clipping and early stopping come from Lightning; ``best.pt`` is
+written in this family's model format (:func:`microseg.models.punet.network.save_punet`), so
+:func:`~microseg.models.punet.network.load_punet`, the predictor and the MLflow pyfunc read it.
+
+One epoch = ``steps_per_epoch`` batches of ``batch_size`` random patches
+(:class:`~microseg.data.patches.PatchDataset`: foreground oversampling, MONAI augmentation).
+Each batch is keyed by one draw of the epoch's generator, seeded from ``(seed, epoch, rank)``
+(:class:`~microseg.train.engine.EpochBatches`), and the global generators (the latent
+``rsample``) are re-seeded from it every epoch: a resumed run draws what an uninterrupted one
+would, DDP ranks draw different patches.
 
 Loss per step: ``w_s * Tversky(spine) + w_d * Tversky(dendrite) + beta * (KL_s + KL_d)``
-with the posterior sample's logits, ``beta`` ramped linearly from 0 over
-``kl_warmup_epochs`` (or GECO: minimise KL subject to the reconstruction loss staying below
-``geco_goal``). Non-finite losses or gradients skip the step and are counted
-(``nonfinite_steps``); more than ``max_nonfinite_steps`` in one epoch raises
+with the posterior sample's logits and free bits per head, ``beta`` ramped linearly from 0
+over ``kl_warmup_epochs`` (or GECO: minimise KL subject to the reconstruction loss staying
+below ``geco_goal``). AdamW; LR: linear warm-up, then cosine decay to 5% (or ``constant``).
+Non-finite losses or gradients skip the step and are counted (``nonfinite_steps``); more than
+``max_nonfinite_steps`` in one epoch, or an epoch without a finite step, raises
 :class:`TrainingDiverged` naming the epoch.
 
-Logging reaches MLflow/Optuna only through ``hooks`` (``train.hooks.HookBase``).
+Validation every ``val_every`` epochs on whole planes of the validation stacks with the prior
+mean latent (or the mean probability of ``val_samples`` prior draws): spine and dendrite
+Dice, precision and recall at probability 0.5, pooled over all voxels. ``best.pt`` holds the
+weights with the best ``val_spine_dice``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from microseg.data.patches import (
     DEFAULT_PERCENTILES,
+    KEYS,
     LabeledStack,
     PatchDataset,
     iter_planes,
     labeled_stacks,
 )
-from microseg.errors import ConfigError, MicrosegError
+from microseg.errors import ConfigError, DataFormatError, MicrosegError
 from microseg.io.d3set import D3Set
-from microseg.models.punet import HEADS, ProbUNet, build_punet, pad_to_multiple
-from microseg.train.checkpoint import load_checkpoint, save_checkpoint
-from microseg.train.hooks import HookBase, Hooks
+from microseg.models.punet.network import (
+    HEADS,
+    ProbUNet,
+    build_punet,
+    count_parameters,
+    pad_to_multiple,
+    save_punet,
+)
+from microseg.train.engine import (
+    EngineConfig,
+    EpochBatches,
+    FamilyModule,
+    TrainResult,
+    batches_loader,
+    fit,
+    seed_globals,
+)
+from microseg.train.hooks import HookBase
 from microseg.train.losses import Geco, TverskyLoss, free_bits, linear_warmup
+from microseg.train.schedules import warmup_cosine
 from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "microseg.punet/1"
+#: ``train_format`` tag of ``last.ckpt`` and ``best.pt`` (1: the pre-Lightning ``last.pt``)
+CHECKPOINT_FORMAT = "microseg.punet.train/2"
+BEST_METRIC = "val_spine_dice"
 D3Source = D3Set | str | Path | Sequence[D3Set | str | Path]
 
 
@@ -63,8 +84,9 @@ class TrainingDiverged(MicrosegError):
 
 
 @dataclass
-class PunetTrainConfig:
-    """Every knob of :func:`train_punet`. Defaults: a CPU demo that trains in minutes.
+class PunetTrainConfig(EngineConfig):
+    """Every knob of :func:`train_punet` (the engine's, plus the family's). Defaults: a CPU
+    demo that trains in minutes.
 
     On the synthetic spine data (6 train / 2 val stacks of 32x256x256) the defaults (320
     steps of 8 patches of 128 px, 157k parameters) reach validation spine Dice 0.61 and
@@ -73,6 +95,8 @@ class PunetTrainConfig:
     ``head_convs=4``, ``dual_decoder=True``, 50 epochs of 2048 batches of 16 on a GPU.
     """
 
+    epochs: int = 8
+    steps_per_epoch: int = 40
     # model
     filters: tuple[int, ...] = (16, 32, 64)
     latent_filters: tuple[int, ...] | None = (8, 16, 32)
@@ -88,15 +112,11 @@ class PunetTrainConfig:
     fg_fraction: float = 0.5
     augment: bool = True
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
-    num_workers: int = 0
     # schedule
-    epochs: int = 8
-    steps_per_epoch: int = 40
     lr: float = 2e-3
     weight_decay: float = 1e-5
     lr_warmup_steps: int = 20
     lr_schedule: Literal["cosine", "constant"] = "cosine"
-    grad_clip_norm: float | None = 1.0
     # loss
     tversky_alpha: float = 0.3
     tversky_beta: float = 0.7
@@ -112,33 +132,26 @@ class PunetTrainConfig:
     geco_alpha: float = 0.99
     max_nonfinite_steps: int = 10
     # validation
-    val_every: int = 1
     val_batch_planes: int = 8
     val_plane_stride: int = 1
-    val_samples: int = 0  # 0 = prior mean; n > 0 = mean probability of n prior samples
-    # run
-    seed: int = 42
-    device: str = "auto"
-    num_threads: int | None = None  # torch CPU threads while training (None: leave as is)
-    progress: bool = True
+    val_samples: int = 0  # 0 = prior mean; n > 0 = mean probability of n prior draws
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         self.filters = tuple(int(f) for f in self.filters)
         if self.latent_filters is not None:
             self.latent_filters = tuple(int(f) for f in self.latent_filters)
         self.percentiles = tuple(float(p) for p in self.percentiles)  # type: ignore[assignment]
         checks = {
-            "epochs": self.epochs >= 1,
-            "steps_per_epoch": self.steps_per_epoch >= 1,
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
-            "val_every": self.val_every >= 1,
             "context": self.context >= 0,
             "fg_fraction": 0.0 <= self.fg_fraction <= 1.0,
             "kl_beta": self.kl_beta >= 0,
             "kl_schedule": self.kl_schedule in ("linear", "geco"),
             "lr_schedule": self.lr_schedule in ("cosine", "constant"),
             "filters": len(self.filters) >= 2,
+            "max_nonfinite_steps": self.max_nonfinite_steps >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -159,97 +172,27 @@ class PunetTrainConfig:
         return cls(**known_fields(cls, values, "punet training"))
 
     def model_config(self) -> dict[str, Any]:
-        """Constructor arguments of the :class:`ProbUNet` this config trains."""
-        return ProbUNet(
-            in_channels=2 * self.context + 1,
-            filters=self.filters,
-            latent_dim_spine=self.latent_dim_spine,
-            latent_dim_dendrite=self.latent_dim_dendrite,
-            head_convs=self.head_convs,
-            head_hidden=self.head_hidden,
-            dual_decoder=self.dual_decoder,
-            latent_filters=self.latent_filters,
-        ).config
+        """Constructor arguments of the :class:`ProbUNet` this config trains (built on the
+        meta device: no memory, and the random generators are left untouched)."""
+        with torch.device("meta"):
+            net = ProbUNet(
+                in_channels=2 * self.context + 1,
+                filters=self.filters,
+                latent_dim_spine=self.latent_dim_spine,
+                latent_dim_dendrite=self.latent_dim_dendrite,
+                head_convs=self.head_convs,
+                head_hidden=self.head_hidden,
+                dual_decoder=self.dual_decoder,
+                latent_filters=self.latent_filters,
+            )
+        return net.config
 
     def as_dict(self) -> dict[str, Any]:
+        """Flat and JSON-friendly (tuples as lists), for logging as params."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
-@dataclass
-class TrainResult:
-    """What a finished (or already finished) training run leaves behind."""
-
-    best: dict[str, float]
-    best_epoch: int | None
-    best_path: Path | None
-    last_path: Path
-    epochs_completed: int
-    history: list[dict[str, float]] = field(default_factory=list)
-    stopped_early: bool = False
-    resumed_from_epoch: int | None = None
-    seconds: float = 0.0
-
-
-# -- helpers --------------------------------------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _lr_lambda(cfg: PunetTrainConfig):
-    total = cfg.epochs * cfg.steps_per_epoch
-    warm = max(0, cfg.lr_warmup_steps)
-
-    def f(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if cfg.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return f
-
-
-def _iter_hooks(hook: HookBase | None):
-    if hook is None:
-        return
-    yield hook
-    if isinstance(hook, Hooks):
-        for h in hook.hooks:
-            yield from _iter_hooks(h)
-
-
-def _should_stop(hook: HookBase | None) -> bool:
-    return any(getattr(h, "should_stop", False) for h in _iter_hooks(hook))
-
-
+# -- validation -------------------------------------------------------------------------------
 def _counts(prob: torch.Tensor, target: torch.Tensor, thr: float = 0.5) -> torch.Tensor:
     pred = prob >= thr
     gt = target > 0.5
@@ -283,12 +226,12 @@ def validate_punet(
     """Dice/precision/recall per head over whole validation planes, pooled over all voxels.
 
     ``n_samples=0`` uses the prior mean latent (one deterministic pass); otherwise the mean
-    probability of ``n_samples`` prior draws from a generator seeded with ``seed``.
+    probability of ``n_samples`` prior draws from a (CPU) generator seeded with ``seed``.
     """
     was_training = model.training
     model.eval()
     device = torch.device(device)
-    gen = torch.Generator(device=device).manual_seed(seed) if n_samples else None
+    gen = torch.Generator().manual_seed(seed) if n_samples else None
     counts = {h: torch.zeros(3, dtype=torch.float64) for h in HEADS}
     batch: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
 
@@ -309,7 +252,7 @@ def validate_punet(
             "dendrite": torch.from_numpy(np.stack([b[2] for b in batch])),
         }
         for k in HEADS:
-            counts[k] += _counts(probs[k][..., :h, :w].cpu(), targets[k])
+            counts[k] += _counts(probs[k][..., :h, :w].float().cpu(), targets[k])
         batch.clear()
 
     for item in iter_planes(stacks, context=context, stride=plane_stride):
@@ -326,143 +269,250 @@ def validate_punet(
     return metrics
 
 
-# -- the loop -------------------------------------------------------------------------------
-class _PunetRun:
-    """Model, optimizer, schedule and bookkeeping of one run; checkpointable as a dict."""
+# -- data -------------------------------------------------------------------------------------
+class PatchBatches:
+    """Batches of random patches; :meth:`batch` keys each one by a draw of the epoch's
+    generator (patch ``i`` of a batch depends on ``(seed, key, i)`` only)."""
 
-    def __init__(self, cfg: PunetTrainConfig, model_config: dict[str, Any], device) -> None:
-        self.cfg, self.model_config, self.device = cfg, model_config, device
-        _seed_everything(cfg.seed)
-        self.model = build_punet(model_config).to(device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+    def __init__(self, stacks: Sequence[LabeledStack], cfg: PunetTrainConfig) -> None:
+        self.cfg = cfg
+        self.dataset = PatchDataset(
+            list(stacks),
+            patch_size=cfg.patch_size,
+            samples_per_epoch=cfg.batch_size,
+            fg_fraction=cfg.fg_fraction,
+            context=cfg.context,
+            augment=cfg.augment,
+            seed=cfg.seed,
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+
+    def reseed(self, seed: int) -> None:
+        """Start of an epoch: the global generators (latent ``rsample``) follow its seed."""
+        seed_globals(seed + 1)
+
+    def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        self.dataset.set_epoch(int(rng.integers(2**31)))
+        items = [self.dataset[i] for i in range(self.cfg.batch_size)]
+        return {k: torch.stack([item[k] for item in items]) for k in KEYS}
+
+
+def _as_list(source: D3Source) -> list[D3Set | str | Path]:
+    return [source] if isinstance(source, D3Set | str | Path) else list(source)
+
+
+def _identity(x: Any) -> Any:
+    return x
+
+
+class PunetDataModule(L.LightningDataModule):
+    """Random patch batches of the train stacks; all validation stacks in one step."""
+
+    def __init__(self, train_d3set: D3Source, val_d3set: D3Source, cfg: PunetTrainConfig) -> None:
+        super().__init__()
+        self.train_source, self.val_source, self.cfg = train_d3set, val_d3set, cfg
+        self.patches: PatchBatches | None = None
+        self.val_stacks: list[LabeledStack] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.patches is not None:
+            return
+        t0 = time.perf_counter()
+        train = labeled_stacks(_as_list(self.train_source), self.cfg.percentiles)
+        self.val_stacks = labeled_stacks(_as_list(self.val_source), self.cfg.percentiles)
+        self.patches = PatchBatches(train, self.cfg)
+        log.info(
+            "Probabilistic U-Net: %d train / %d val stacks loaded in %.1fs",
+            len(train),
+            len(self.val_stacks),
+            time.perf_counter() - t0,
+        )
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        assert self.patches is not None
+        p = self.patches
+        return batches_loader(
+            EpochBatches(p.batch, self.cfg.steps_per_epoch, self.cfg.seed, p.reseed)
+        )
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
+        if not self.val_stacks:
+            return []
+        return torch.utils.data.DataLoader(
+            [self.val_stacks], batch_size=None, collate_fn=_identity, num_workers=0
+        )
+
+
+# -- the Lightning module ---------------------------------------------------------------------
+class PunetModule(FamilyModule):
+    """The Prob-UNet, its losses and KL schedule, optimizer and per-step LR, its validation."""
+
+    monitor = BEST_METRIC
+    mode = "max"
+
+    def __init__(self, cfg: PunetTrainConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.net = build_punet(cfg.model_config())
+        self.recon_loss = TverskyLoss(cfg.tversky_alpha, cfg.tversky_beta, cfg.tversky_gamma)
         self.geco = (
             Geco(cfg.geco_goal, step_size=cfg.geco_step_size, alpha=cfg.geco_alpha)
             if cfg.kl_schedule == "geco"
             else None
         )
-        self.recon_loss = TverskyLoss(cfg.tversky_alpha, cfg.tversky_beta, cfg.tversky_gamma)
         self.kl_warmup_steps = round(cfg.kl_warmup_epochs * cfg.steps_per_epoch)
-        self.epoch = self.global_step = 0
-        self.best: dict[str, float] = {}
-        self.best_epoch: int | None = None
-        self.history: list[dict[str, float]] = []
+        #: this step's values, logged once its gradient is known to be finite
+        self._pending: dict[str, torch.Tensor | float] | None = None
+        self._skipped = False
+        self._n_ok = self._n_bad = 0
 
-    # -- checkpoints ----------------------------------------------------------------------
-    def state_dict(self, finished: bool, stopped_early: bool = False) -> dict[str, Any]:
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "model_config": self.model_config,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "geco": self.geco.state_dict() if self.geco is not None else None,
-            "epoch": self.epoch,
-            "global_step": self.global_step,
-            "best": self.best,
-            "best_epoch": self.best_epoch,
-            "history": self.history,
-            "rng": _rng_state(),
-            "train_config": self.cfg.as_dict(),
-            "finished": finished,
-            "stopped_early": stopped_early,
-        }
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> Any:
+        return self.net(x, masks)
 
-    def load_state_dict(self, ckpt: Mapping[str, Any]) -> None:
-        self.model.load_state_dict(ckpt["model"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
-        if self.geco is not None and ckpt.get("geco"):
-            self.geco.load_state_dict(ckpt["geco"])
-        self.epoch, self.global_step = int(ckpt["epoch"]), int(ckpt["global_step"])
-        self.best, self.best_epoch = dict(ckpt["best"] or {}), ckpt["best_epoch"]
-        self.history = list(ckpt["history"])
-        _set_rng_state(ckpt["rng"])
+    # -- training ---------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        super().on_train_epoch_start()
+        self._n_ok = self._n_bad = 0
 
-    # -- one step, one epoch --------------------------------------------------------------
-    def step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float] | None:
-        """One optimizer step; ``None`` when the loss or gradient was not finite (skipped)."""
-        cfg, model = self.cfg, self.model
-        x = batch["image"].to(self.device)
-        targets = {k: batch[k].to(self.device) for k in HEADS}
-        out = model(x, torch.cat([targets[k] for k in HEADS], dim=1))
-        recon_h = {k: self.recon_loss(out.logits[k], targets[k]) for k in HEADS}
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> Any:
+        cfg = self.cfg
+        self._pending, self._skipped = None, False
+        targets = {k: batch[k] for k in HEADS}
+        out = self.net(batch["image"], torch.cat([targets[k] for k in HEADS], dim=1))
+        recon_h = {k: self.recon_loss(out.logits[k].float(), targets[k]) for k in HEADS}
         recon = cfg.loss_weight_spine * recon_h["spine"]
         recon = recon + cfg.loss_weight_dendrite * recon_h["dendrite"]
         kl = out.kl or {}
-        kl_term = sum(free_bits(kl[k], cfg.kl_free_bits) for k in HEADS)
+        kl_term = sum(free_bits(kl[k].float(), cfg.kl_free_bits) for k in HEADS)
         if self.geco is not None:
             loss = self.geco.loss(recon, kl_term)
             beta = self.geco.beta
         else:
-            beta = linear_warmup(self.global_step, self.kl_warmup_steps, cfg.kl_beta)
+            # every batch counts, skipped ones too: the step of the run, resume-proof
+            step = self.current_epoch * cfg.steps_per_epoch + batch_idx
+            beta = linear_warmup(step, self.kl_warmup_steps, cfg.kl_beta)
             loss = recon + beta * kl_term
-        self.global_step += 1
         if not torch.isfinite(loss):
-            log.warning("epoch %d: non-finite loss %s, step skipped", self.epoch, loss.item())
+            self._skip(f"non-finite loss {loss.item()}")
             return None
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        # clip_grad_norm_ with an infinite limit only measures the norm
-        limit = cfg.grad_clip_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), limit)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            log.warning("epoch %d: non-finite gradient, step skipped", self.epoch)
-            return None
-        self.optimizer.step()
-        self.scheduler.step()
-        return {
-            "loss": loss.item(),
-            "recon": recon.item(),
-            "recon_spine": recon_h["spine"].item(),
-            "recon_dendrite": recon_h["dendrite"].item(),
-            "kl_spine": kl["spine"].mean().item(),
-            "kl_dendrite": kl["dendrite"].mean().item(),
+        self._pending = {
+            "train_loss": loss.detach(),
+            "train_recon": recon.detach(),
+            "train_recon_spine": recon_h["spine"].detach(),
+            "train_recon_dendrite": recon_h["dendrite"].detach(),
+            "train_kl_spine": kl["spine"].detach().mean(),
+            "train_kl_dendrite": kl["dendrite"].detach().mean(),
+            "train_kl": (kl["spine"].detach() + kl["dendrite"].detach()).mean(),
             "beta": float(beta),
         }
+        return loss
 
-    def train_epoch(self, dataset: PatchDataset) -> dict[str, float]:
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """A non-finite gradient skips the step (its gradients are dropped). Under 16-bit
+        mixed precision the grad scaler skips such steps itself."""
+        if self._pending is None or str(self.trainer.precision).startswith("16"):
+            return
+        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        if not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            self._pending = None
+            self._skip("non-finite gradient")
+
+    def _skip(self, why: str) -> None:
+        self._skipped = True
+        self._n_bad += 1
+        log.warning("epoch %d: %s, step skipped", self.current_epoch, why)
+        self._check_divergence(self._n_bad)
+
+    def _check_divergence(self, n_bad: int) -> None:
         cfg = self.cfg
-        self.model.train()
-        dataset.set_epoch(self.epoch)
-        loader = DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=False,
-            num_workers=cfg.num_workers,
-            drop_last=True,
+        if n_bad > cfg.max_nonfinite_steps:
+            msg = (
+                f"training diverged in epoch {self.current_epoch}: {n_bad} steps with a "
+                f"non-finite loss or gradient (limit {cfg.max_nonfinite_steps}); lower lr "
+                f"({cfg.lr}) or kl_beta ({cfg.kl_beta}), or check the data for NaN"
+            )
+            log.error(msg)
+            raise TrainingDiverged(msg)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        bs = self.cfg.batch_size
+        if self._pending is not None:
+            self._n_ok += 1
+            for name, value in self._pending.items():
+                self.log(name, value, on_step=False, on_epoch=True, batch_size=bs)
+        self.log(
+            "nonfinite_steps",
+            float(self._skipped),
+            on_step=False,
+            on_epoch=True,
+            reduce_fx="sum",
+            batch_size=1,
         )
-        sums: dict[str, float] = {}
-        n_ok = n_bad = 0
-        bar = tqdm(
-            loader,
-            desc=f"punet epoch {self.epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=not cfg.progress or None,
+        if batch_idx == self.cfg.steps_per_epoch - 1:  # the epoch's last batch
+            if self._n_ok == 0:  # nothing finite to report or to keep
+                self._check_divergence(self.cfg.max_nonfinite_steps + 1)
+            if self.geco is not None:
+                self.log("geco_lambda", self.geco.lam, on_step=False, on_epoch=True, batch_size=1)
+
+    def configure_optimizers(self) -> Any:
+        cfg = self.cfg
+        opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        total = cfg.epochs * cfg.steps_per_epoch
+        factor = warmup_cosine(
+            total, cfg.lr_warmup_steps, floor=0.05, constant=cfg.lr_schedule == "constant"
         )
-        for batch in bar:
-            values = self.step(batch)
-            if values is None:
-                n_bad += 1
-                _check_divergence(n_bad, cfg, self.epoch)
-                continue
-            n_ok += 1
-            for k, v in values.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{values['loss']:.3f}", kl=f"{values['kl_spine']:.2f}")
-        if n_ok == 0:
-            _check_divergence(cfg.max_nonfinite_steps + 1, cfg, self.epoch)
-        metrics = {f"train_{k}": v / n_ok for k, v in sums.items()}
-        metrics["beta"] = metrics.pop("train_beta")
-        metrics["train_kl"] = metrics["train_kl_spine"] + metrics["train_kl_dendrite"]
-        metrics["nonfinite_steps"] = float(n_bad)
-        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # -- validation -------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, index: int) -> Any:
+        if isinstance(batch, list):  # the validation stacks stay numpy; planes move per batch
+            return batch
+        return super().transfer_batch_to_device(batch, device, index)
+
+    def validation_step(self, stacks: list[LabeledStack], batch_idx: int) -> None:
+        cfg = self.cfg
+        metrics = validate_punet(
+            self.net,
+            stacks,
+            context=cfg.context,
+            batch_planes=cfg.val_batch_planes,
+            plane_stride=cfg.val_plane_stride,
+            n_samples=cfg.val_samples,
+            seed=cfg.seed,
+            device=self.device,
+        )
+        for name, value in metrics.items():
+            self.log(name, value, on_epoch=True, batch_size=1)
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["train_format"] = CHECKPOINT_FORMAT
         if self.geco is not None:
-            metrics["geco_lambda"] = self.geco.lam
-        return metrics
+            checkpoint["geco"] = self.geco.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("train_format") != CHECKPOINT_FORMAT:
+            raise DataFormatError(
+                f"expected a {CHECKPOINT_FORMAT} checkpoint, found "
+                f"{checkpoint.get('train_format')!r}; delete it to start over"
+            )
+        if self.geco is not None and checkpoint.get("geco"):
+            self.geco.load_state_dict(checkpoint["geco"])
+
+    def export_model(self, path: Path, metrics: Mapping[str, float]) -> None:
+        extra = {
+            "train_format": CHECKPOINT_FORMAT,
+            "epoch": self.current_epoch + 1,
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
+        save_punet(self.net, path, extra)
+
+    def flat_config(self) -> dict[str, Any]:
+        return {**self.cfg.as_dict(), "n_parameters": count_parameters(self.net)}
 
 
 def train_punet(
@@ -474,187 +524,24 @@ def train_punet(
     *,
     resume: bool = True,
 ) -> TrainResult:
-    """Train a :class:`ProbUNet`; checkpoints in ``out_dir/{last,best}.pt``.
+    """Train a :class:`ProbUNet`: ``out_dir/best.pt`` (model format) and ``out_dir/last.ckpt``.
 
     ``train_d3set``/``val_d3set`` are d3set paths or loaded :class:`D3Set` objects (or lists
-    of them). With ``resume`` (default) an unfinished ``out_dir/last.pt`` is continued; a
-    finished one is returned as is unless ``cfg.epochs`` grew. ``resume=False`` starts over
-    and overwrites both checkpoints.
+    of them). An unfinished run in ``out_dir`` is continued; a finished one is returned as is
+    unless ``cfg.epochs`` grew; ``resume=False`` starts over.
     """
     cfg = cfg or PunetTrainConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    model_config = cfg.model_config()
-
-    ckpt = (
-        load_checkpoint(last_path, CHECKPOINT_FORMAT, "format")
-        if resume and last_path.is_file()
-        else None
-    )
-    if ckpt is not None:
-        if ckpt["model_config"] != model_config:
-            raise ConfigError(
-                f"it holds a model built as {ckpt['model_config']}, but the config asks for "
-                f"{model_config}; delete {out_dir} or pass resume=False",
-                last_path,
-            )
-        if ckpt["epoch"] >= cfg.epochs or ckpt.get("stopped_early"):
-            log.info("%s: training finished (%d epochs); nothing to do", last_path, ckpt["epoch"])
-            return _result(ckpt, best_path, last_path)
-
-    threads_before = torch.get_num_threads()
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    try:
-        run = _PunetRun(cfg, model_config, resolve_device(cfg.device))
-        if ckpt is not None:
-            run.load_state_dict(ckpt)
-            log.info(
-                "resuming Probabilistic U-Net training from %s at epoch %d", last_path, run.epoch
-            )
-        return _train(run, train_d3set, val_d3set, hooks, last_path, best_path, ckpt is not None)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def _train(
-    run: _PunetRun,
-    train_d3set: D3Source,
-    val_d3set: D3Source,
-    hooks: HookBase | None,
-    last_path: Path,
-    best_path: Path,
-    resumed: bool,
-) -> TrainResult:
-    cfg = run.cfg
-    resumed_from = run.epoch if resumed else None
-    t0 = time.perf_counter()
-    train_stacks = labeled_stacks(_as_list(train_d3set), cfg.percentiles)
-    val_stacks = labeled_stacks(_as_list(val_d3set), cfg.percentiles)
-    dataset = PatchDataset(
-        train_stacks,
-        patch_size=cfg.patch_size,
-        samples_per_epoch=cfg.steps_per_epoch * cfg.batch_size,
-        fg_fraction=cfg.fg_fraction,
-        context=cfg.context,
-        augment=cfg.augment,
-        seed=cfg.seed,
-    )
-    n_params = sum(p.numel() for p in run.model.parameters())
-    log.info(
-        "Probabilistic U-Net: %d train / %d val stacks loaded in %.1fs; %d parameters on %s",
-        len(train_stacks),
-        len(val_stacks),
-        time.perf_counter() - t0,
-        n_params,
-        run.device,
-    )
-    if hooks is not None:
-        hooks.before_train({**cfg.as_dict(), "n_parameters": n_params})
-
-    stopped_early = False
-    while run.epoch < cfg.epochs:
-        t_epoch = time.perf_counter()
-        epoch = run.epoch
-        metrics = run.train_epoch(dataset)
-        validated = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        is_best = False
-        if validated:
-            metrics.update(
-                validate_punet(
-                    run.model,
-                    val_stacks,
-                    context=cfg.context,
-                    batch_planes=cfg.val_batch_planes,
-                    plane_stride=cfg.val_plane_stride,
-                    n_samples=cfg.val_samples,
-                    seed=cfg.seed,
-                    device=run.device,
-                )
-            )
-            is_best = not run.best or metrics["val_spine_dice"] > run.best["val_spine_dice"]
-        metrics["epoch_seconds"] = time.perf_counter() - t_epoch
-        run.history.append(metrics)
-        if is_best:
-            run.best, run.best_epoch = dict(metrics), epoch
-        run.epoch += 1
-        payload = run.state_dict(finished=run.epoch >= cfg.epochs)
-        save_checkpoint(last_path, payload)
-        if hooks is not None:
-            hooks.after_checkpoint(last_path, False)
-        if is_best:
-            save_checkpoint(best_path, payload)
-            if hooks is not None:
-                hooks.after_checkpoint(best_path, True)
-        _log_epoch(epoch, cfg.epochs, metrics)
-        if hooks is not None:
-            hooks.after_epoch(epoch, metrics)
-        if _should_stop(hooks):  # e.g. EarlyStopping, decided in after_epoch
-            stopped_early = True
-            if run.epoch < cfg.epochs:  # mark it finished so that a rerun does not resume
-                payload["finished"], payload["stopped_early"] = True, True
-                save_checkpoint(last_path, payload)
-            log.info("early stop after epoch %d", epoch + 1)
-            break
-
-    result = TrainResult(
-        best=run.best,
-        best_epoch=run.best_epoch,
-        best_path=best_path if best_path.is_file() else None,
-        last_path=last_path,
-        epochs_completed=len(run.history),
-        history=run.history,
-        stopped_early=stopped_early,
-        resumed_from_epoch=resumed_from,
-        seconds=time.perf_counter() - t0,
-    )
-    if hooks is not None:
-        hooks.after_train(run.best, result.best_path)
-    return result
-
-
-def _log_epoch(epoch: int, epochs: int, m: Mapping[str, float]) -> None:
-    val = (
-        f"; val spine Dice {m['val_spine_dice']:.3f}, dendrite Dice {m['val_dendrite_dice']:.3f}"
-        if "val_spine_dice" in m
-        else ""
-    )
-    log.info(
-        "epoch %d/%d: loss %.4f (recon %.4f, kl %.3f, beta %.3f)%s in %.1fs",
-        epoch + 1,
-        epochs,
-        m["train_loss"],
-        m["train_recon"],
-        m["train_kl"],
-        m["beta"],
-        val,
-        m["epoch_seconds"],
-    )
-
-
-def _as_list(source: D3Source) -> list[D3Set | str | Path]:
-    return [source] if isinstance(source, D3Set | str | Path) else list(source)
-
-
-def _check_divergence(n_bad: int, cfg: PunetTrainConfig, epoch: int) -> None:
-    if n_bad > cfg.max_nonfinite_steps:
-        msg = (
-            f"training diverged in epoch {epoch}: {n_bad} steps with a non-finite loss or "
-            f"gradient (limit {cfg.max_nonfinite_steps}); lower lr ({cfg.lr}) or kl_beta "
-            f"({cfg.kl_beta}), or check the data for NaN"
-        )
-        log.error(msg)
-        raise TrainingDiverged(msg)
-
-
-def _result(ckpt: Mapping[str, Any], best_path: Path, last_path: Path) -> TrainResult:
-    return TrainResult(
-        best=dict(ckpt["best"] or {}),
-        best_epoch=ckpt["best_epoch"],
-        best_path=best_path if best_path.is_file() else None,
-        last_path=last_path,
-        epochs_completed=int(ckpt["epoch"]),
-        history=list(ckpt["history"]),
-        stopped_early=bool(ckpt.get("stopped_early", False)),
+    data = PunetDataModule(train_d3set, val_d3set, cfg)
+    data.setup("fit")
+    L.seed_everything(cfg.seed, verbose=False)
+    module = PunetModule(cfg)
+    return fit(
+        module,
+        data,
+        cfg,
+        out_dir,
+        hooks,
+        resume=resume,
+        has_val=bool(data.val_stacks),
+        model_config=cfg.model_config(),
     )
