@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from microseg.models.punet import HEADS, ProbUNet
+from microseg.models.punet.network import HEADS, ProbUNet
 
 log = logging.getLogger("bench_punet_sampling")
 

@@ -35,7 +35,7 @@ from microseg.io.tiff import write_stack
 
 # -- the training API: the only lines that know it -----------------------------------------
 from microseg.models.maskrcnn.train import MaskRCNNTrainConfig, train_maskrcnn
-from microseg.train.punet import PunetTrainConfig, train_punet
+from microseg.models.punet.train import PunetTrainConfig, train_punet
 from microseg.models.unet.train import UnetTrainConfig, train_unet
 
 PINNED = Path(__file__).resolve().parents[1] / "data" / "characterisation.json"

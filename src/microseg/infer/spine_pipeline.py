@@ -12,7 +12,7 @@ whenever the tuned ``low_conf`` is at or above the sweep's lowest confidence (se
 :func:`yolo_conf`).
 
 The Prob-UNet probability is never held for the whole stack: planes are predicted a batch at a
-time (:func:`microseg.infer.punet_predict.predict_stack_punet` with ``collect=False``) and each
+time (:func:`microseg.models.punet.predict.predict_stack_punet` with ``collect=False``) and each
 plane's boxes are aggregated (:func:`microseg.infer.fusion.box_probability`) as it passes, so
 memory depends on the plane size, not on the depth. The numbers equal ``fuse`` on the full
 probability stack.
@@ -284,7 +284,7 @@ def streamed_box_probability(
     Equals ``box_probability(prob_spine_stack, detections, agg, quantile)`` without holding the
     stack. No boxes: the network does not run.
     """
-    from microseg.infer.punet_predict import predict_stack_punet
+    from microseg.models.punet.predict import predict_stack_punet
 
     out = np.zeros(len(detections), dtype=np.float64)
     if len(detections) == 0:

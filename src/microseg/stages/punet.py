@@ -39,8 +39,8 @@ def _targets(sample: Sample) -> dict[str, np.ndarray]:
 
 
 def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> dict[str, Any]:
+    from microseg.models.punet.train import PunetTrainConfig, train_punet
     from microseg.stages.tuning import tuned_train_config
-    from microseg.train.punet import PunetTrainConfig, train_punet
 
     cfg = PunetTrainConfig.from_mapping(tuned_train_config(params, "punet"))
     src = _source(params)
@@ -56,7 +56,7 @@ def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> 
 
 
 def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, Any]:
-    from microseg.infer.punet_predict import predict_stack_punet, write_predictions
+    from microseg.models.punet.predict import predict_stack_punet, write_predictions
 
     p = params.punet.predict
     with tiff.open_stack(sample.image_path) as stack:
@@ -83,9 +83,9 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
     """Predict validation and benchmark stacks; Dice/IoU/ECE per head; DoG baseline."""
     from microseg.evaluate.calibration import calibration_summary, reliability_table
     from microseg.evaluate.segmentation import segmentation_metrics, threshold_sweep
-    from microseg.infer.punet_predict import remove_small
     from microseg.models.classical.dog import dog_baseline, tune_dog
     from microseg.models.punet import load_punet
+    from microseg.models.punet.predict import remove_small
     from microseg.report.figures import reliability_diagram
 
     weights = MODEL_DIR / "best.pt"

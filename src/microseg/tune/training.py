@@ -279,7 +279,7 @@ def check_keys(target: str, keys: Iterable[str]) -> None:
     if "epochs" in keys:
         raise ConfigError("'epochs' is the per-trial budget of the study, not a searched knob")
     if target == "punet":
-        from microseg.train.punet import PunetTrainConfig
+        from microseg.models.punet.train import PunetTrainConfig
 
         known = {f.name for f in PunetTrainConfig.__dataclass_fields__.values()}
         bad = [k for k in keys if k not in known]
@@ -748,7 +748,7 @@ def punet_train_fn(
         return loaded["train"], loaded["val"]
 
     def run(trial_params: dict[str, Any], hooks: HookBase, trial_dir: Path) -> float:
-        from microseg.train.punet import PunetTrainConfig, train_punet
+        from microseg.models.punet.train import PunetTrainConfig, train_punet
 
         cfg = PunetTrainConfig.from_mapping(
             {**merge_tuned(base_train_cfg, trial_params), "epochs": epochs}

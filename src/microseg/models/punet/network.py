@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,8 +40,7 @@ from monai.networks.nets.basic_unet import Down, TwoConv, UpCat
 from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
-from microseg.errors import ConfigError, DataFormatError, MissingFileError
-from microseg.models import register_model
+from microseg.errors import DataFormatError, MissingFileError
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -371,22 +371,55 @@ def build_punet(config: Mapping[str, Any]) -> ProbUNet:
     return ProbUNet(**dict(config))
 
 
-def save_punet(model: ProbUNet, path: str | Path) -> Path:
-    """Write ``model_config`` + weights atomically (readable by :func:`load_punet`)."""
+def save_punet(model: ProbUNet, path: str | Path, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write ``model_config`` + weights (+ ``extra``: plain values, e.g. the validation
+    metrics of a training run) atomically; readable by :func:`load_punet`."""
     path = Path(path)
-    payload = {"format": MODEL_FORMAT, "model_config": model.config, "model": model.state_dict()}
+    payload = {
+        "format": MODEL_FORMAT,
+        "model_config": model.config,
+        "model": model.state_dict(),
+        **dict(extra or {}),
+    }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
 
 
+def _legacy_globals() -> list[Any]:
+    """NumPy arrays: what the pre-Lightning loop's ``best.pt`` (NumPy RNG state) adds to
+    tensors and plain values. Plain data too; no other class or function is let through."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _read(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(weights_only=True)``; a file of the old loop is read with NumPy arrays
+    allowed as well (MLflow models registered before the move hold one)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        with torch.serialization.safe_globals(_legacy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_punet(path: str | Path, map_location: str | torch.device = "cpu") -> ProbUNet:
-    """Load a model from a checkpoint holding ``model_config`` and ``model`` (state dict)."""
+    """A model (eval mode) from a file holding ``model_config`` and ``model`` (state dict):
+    :func:`save_punet`'s, a training run's ``best.pt``, or the pre-Lightning loop's
+    ``best.pt``/``last.pt``. Read with ``weights_only=True``: no pickled code runs."""
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("expected a Probabilistic U-Net checkpoint, found nothing", path)
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = _read(path, map_location)
+    except pickle.UnpicklingError as exc:
+        raise DataFormatError(
+            "expected a torch checkpoint of tensors and plain values, could not load it "
+            f"with weights_only=True ({str(exc).splitlines()[0]})",
+            path,
+        ) from exc
     except Exception as exc:
         raise DataFormatError(
             f"expected a torch checkpoint, could not load it ({type(exc).__name__}: {exc})",
@@ -424,56 +457,3 @@ def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
         return x
     mode = "reflect" if ph < h and pw < w else "replicate"
     return F.pad(x, (0, pw, 0, ph), mode=mode)
-
-
-# -- the registered family ------------------------------------------------------------------
-@register_model("punet")
-class PunetSegmenter:
-    """A :class:`ProbUNet` behind the ``models`` protocol (build, train, predict, save, load)."""
-
-    def __init__(self, network: ProbUNet) -> None:
-        self.network = network
-
-    @classmethod
-    def build(cls, **params: Any) -> PunetSegmenter:
-        """``ProbUNet(**params)``, e.g. ``filters``, ``latent_dim_spine``, ``dual_decoder``."""
-        return cls(ProbUNet(**params))
-
-    def train(self, data: str | Path, out_dir: str | Path, **params: Any) -> Any:
-        """:func:`microseg.train.punet.train_punet`; adopts the best weights afterwards.
-
-        ``data`` is a folder holding ``train.d3set`` and ``val.d3set`` (the synthetic spine
-        layout) or a training ``.d3set`` with ``val=<path>`` among ``params``; ``hooks=`` and
-        ``resume=`` pass through, every other key is a ``PunetTrainConfig`` field. The
-        architecture comes from this model.
-        """
-        from microseg.train.punet import PunetTrainConfig, train_punet
-
-        hooks, resume = params.pop("hooks", None), params.pop("resume", True)
-        data = Path(data)
-        val = params.pop("val", None)
-        train_path = data / "train.d3set" if data.is_dir() else data
-        val_path = Path(val) if val is not None else train_path.with_name("val.d3set")
-        arch = dict(self.network.config)
-        in_channels = arch.pop("in_channels")
-        if in_channels % 2 == 0:
-            raise ConfigError(f"in_channels must be 2 * context + 1, found {in_channels}")
-        arch["context"] = (in_channels - 1) // 2
-        cfg = PunetTrainConfig.from_mapping({**arch, **params})
-        result = train_punet(train_path, val_path, out_dir, cfg, hooks, resume=resume)
-        if result.best_path is not None:
-            self.network = load_punet(result.best_path)
-        return result
-
-    def predict(self, images: Sequence[Any], **params: Any) -> list[Any]:
-        """:func:`microseg.infer.punet_predict.predict_stack_punet` per ZYX stack."""
-        from microseg.infer.punet_predict import predict_stack_punet
-
-        return [predict_stack_punet(self.network, image, **params) for image in images]
-
-    def save(self, path: str | Path) -> Path:
-        return save_punet(self.network, path)
-
-    @classmethod
-    def load(cls, path: str | Path, **params: Any) -> PunetSegmenter:
-        return cls(load_punet(path, params.get("map_location", "cpu")))

@@ -1,4 +1,4 @@
-"""Probabilistic U-Net training loop: learning, hooks, checkpoints, resume, divergence."""
+"""Prob-UNet training on the Lightning engine: learning, hooks, checkpoints, resume, divergence."""
 
 from __future__ import annotations
 
@@ -10,17 +10,19 @@ import pandas as pd
 import pytest
 import torch
 
-import microseg.train.punet as punet_train
+import microseg.models.punet.train as punet_train
+from microseg.data.patches import labeled_stacks
 from microseg.errors import ConfigError
 from microseg.io.d3set import D3Set, meta_row
-from microseg.models.punet import load_punet
-from microseg.train.hooks import HookBase, Hooks
-from microseg.train.punet import (
+from microseg.models.punet import MODEL_FORMAT, load_punet
+from microseg.models.punet.train import (
+    CHECKPOINT_FORMAT,
     PunetTrainConfig,
     TrainingDiverged,
     train_punet,
     validate_punet,
 )
+from microseg.train.hooks import HookBase, Hooks
 
 
 def toy_d3set(n: int = 2, shape=(4, 64, 64), seed: int = 0) -> D3Set:
@@ -90,9 +92,12 @@ class Recorder(HookBase):
 
 
 class Interrupt(HookBase):
+    """A hook that raises after epoch 0 (as ``optuna.TrialPruned`` would). Not
+    ``KeyboardInterrupt``: Lightning turns that into ``sys.exit(1)`` and ignores SIGINT."""
+
     def after_epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         if epoch == 0:
-            raise KeyboardInterrupt("simulated kill after epoch 0")
+            raise RuntimeError("simulated kill after epoch 0")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +115,8 @@ def test_training_learns_a_trivial_toy(data, tmp_path: Path) -> None:
     assert result.best["val_dendrite_dice"] > 0.5  # chance level is ~0.1
     assert result.best["val_spine_dice"] > 0.3  # chance level is ~0.03
     assert result.epochs_completed == 4 and not result.stopped_early
-    assert result.best_path == tmp_path / "best.pt"
+    assert result.global_step == 4 * 12
+    assert result.best_path == tmp_path / "best.pt" and (tmp_path / "last.ckpt").is_file()
     for m in rec.metrics:
         for key in (
             "train_loss",
@@ -124,15 +130,29 @@ def test_training_learns_a_trivial_toy(data, tmp_path: Path) -> None:
             "val_dendrite_dice",
         ):
             assert np.isfinite(m[key]), key
-    assert [m["beta"] < 1.0 for m in rec.metrics][:1] == [True]  # KL warm-up ramps beta
+    assert rec.metrics[0]["beta"] < 1.0  # KL warm-up ramps beta
     assert rec.metrics[-1]["beta"] == 1.0
     assert rec.config is not None and rec.config["patch_size"] == 32
-    assert rec.checkpoints.count(("last.pt", False)) == 4
+    assert rec.config["n_parameters"] > 0
     assert ("best.pt", True) in rec.checkpoints
     assert len(rec.trained) == 1 and rec.trained[0][1] == tmp_path / "best.pt"
+    # best.pt is in the family's model format: plain data, loadable without Lightning
+    payload = torch.load(result.best_path, weights_only=True)
+    assert payload["format"] == MODEL_FORMAT and payload["train_format"] == CHECKPOINT_FORMAT
+    assert payload["epoch"] == result.best_epoch + 1
     model = load_punet(result.best_path)
-    metrics = validate_punet(model, punet_train.labeled_stacks([val]), batch_planes=3)
+    metrics = validate_punet(model, labeled_stacks([val]), batch_planes=3)
     assert metrics["val_spine_dice"] == pytest.approx(result.best["val_spine_dice"])
+
+
+def test_lr_warms_up_then_decays_to_the_floor_or_stays(data, tmp_path: Path) -> None:
+    train, val = data
+    cosine = train_punet(train, val, tmp_path / "c", tiny_cfg(lr_warmup_steps=2, epochs=2))
+    lrs = [h["lr"] for h in cosine.history]
+    assert lrs[-1] == pytest.approx(1e-2 * 0.05)  # the 5% floor at the last step
+    const = tiny_cfg(lr_warmup_steps=2, epochs=2, lr_schedule="constant")
+    flat = train_punet(train, val, tmp_path / "k", const)
+    assert [h["lr"] for h in flat.history] == pytest.approx([1e-2, 1e-2])
 
 
 def test_resume_after_interrupt_matches_uninterrupted_run(data, tmp_path: Path) -> None:
@@ -140,41 +160,32 @@ def test_resume_after_interrupt_matches_uninterrupted_run(data, tmp_path: Path) 
     cfg = tiny_cfg()
     straight = train_punet(train, val, tmp_path / "straight", cfg)
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="simulated kill"):
         train_punet(train, val, tmp_path / "resumed", cfg, Interrupt())
-    ckpt = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
-    assert ckpt["epoch"] == 1 and not ckpt["finished"]
-    saved_opt = ckpt["optimizer"]["state"]
-
-    loaded_opt = {}
-    original = torch.optim.AdamW.load_state_dict
-
-    def spy(self, state):
-        loaded_opt.update(
-            {k: {n: t.clone() for n, t in v.items()} for k, v in state["state"].items()}
-        )
-        return original(self, state)
+    ckpt = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
+    assert ckpt["train_format"] == CHECKPOINT_FORMAT
+    assert ckpt["epoch"] == 0 and ckpt["global_step"] == 3  # epoch 0 done, saved in its end
 
     rec = Recorder()
-    torch.optim.AdamW.load_state_dict = spy
-    try:
-        resumed = train_punet(train, val, tmp_path / "resumed", cfg, rec)
-    finally:
-        torch.optim.AdamW.load_state_dict = original
+    resumed = train_punet(train, val, tmp_path / "resumed", cfg, rec)
     assert resumed.resumed_from_epoch == 1
-    assert rec.epochs == [1, 2]
+    assert rec.epochs == [1, 2]  # epoch 0 is not redone
     assert resumed.epochs_completed == straight.epochs_completed == 3
-    for k, v in saved_opt.items():
-        torch.testing.assert_close(loaded_opt[k]["exp_avg"], v["exp_avg"], rtol=0, atol=0)
-    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
-    b = torch.load(tmp_path / "resumed" / "last.pt", weights_only=False)
-    for name, tensor in a["model"].items():
-        torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
-    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+    assert resumed.global_step == straight.global_step == 3 * 3
+    a = torch.load(tmp_path / "straight" / "last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "last.ckpt", weights_only=True)
+    for name, tensor in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+    assert [h["train_loss"] for h in resumed.history] == pytest.approx(
+        [h["train_loss"] for h in straight.history], rel=1e-5
+    )
+    for key in ("val_spine_dice", "val_dendrite_dice"):
+        assert resumed.history[-1][key] == pytest.approx(straight.history[-1][key], abs=1e-6)
 
     again = Recorder()
     done = train_punet(train, val, tmp_path / "resumed", cfg, again)
-    assert again.epochs == [] and done.epochs_completed == 3  # finished: nothing to do
+    assert again.epochs == [] and again.config is None  # finished: returned as it is
+    assert done.epochs_completed == 3 and done.history == resumed.history
 
 
 def test_resume_refuses_a_different_model(data, tmp_path: Path) -> None:
@@ -212,8 +223,11 @@ def test_nan_data_stops_with_an_error_naming_the_epoch(data, tmp_path: Path) -> 
         train.spines,
         train.meta,
     )
+    with pytest.raises(TrainingDiverged, match="epoch 0: 2 steps"):
+        train_punet(bad, val, tmp_path / "a", tiny_cfg(max_nonfinite_steps=1))
+    # an epoch without one finite step diverges even below the limit
     with pytest.raises(TrainingDiverged, match="epoch 0"):
-        train_punet(bad, val, tmp_path, tiny_cfg(max_nonfinite_steps=1))
+        train_punet(bad, val, tmp_path / "b", tiny_cfg(max_nonfinite_steps=5))
 
 
 def test_an_occasional_nan_step_is_skipped_and_counted(data, tmp_path, monkeypatch) -> None:
@@ -233,6 +247,26 @@ def test_an_occasional_nan_step_is_skipped_and_counted(data, tmp_path, monkeypat
     assert np.isfinite(result.history[0]["train_loss"])
 
 
+def test_a_non_finite_gradient_skips_the_step(data, tmp_path, monkeypatch) -> None:
+    train, val = data
+    real = punet_train.PunetModule.training_step
+    steps = {"n": 0}
+
+    def poisoned(self, batch, batch_idx):
+        loss = real(self, batch, batch_idx)
+        steps["n"] += 1
+        if steps["n"] == 2:  # a finite loss (+ 0) whose gradient is NaN (0 / 0)
+            w = self.net.heads["spine"].first.bias
+            loss = loss + torch.sqrt(w - w).sum()
+        return loss
+
+    monkeypatch.setattr(punet_train.PunetModule, "training_step", poisoned)
+    result = train_punet(train, val, tmp_path, tiny_cfg(epochs=1, steps_per_epoch=3))
+    assert result.history[0]["nonfinite_steps"] == 1.0
+    weights = torch.load(result.best_path, weights_only=True)["model"]
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
 def test_geco_schedule_runs_and_reports_its_multiplier(data, tmp_path: Path) -> None:
     train, val = data
     cfg = tiny_cfg(epochs=2, kl_schedule="geco", geco_goal=0.1, val_every=2)
@@ -240,7 +274,7 @@ def test_geco_schedule_runs_and_reports_its_multiplier(data, tmp_path: Path) -> 
     assert "geco_lambda" in result.history[0]
     assert "val_spine_dice" not in result.history[0]  # validated every 2nd epoch only
     assert "val_spine_dice" in result.history[1]
-    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert ckpt["geco"]["lam"] == pytest.approx(result.history[-1]["geco_lambda"])
 
 
@@ -251,6 +285,25 @@ def test_config_validation() -> None:
         PunetTrainConfig(patch_size=30)
     with pytest.raises(ConfigError, match="unknown"):
         PunetTrainConfig.from_mapping({"epochs": 2, "nope": 1})
+    with pytest.raises(ConfigError, match="device"):
+        PunetTrainConfig(device="gpu0")
     cfg = PunetTrainConfig.from_mapping({"filters": [8, 16], "context": 1})
-    assert cfg.filters == (8, 16)
+    assert cfg.filters == (8, 16) and cfg.device == "auto"
     assert cfg.model_config()["in_channels"] == 3
+
+
+def test_family_trains_through_the_registry(tmp_path: Path) -> None:
+    from microseg.io.d3set import write_d3set
+    from microseg.models import get_model
+
+    family = get_model("punet")
+    for split, seed in (("train", 0), ("val", 1)):
+        write_d3set(tmp_path / f"{split}.d3set", toy_d3set(1, shape=(2, 32, 32), seed=seed))
+    section = {k: v for k, v in tiny_cfg().as_dict().items() if k != "progress"}
+    section.update(epochs=1, steps_per_epoch=1, batch_size=2)
+    result = family.train(tmp_path, tmp_path / "run", section)
+    assert result.epochs_completed == 1 and result.best_path == tmp_path / "run" / "best.pt"
+    seg = family.load(result.best_path)
+    assert seg.network.config == tiny_cfg().model_config()
+    again = family.train(tmp_path / "train.d3set", tmp_path / "run", section)
+    assert again.history == result.history  # finished: returned as it is

@@ -12,15 +12,15 @@ import pytest
 import tifffile
 import torch
 
-from microseg.infer.punet_predict import (
+from microseg.io.tiff import open_stack, write_stack
+from microseg.models.punet.network import HEADS, ProbUNet
+from microseg.models.punet.predict import (
     bernoulli_entropy_from_logits,
     mask_name,
     predict_stack_punet,
     remove_small,
     write_predictions,
 )
-from microseg.io.tiff import open_stack, write_stack
-from microseg.models.punet import HEADS, ProbUNet
 
 VOXEL = (500.0, 94.0, 94.0)
 
@@ -194,3 +194,20 @@ def test_entropy_from_logits_is_stable() -> None:
     torch.testing.assert_close(h[1:4], expected)
     assert h[2].item() == pytest.approx(math.log(2))
     assert torch.isfinite(h).all() and h[0] < 1e-30 and h[4] < 1e-30
+
+
+def test_device_is_resolved_in_one_place(model: ProbUNet) -> None:
+    from microseg.errors import ConfigError
+
+    r = predict_stack_punet(model, stack(2), n_samples=2, device="cpu", progress=False)
+    assert r["prob_spine"].shape == (2, 40, 40)
+    with pytest.raises(ConfigError, match="device"):
+        predict_stack_punet(model, stack(2), n_samples=2, device="gpu0", progress=False)
+
+
+def test_old_import_path_is_a_re_export() -> None:
+    import microseg.infer.punet_predict as old
+    import microseg.models.punet.predict as new
+
+    assert old.predict_stack_punet is new.predict_stack_punet
+    assert old.write_predictions is new.write_predictions

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 
 from microseg.errors import DataFormatError, MissingFileError
-from microseg.models.punet import HEADS, ProbUNet, load_punet, pad_to_multiple
+from microseg.models.punet import HEADS, ProbUNet, load_punet, pad_to_multiple, save_punet
 
 TINY = {"filters": (4, 8, 16), "latent_dim_spine": 3, "latent_dim_dendrite": 2}
 
@@ -154,41 +155,45 @@ def test_load_round_trip_and_errors(model: ProbUNet, tmp_path: Path) -> None:
         load_punet(tmp_path / "junk.pt")
 
 
-def test_registered_family_builds_trains_saves_loads_predicts(tmp_path: Path) -> None:
+def test_saved_model_is_plain_data_and_loads_with_weights_only(
+    model: ProbUNet, tmp_path: Path
+) -> None:
+    path = save_punet(model, tmp_path / "best.pt", {"metrics": {"val_spine_dice": 0.5}})
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == "microseg.punet.model/1"
+    assert payload["metrics"] == {"val_spine_dice": 0.5}
+    assert load_punet(path).config == model.config
+    # the old loop's best.pt (NumPy RNG state inside) still loads; pickled classes do not
     import numpy as np
-    import pandas as pd
 
-    from microseg.io.d3set import D3Set, meta_row, write_d3set
-    from microseg.models import get_model
+    payload["rng"] = {"numpy": np.random.get_state()}
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_punet(tmp_path / "old.pt").config == model.config
+    payload["rng"] = Unsafe()
+    torch.save(payload, tmp_path / "code.pt")
+    with pytest.raises(DataFormatError, match="weights_only"):
+        load_punet(tmp_path / "code.pt")
+
+
+@dataclass
+class Unsafe:
+    """A class of this module: ``weights_only`` loading must refuse to build it."""
+
+    x: int = 1
+
+
+def test_registered_family_saves_loads_predicts(tmp_path: Path) -> None:
+    import numpy as np
+
+    from microseg.models import ModelFamily, get_model
     from microseg.models.punet import PunetSegmenter
 
     assert get_model("punet") is PunetSegmenter
-    rng = np.random.default_rng(0)
-    shape = (2, 32, 32)
-    for split in ("train", "val"):
-        mask = rng.random(shape) > 0.9
-        d3 = D3Set(
-            {"x0": rng.integers(0, 500, shape).astype(np.uint16)},
-            {"x0": mask},
-            {"x0": mask},
-            pd.DataFrame([meta_row(shape, 0.094, 0.5)]),
-        )
-        write_d3set(tmp_path / f"{split}.d3set", d3)
     family = PunetSegmenter.build(**TINY, head_convs=2)
-    result = family.train(
-        tmp_path,
-        tmp_path / "run",
-        epochs=1,
-        steps_per_epoch=1,
-        batch_size=2,
-        patch_size=32,
-        latent_filters=(4, 8),
-        progress=False,
-        num_threads=1,
-    )
-    assert result.epochs_completed == 1 and result.best_path is not None
+    assert isinstance(family, ModelFamily) and family.trainable
     saved = family.save(tmp_path / "model.pt")
-    loaded = PunetSegmenter.load(saved)
+    loaded = PunetSegmenter.load(saved, predict={"n_samples": 2})
     assert loaded.network.config == family.network.config
+    rng = np.random.default_rng(0)
     (out,) = loaded.predict([rng.integers(0, 500, (2, 32, 32)).astype(np.uint16)], n_samples=2)
     assert out["prob_spine"].shape == (2, 32, 32)
