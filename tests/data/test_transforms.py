@@ -155,8 +155,8 @@ def test_spine_stack_normalisations_unchanged(name: str, q: tuple[float, float])
 
 def test_old_import_paths_are_the_new_functions() -> None:
     from microseg.data import patches, targets, yolo_convert
-    from microseg.models.classical import dog
     from microseg.infer import blobs, yolo_predict
+    from microseg.models.classical import dog
 
     for module, names in (
         (targets, ("to_chw", "percentile_normalise", "match_channels")),
