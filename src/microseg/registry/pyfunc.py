@@ -162,6 +162,10 @@ class SpineModel(PythonModel):
         device = _device() if self.cfg.device == "auto" else self.cfg.device
         self.punet = load_punet(art["punet"], map_location=device)
 
+    def use_device(self, device: str) -> None:
+        """Predict on ``device`` from now on (``batch-eval --device``)."""
+        self.cfg = dataclasses.replace(self.cfg, device=device)
+
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
@@ -216,6 +220,12 @@ class NucleiModel(PythonModel):
         self.model, self.unet_config, post = load_unet(art["unet"], map_location=device)
         raw.setdefault("post", dataclasses.asdict(post))
         self.cfg = InferConfig.from_mapping(raw)
+
+    def use_device(self, device: str) -> None:
+        """Predict on ``device`` from now on (``batch-eval --device``)."""
+        device = _device() if device == "auto" else device
+        self.model.to(device)
+        self.cfg = dataclasses.replace(self.cfg, device=device)
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None

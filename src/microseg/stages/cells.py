@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from microseg.config import CellModelConfig, Params
 from microseg.errors import ConfigError, MissingFileError
 from microseg.io.tiff import read_stack, write_stack
-from microseg.stages.common import write_json
+from microseg.stages.common import metrics_file, torch_device, write_json
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,8 @@ def load_unet_inference(
     from microseg.train.unet import UnetTrainConfig
 
     net, _, trained_post = load_unet(weights)
+    if infer.get("device") is not None:  # e.g. from --device; else the CPU, as loaded
+        net.to(torch_device(infer["device"]))
     base = UnetTrainConfig.from_mapping(train_cfg).infer_config()
     chosen = post if post is not None else infer.get("post", trained_post)
     cfg = InferConfig.from_mapping(
@@ -237,7 +239,8 @@ def _rows(params: Params) -> pd.DataFrame:
 
 
 def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) -> dict[str, Any]:
-    """Predict the held-out split with one model; write predictions, tables and metrics."""
+    """Predict the held-out split with one model; write predictions, tables and metrics
+    (``metrics/cells/<name>.json``)."""
     from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
     from microseg.evaluate.errors_analysis import error_table
     from microseg.evaluate.instances import InstanceSample, evaluate_instances
@@ -288,7 +291,9 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
         data = to_coco(samples)
         write_coco(tmp / "coco_gt.json", data.gt)
         write_coco(tmp / "coco_results.json", data.results)
-    return {k: _num(v) for k, v in metrics.items()}
+    out = {k: _num(v) for k, v in metrics.items()}
+    write_json(metrics_file(params, f"cells/{name}"), out)
+    return out
 
 
 def _num(v: Any) -> Any:

@@ -77,6 +77,21 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def torch_device(name: str | None) -> str | None:
+    """A ``--device`` value as torch takes it: ``auto`` -> ``cuda`` when there is one, else
+    ``cpu``; None stays None (the model stays where it was loaded)."""
+    if name != "auto":
+        return name
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def metrics_file(params: Any, name: str) -> Path:
+    """A stage's DVC metrics file: ``<paths.metrics>/<name>.json``."""
+    return Path(params.paths.metrics) / f"{name}.json"
+
+
 def prf(tp: int, fp: int, fn: int) -> dict[str, float]:
     """Precision, recall, F1 from counts, with the empty-set convention of evaluate.points."""
     p = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
