@@ -250,6 +250,8 @@ def test_nuclei_config_reaches_post_processing_and_bad_input_is_named(nuclei_fil
     assert kept["n_objects"].item() >= 1 and none["n_objects"].item() == 0
     assert not read_stack(none["labels_path"].item()).any()
     m = loaded({})
+    m.use_device("cpu")  # batch-eval --device
+    assert m.cfg.device == next(m.model.parameters()).device.type == "cpu"
     with pytest.raises(ConfigError, match="out_dir"):
         m.predict(None, frame)
     with pytest.raises(MissingFileError):

@@ -158,6 +158,19 @@ def _load(uri: str, task: str | None) -> tuple[Any, str]:
     return model, task
 
 
+def _use_device(model: Any, device: str, uri: str) -> None:
+    """Move a loaded microseg model to ``device``; a version whose code predates
+    ``use_device`` (models carry their own copy of the package) says so."""
+    use = getattr(model.unwrap_python_model(), "use_device", None)
+    if use is None:
+        raise MicrosegError(
+            f"this model cannot be moved to {device!r} (its code predates --device); "
+            "run without --device: it uses the device it was logged with",
+            uri,
+        )
+    use(device)
+
+
 # ---------------------------------------------------------------------------- inputs
 
 
@@ -644,7 +657,7 @@ def batch_eval(
     load_uri, name, version = resolve_model_uri(model_uri)
     model, task = _load(load_uri, task)
     if device is not None:
-        model.unwrap_python_model().use_device(device)
+        _use_device(model, device, load_uri)
     paths = list_inputs(input_dir, task)
     logger.info("batch-eval: %d %s inputs in %s with %s", len(paths), task, input_dir, load_uri)
 
