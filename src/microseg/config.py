@@ -7,6 +7,7 @@ stages that read the changed keys.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,6 +153,9 @@ class YoloPredictConfig(_Strict):
     fusion: Literal["nms", "wbf"] = "nms"
     batch_planes: int = 8
     max_det: int = 3000
+    #: null: Ultralytics' choice (a GPU when there is one); set by ``--device``, kept out of the
+    #: logged params and their hash (where a model runs does not change what it predicts)
+    device: str | None = Field(None, exclude=True)
 
 
 class YoloSweepConfig(_Strict):
@@ -186,10 +190,13 @@ class PunetPredictConfig(_Strict):
     batch_planes: int = 4
     size_thr: int = 40
     prob_thr: float = 0.5
+    #: null: where the weights load (the CPU); set by ``--device``, kept out of the logged
+    #: params and their hash like ``yolo.predict.device``
+    device: str | None = Field(None, exclude=True)
 
 
 class PunetConfig(_Strict):
-    #: keys of ``microseg.train.punet.PunetTrainConfig`` (checked there)
+    #: keys of ``microseg.models.punet.train.PunetTrainConfig`` (checked there)
     train: dict[str, Any] = Field(default_factory=dict)
     predict: PunetPredictConfig = Field(default_factory=PunetPredictConfig)
     #: planes shown in the uncertainty panels (empty: the middle plane)
@@ -330,6 +337,65 @@ class Params(_Strict):
     tune: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    def with_device(self, device: str | None) -> Params:
+        """A copy whose every training and inference ``device`` is ``device`` (None: self).
+
+        ``--device`` of ``train``, ``predict``, ``fuse``, ``evaluate`` and ``batch-eval``:
+        ``yolo.train``/``yolo.predict``, ``punet.train``/``punet.predict``,
+        ``tracking.seg.train``/``infer`` and ``train``/``infer`` of every learned model of
+        ``cells.models`` (classical ones run on the CPU and have no device).
+        """
+        if device is None:
+            return self
+        device = check_device(device)
+        # Ultralytics has no "auto": its empty device picks a GPU when there is one
+        yolo_device = "" if device == "auto" else device
+
+        def put(section: dict[str, Any]) -> dict[str, Any]:
+            return {**section, "device": device}
+
+        y, p, seg = self.yolo, self.punet, self.tracking.seg
+        yolo = y.model_copy(
+            update={
+                "train": y.train.model_copy(update={"device": yolo_device}),
+                "predict": y.predict.model_copy(
+                    update={"device": None if device == "auto" else device}
+                ),
+            }
+        )
+        punet = p.model_copy(
+            update={
+                "train": put(p.train),
+                "predict": p.predict.model_copy(update={"device": device}),
+            }
+        )
+        seg = seg.model_copy(update={"train": put(seg.train), "infer": put(seg.infer)})
+        models = {
+            name: mc
+            if mc.family == "classical"
+            else mc.model_copy(update={"train": put(mc.train), "infer": put(mc.infer)})
+            for name, mc in self.cells.models.items()
+        }
+        return self.model_copy(
+            update={
+                "yolo": yolo,
+                "punet": punet,
+                "tracking": self.tracking.model_copy(update={"seg": seg}),
+                "cells": self.cells.model_copy(update={"models": models}),
+            }
+        )
+
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def check_device(device: str) -> str:
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else is a ``ConfigError``."""
+    text = str(device).strip().lower()
+    if text in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", text):
+        return text
+    raise ConfigError(f"--device expects {DEVICES}; got {device!r}")
 
 
 def load_params(

@@ -14,7 +14,6 @@ import torch
 
 from microseg.errors import ConfigError, MissingFileError
 from microseg.infer.fusion import DEDUP_COLS, FusionParams, box_probability, evaluate_fusion, fuse
-from microseg.infer.punet_predict import predict_stack_punet
 from microseg.infer.spine_pipeline import (
     SUMMARY_COLS,
     SpinePipelineConfig,
@@ -30,6 +29,7 @@ from microseg.infer.yolo_predict import predict_stack
 from microseg.io.points import read_points, write_points
 from microseg.io.tiff import read_stack, write_stack
 from microseg.models.punet import ProbUNet, load_punet, save_punet
+from microseg.models.punet.predict import predict_stack_punet
 from microseg.models.yolo import YoloSpineDetector
 
 VOXEL = (500.0, 94.0, 94.0)

@@ -27,7 +27,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from microseg.config import load_params
-from microseg.errors import MicrosegError
+from microseg.errors import ConfigError, MicrosegError
 from microseg.io.tiff import write_stack
 from microseg.registry.batch_eval import batch_eval
 from microseg.registry.promotion import promote, register_version
@@ -297,3 +297,15 @@ def test_nuclei_labels_checked_and_scored_in_the_active_run(env, tmp_path) -> No
     assert MlflowClient(env["uri"]).get_run(run.info.run_id).data.metrics[
         "batch_eval.f1_50"
     ] == pytest.approx(0.8)
+
+
+def test_bad_device_is_named_and_an_older_model_cannot_move(env, tmp_path) -> None:
+    d = tmp_path / "nuclei"
+    d.mkdir()
+    Image.fromarray(np.full((32, 32), 9, np.uint8)).save(d / "img.png")
+    model = env["models"]["nuclei"]
+    with pytest.raises(ConfigError, match="--device expects"):
+        batch_eval(model, d, tmp_path / "a", progress=False, device="gpu")
+    # the test model has no use_device, as a version logged before --device
+    with pytest.raises(MicrosegError, match="cannot be moved to 'cpu'"):
+        batch_eval(model, d, tmp_path / "b", progress=False, device="cpu")

@@ -20,12 +20,12 @@ from PIL import Image
 
 from microseg.errors import AnnotationError, ConfigError, DataFormatError, MissingFileError
 from microseg.infer.fusion import FusionParams
-from microseg.infer.instances import InferConfig, predict_instances
 from microseg.infer.spine_pipeline import SpinePipelineConfig, predict_spines
 from microseg.infer.watershed import PostprocessConfig
 from microseg.io.tiff import read_stack, write_stack
 from microseg.models.punet import ProbUNet, load_punet, save_punet
 from microseg.models.unet import UnetConfig, build_unet, load_unet, save_unet
+from microseg.models.unet.predict import InferConfig, predict_instances
 from microseg.models.yolo import YoloSpineDetector
 from microseg.registry.pyfunc import (
     NUCLEI_OUTPUT_COLS,
@@ -251,6 +251,8 @@ def test_nuclei_config_reaches_post_processing_and_bad_input_is_named(nuclei_fil
     assert kept["n_objects"].item() >= 1 and none["n_objects"].item() == 0
     assert not read_stack(none["labels_path"].item()).any()
     m = loaded({})
+    m.use_device("cpu")  # batch-eval --device
+    assert m.cfg.device == next(m.model.parameters()).device.type == "cpu"
     with pytest.raises(ConfigError, match="out_dir"):
         m.predict(None, frame)
     with pytest.raises(MissingFileError):

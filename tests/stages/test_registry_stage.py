@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.pyfunc import PythonModel
 
-from microseg.stages.registry import log_eval_metrics
+from microseg.registry.stage_logging import log_eval_metrics
 
 
 class Const(PythonModel):

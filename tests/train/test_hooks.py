@@ -3,7 +3,7 @@ from pathlib import Path
 import mlflow
 
 from microseg.registry.mlflow_hooks import MlflowHook
-from microseg.registry.tracking import stage_run
+from microseg.registry.runs import stage_run
 from microseg.train.hooks import EarlyStopping, HookBase, Hooks
 
 

@@ -49,7 +49,7 @@ import pandas as pd
 import tifffile
 from tqdm.auto import tqdm
 
-from microseg.config import Params, SpinesEvalConfig, ValidateConfig
+from microseg.config import Params, SpinesEvalConfig, ValidateConfig, check_device
 from microseg.data.validate import (
     INTEGER_DTYPE,
     Failure,
@@ -66,7 +66,7 @@ from microseg.evaluate.rates import prf
 from microseg.io.png import read_image, read_png
 from microseg.io.points import read_points
 from microseg.io.tiff import SUPPORTED_DTYPES, TiffStack
-from microseg.registry import promotion, tracking
+from microseg.registry import promotion, runs
 from microseg.utils.atomic import atomic_path, write_text
 from microseg.utils.convert import jsonable
 
@@ -157,6 +157,19 @@ def _load(uri: str, task: str | None) -> tuple[Any, str]:
             f"expected model metadata 'task' in {list(TASKS)}, found {meta.get('task')!r}", uri
         )
     return model, task
+
+
+def _use_device(model: Any, device: str, uri: str) -> None:
+    """Move a loaded microseg model to ``device``; a version whose code predates
+    ``use_device`` (models carry their own copy of the package) says so."""
+    use = getattr(model.unwrap_python_model(), "use_device", None)
+    if use is None:
+        raise MicrosegError(
+            f"this model cannot be moved to {device!r} (its code predates --device); "
+            "run without --device: it uses the device it was logged with",
+            uri,
+        )
+    use(device)
 
 
 # ---------------------------------------------------------------------------- inputs
@@ -614,6 +627,7 @@ def batch_eval(
     predict_params: dict[str, Any] | None = None,
     voxel_size_nm: Sequence[float] | None = None,
     task: str | None = None,
+    device: str | None = None,
 ) -> BatchEvalResult:
     """Validate, predict, check and score every image in ``input_dir``; log one MLflow run.
 
@@ -621,18 +635,22 @@ def batch_eval(
     dtypes (``validate.allowed_image_dtypes``) and the match distance
     (``spines.match_dist_nm``), and names the run's experiment; without it the current MLflow
     settings and defaults apply. ``voxel_size_nm`` (z, y, x) is used for stacks whose metadata
-    has none; ``task`` overrides the model's ``metadata["task"]``. A run already active is
-    logged into; otherwise one is started.
+    has none; ``task`` overrides the model's ``metadata["task"]``; ``device`` (``auto``,
+    ``cpu``, ``cuda``, ``cuda:N``, ``mps``) overrides the one the model was logged with. A run
+    already active is logged into; otherwise one is started.
     """
     started = time.perf_counter()
     input_dir, out_dir = Path(input_dir), Path(out_dir)
     if params is not None:
-        tracking.configure(params)
+        runs.configure(params)
     validate_cfg = params.validate_ if params is not None else ValidateConfig()
     spines_cfg = params.spines if params is not None else SpinesEvalConfig()
 
+    device = check_device(device) if device is not None else None
     load_uri, name, version = resolve_model_uri(model_uri)
     model, task = _load(load_uri, task)
+    if device is not None:
+        _use_device(model, device, load_uri)
     paths = list_inputs(input_dir, task)
     logger.info("batch-eval: %d %s inputs in %s with %s", len(paths), task, input_dir, load_uri)
 
@@ -769,7 +787,7 @@ def _log_run(result: BatchEvalResult, params: Params | None, input_dir: Path) ->
     if active is not None:
         ctx: Any = contextlib.nullcontext(active)
     elif params is not None:
-        ctx = tracking.stage_run(
+        ctx = runs.stage_run(
             params,
             stage="batch_eval",
             task=result.task,
@@ -779,7 +797,7 @@ def _log_run(result: BatchEvalResult, params: Params | None, input_dir: Path) ->
     else:
         ctx = mlflow.start_run(
             run_name=f"batch_eval-{input_dir.name}",
-            tags={"microseg.stage": "batch_eval", "git_commit": tracking.git_commit()},
+            tags={"microseg.stage": "batch_eval", "git_commit": runs.git_commit()},
         )
     with ctx as run:
         mlflow.set_tags(tags)

@@ -15,7 +15,7 @@ from typing import Any
 
 import mlflow
 
-from microseg.registry.tracking import flatten
+from microseg.registry.runs import flatten
 from microseg.train.hooks import HookBase
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class MlflowHook(HookBase):
         active = mlflow.active_run()
         self.run_id = run_id or (active.info.run_id if active else None)
         if self.run_id is None:
-            raise RuntimeError("MlflowHook needs an active MLflow run (use tracking.stage_run)")
+            raise RuntimeError("MlflowHook needs an active MLflow run (use runs.stage_run)")
         self.client = mlflow.MlflowClient()
         self.log_checkpoints = log_checkpoints
 

@@ -40,7 +40,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from microseg.errors import MicrosegError
-from microseg.registry import tracking
+from microseg.registry import runs
 
 logger = logging.getLogger(__name__)
 
@@ -243,8 +243,8 @@ def register_version(
             )
     extra = {str(k): str(v) for k, v in tags.items()}
     version_tags = {
-        "git_commit": run_tags.get("git_commit") or tracking.git_commit(),
-        "dataset_md5": run_tags.get("data_md5") or tracking.data_md5(),
+        "git_commit": run_tags.get("git_commit") or runs.git_commit(),
+        "dataset_md5": run_tags.get("data_md5") or runs.data_md5(),
         "params_hash": run_tags.get("params_hash", "unknown"),
         **extra,
         **{f"{METRIC_PREFIX}{k}": repr(float(v)) for k, v in metrics.items()},

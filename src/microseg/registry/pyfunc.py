@@ -162,6 +162,10 @@ class SpineModel(PythonModel):
         device = _device() if self.cfg.device == "auto" else self.cfg.device
         self.punet = load_punet(art["punet"], map_location=device)
 
+    def use_device(self, device: str) -> None:
+        """Predict on ``device`` from now on (``batch-eval --device``)."""
+        self.cfg = dataclasses.replace(self.cfg, device=device)
+
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
@@ -206,8 +210,8 @@ class NucleiModel(PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from microseg.infer.instances import InferConfig
         from microseg.models.unet import load_unet
+        from microseg.models.unet.predict import InferConfig
 
         art = context.artifacts
         raw = json.loads(Path(art["config"]).read_text())
@@ -217,12 +221,18 @@ class NucleiModel(PythonModel):
         raw.setdefault("post", dataclasses.asdict(post))
         self.cfg = InferConfig.from_mapping(raw)
 
+    def use_device(self, device: str) -> None:
+        """Predict on ``device`` from now on (``batch-eval --device``)."""
+        device = _device() if device == "auto" else device
+        self.model.to(device)
+        self.cfg = dataclasses.replace(self.cfg, device=device)
+
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         """Label images written to ``params["out_dir"]``; one summary row per input image."""
-        from microseg.infer.instances import predict_instances
         from microseg.io.tiff import write_stack
+        from microseg.models.unet.predict import predict_instances
 
         frame = _frame(model_input, "nuclei")
         out_dir = (params or {}).get("out_dir")
@@ -367,8 +377,8 @@ def log_nuclei_model(
     With ``input_example_path`` MLflow runs the model on it once, writing labels to a temporary
     folder.
     """
-    from microseg.infer.instances import InferConfig
     from microseg.models.unet import load_unet
+    from microseg.models.unet.predict import InferConfig
 
     _require_run()
     _, unet_cfg, post = load_unet(unet_weights)  # a bad file fails here, not at load time

@@ -28,7 +28,7 @@ from microseg.config import CellModelConfig, Params
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.io.tiff import read_stack, write_stack
 from microseg.models import InstanceSegmenter, Predictor, get_model
-from microseg.stages.common import write_json
+from microseg.stages.common import metrics_file, write_json
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,8 @@ def _rows(params: Params) -> pd.DataFrame:
 
 
 def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) -> dict[str, Any]:
-    """Predict the held-out split with one model; write predictions, tables and metrics."""
+    """Predict the held-out split with one model; write predictions, tables and metrics
+    (``metrics/cells/<name>.json``)."""
     from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
     from microseg.evaluate.errors_analysis import error_table
     from microseg.evaluate.instances import InstanceSample, evaluate_instances
@@ -234,7 +235,9 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
         data = to_coco(samples)
         write_coco(tmp / "coco_gt.json", data.gt)
         write_coco(tmp / "coco_results.json", data.results)
-    return {k: _num(v) for k, v in metrics.items()}
+    out = {k: _num(v) for k, v in metrics.items()}
+    write_json(metrics_file(params, f"cells/{name}"), out)
+    return out
 
 
 def _num(v: Any) -> Any:

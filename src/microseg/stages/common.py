@@ -66,5 +66,20 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     return Path(path)
 
 
+def torch_device(name: str | None) -> str | None:
+    """A ``--device`` value as torch takes it (``auto``: the best device here, see
+    :mod:`microseg.utils.devices`); None stays None (the model stays where it was loaded)."""
+    if name is None:
+        return None
+    from microseg.utils.devices import resolve_device
+
+    return str(resolve_device(name))
+
+
+def metrics_file(params: Any, name: str) -> Path:
+    """A stage's DVC metrics file: ``<paths.metrics>/<name>.json``."""
+    return Path(params.paths.metrics) / f"{name}.json"
+
+
 #: precision, recall, F1 and counts, with the empty-set convention of evaluate.points
 prf = partial(prf_counts, empty=1.0)

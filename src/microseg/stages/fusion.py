@@ -24,7 +24,7 @@ from microseg.evaluate.points import evaluate_points
 from microseg.io import tiff
 from microseg.stages import punet as punet_stage
 from microseg.stages import spines as spines_stage
-from microseg.stages.common import Sample, samples
+from microseg.stages.common import Sample, metrics_file, samples, write_json
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def tune_fusion_stage(
 
 
 def fuse_stage(params: Params, out_dir: Path = FUSION_DIR) -> dict[str, Any]:
+    """Tuned fusion on the benchmark stack -> ``out_dir`` and ``metrics/spines_fusion.json``."""
     from microseg.infer.fusion import FusionParams, evaluate_fusion, fuse, write_fusion_outputs
     from microseg.tune.fusion import read_best_params
 
@@ -81,7 +82,9 @@ def fuse_stage(params: Params, out_dir: Path = FUSION_DIR) -> dict[str, Any]:
         result, bench.points(), bench.voxel_size_nm, params.spines.match_dist_nm
     )
     write_fusion_outputs(out_dir, result, metrics)
-    return {"benchmark": metrics, "statistics": result.stats, "params": fp.to_dict()}
+    out = {"benchmark": metrics, "statistics": result.stats, "params": fp.to_dict()}
+    write_json(metrics_file(params, "spines_fusion"), out)
+    return out
 
 
 def _punet_spots(params: Params, bench: Sample) -> dict[str, Any]:
@@ -102,7 +105,8 @@ def _punet_spots(params: Params, bench: Sample) -> dict[str, Any]:
 
 
 def evaluate_spines(params: Params) -> dict[str, Any]:
-    """One table: YOLO alone, Prob-UNet alone, LoG baseline, fusion (benchmark, 1000 nm)."""
+    """One table: YOLO alone, Prob-UNet alone, LoG baseline, fusion (benchmark, 1000 nm),
+    written to ``metrics/spines.json``."""
     m = params.paths.metrics
     (bench,) = samples(params.paths.prepared / "spines", "test")
 
@@ -119,6 +123,8 @@ def evaluate_spines(params: Params) -> dict[str, Any]:
         "log_baseline": load("spines_log"),
         "fusion": load("spines_fusion"),
     }
-    return {name: {k: v[k] for k in keys if k in v} for name, v in table.items()} | {
+    out = {name: {k: v[k] for k in keys if k in v} for name, v in table.items()} | {
         "match_dist_nm": params.spines.match_dist_nm
     }
+    write_json(metrics_file(params, "spines"), out)
+    return out

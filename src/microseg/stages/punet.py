@@ -17,7 +17,7 @@ from microseg.config import Params
 from microseg.data.ingest import SPINE_CLASSES
 from microseg.errors import MissingFileError
 from microseg.io import tiff
-from microseg.stages.common import Sample, samples
+from microseg.stages.common import Sample, metrics_file, samples, torch_device, write_json
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, 
             tile=p.tile,
             batch_planes=p.batch_planes,
             seed=params.seed,
+            device=torch_device(p.device),
         )
     write_predictions(
         out_dir,
@@ -80,7 +81,8 @@ def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, 
 
 
 def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
-    """Predict validation and benchmark stacks; Dice/IoU/ECE per head; DoG baseline."""
+    """Predict validation and benchmark stacks; Dice/IoU/ECE per head; DoG baseline
+    (``metrics/spines_punet.json``)."""
     from microseg.evaluate.calibration import calibration_summary, reliability_table
     from microseg.evaluate.segmentation import segmentation_metrics, threshold_sweep
     from microseg.models.classical.dog import dog_baseline, tune_dog
@@ -138,6 +140,7 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
         "size_thr": p.size_thr,
     }
     metrics["benchmark"] = metrics.pop(bench.sample_id)
+    write_json(metrics_file(params, "spines_punet"), metrics)
     return metrics
 
 
@@ -182,7 +185,8 @@ def uncertainty(params: Params, out_dir: Path = UNC_DIR) -> dict[str, Any]:
 
 
 def inter_rater(params: Params, out_dir: Path = RATER_DIR) -> dict[str, Any]:
-    """Rater disagreement vs model uncertainty: Spearman and AUROC, with the ROC figure."""
+    """Rater disagreement vs model uncertainty: Spearman and AUROC, with the ROC figure
+    (``metrics/spines_inter_rater.json``)."""
     from microseg.evaluate.inter_rater import (
         compare_uncertainty_to_disagreement,
         disagreement_map,
@@ -232,4 +236,5 @@ def inter_rater(params: Params, out_dir: Path = RATER_DIR) -> dict[str, Any]:
                 for k in ("auroc", "spearman")
             },
         }
+    write_json(metrics_file(params, "spines_inter_rater"), out)
     return out

@@ -18,8 +18,10 @@ import numpy as np
 
 from microseg.config import Params
 from microseg.errors import ConfigError, MissingFileError
-from microseg.registry.tracking import data_md5, flatten, git_commit, params_hash
+from microseg.registry.runs import configure, data_md5, flatten, git_commit, params_hash
+from microseg.registry.stage_logging import log_eval_metrics
 from microseg.stages.common import write_json
+from microseg.stages.result import StageResult, run_stage
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +39,6 @@ def _metrics(path: Path) -> dict[str, Any]:
         raise MissingFileError("evaluation metrics missing; run the evaluation stage first", path)
     flat = flatten(json.loads(path.read_text()))
     return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-
-
-def log_eval_metrics(metrics: dict[str, Any], model_id: str | None) -> None:
-    """The evaluation metrics on the active run and on its logged model, so that the model
-    version's run in the MLflow UI shows what the version was registered with."""
-    import mlflow
-
-    finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-    if finite:
-        mlflow.log_metrics(finite, model_id=model_id)
 
 
 def _validation_passed(params: Params, dataset: str) -> bool:
@@ -143,6 +135,24 @@ def register_stage(params: Params, task: str) -> dict[str, Any]:
     return out
 
 
+def run_register(params: Params, task: str) -> StageResult:
+    """:func:`register_stage` in the ``register`` stage's MLflow run."""
+    dataset = "spines" if task == "spines" else params.cells.dataset
+
+    def register() -> StageResult:
+        out = register_stage(params, task)
+        return StageResult("register", out, out=REGISTRY_DIR / f"{task}.json")
+
+    return run_stage(
+        params,
+        register,
+        stage="register",
+        task=task,
+        dataset=dataset,
+        section=getattr(params.registry, task, None),
+    )
+
+
 def promote_stage(
     params: Params,
     task: str,
@@ -161,6 +171,7 @@ def promote_stage(
     from microseg.registry.promotion import promote
 
     _task(task)
+    configure(params)
     cfg = getattr(params.registry, task)
     decision = promote(
         cfg.name,

@@ -20,7 +20,7 @@ from microseg.config import Params
 from microseg.errors import MissingFileError
 from microseg.evaluate.points import match_points
 from microseg.io import tiff
-from microseg.stages.common import Sample, prf, samples
+from microseg.stages.common import Sample, metrics_file, prf, samples, write_json
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ YOLO_DATA = Path("data/yolo/spines")
 YOLO_MODEL_DIR = Path("models/yolo")
 YOLO_REPORT = Path("reports/spines/yolo")
 LOG_REPORT = Path("reports/spines/log")
+PLOTS_DIR = Path("plots")
 
 
 def _prepared(params: Params) -> Path:
@@ -99,6 +100,28 @@ def train_yolo(params: Params, hooks=None, out_dir: Path = YOLO_MODEL_DIR) -> di
 
 
 # ---------------------------------------------------------------------------------- eval
+class _YoloOnDevice:
+    """A detector whose every prediction runs on one device (``yolo.predict.device``)."""
+
+    def __init__(self, detector: Any, device: str) -> None:
+        self._detector, self._device = detector, device
+
+    def predict(self, images: list[np.ndarray], **kwargs: Any) -> list[np.ndarray]:
+        return self._detector.predict(images, device=self._device, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._detector, name)
+
+
+def load_yolo(weights: Path, params: Params) -> Any:
+    """Trained YOLO weights, predicting on ``yolo.predict.device`` when that is set."""
+    from microseg.models.yolo import YoloSpineDetector
+
+    det = YoloSpineDetector.load(weights)
+    device = params.yolo.predict.device
+    return det if device is None else _YoloOnDevice(det, device)
+
+
 def _raw_detections(det, sample: Sample, params: Params) -> pd.DataFrame:
     from microseg.infer.yolo_predict import predict_stack
 
@@ -153,13 +176,14 @@ def _best(table: pd.DataFrame) -> pd.Series:
 
 
 def eval_yolo(params: Params, out_dir: Path = YOLO_REPORT) -> dict[str, Any]:
+    """Thresholds chosen on validation, scored on the benchmark; writes the raw boxes, the
+    PR curve (``plots/spines_yolo_pr.csv``) and ``metrics/spines_yolo.json``."""
     from microseg.infer.yolo_predict import detections_to_points, nms_per_plane
-    from microseg.models.yolo import YoloSpineDetector
 
     weights = YOLO_MODEL_DIR / "best.pt"
     if not weights.exists():
         raise MissingFileError("trained YOLO weights missing; run `microseg train`", weights)
-    det = YoloSpineDetector.load(weights)
+    det = load_yolo(weights, params)
     prepared = _prepared(params)
     val = []
     for s in samples(prepared, "val"):
@@ -180,14 +204,31 @@ def eval_yolo(params: Params, out_dir: Path = YOLO_REPORT) -> dict[str, Any]:
     with atomic_path(out_dir / "benchmark_points.csv") as tmp:
         pts.to_csv(tmp, index=False)
     pr = table[table["iou"] == iou].sort_values("conf")[["conf", "precision", "recall", "f1"]]
-    return {
+    write_pr_plot(pr, "spines_yolo", params)
+    out = {
         "benchmark": prf(row.tp, row.fp, row.fn),
         "val": prf(int(chosen["tp"]), int(chosen["fp"]), int(chosen["fn"])),
         "conf": conf,
         "iou": iou,
         "match_dist_nm": s.match_dist_nm,
-        "pr_curve": pr,
     }
+    write_json(metrics_file(params, "spines_yolo"), out)
+    return out
+
+
+def pr_plot_paths(params: Params, name: str) -> tuple[Path, Path]:
+    """The PR curve of ``name`` as a DVC plot (CSV) and as a figure (PNG)."""
+    return PLOTS_DIR / f"{name}_pr.csv", params.paths.reports / "spines" / f"{name}_pr.png"
+
+
+def write_pr_plot(curve: pd.DataFrame, name: str, params: Params) -> tuple[Path, Path]:
+    from microseg.report.figures import pr_curve_figure
+
+    csv, png = pr_plot_paths(params, name)
+    with atomic_path(csv) as tmp:
+        curve.to_csv(tmp, index=False)
+    pr_curve_figure(curve.assign(method=name), png)
+    return csv, png
 
 
 # ---------------------------------------------------------------------------- LoG baseline
@@ -215,7 +256,8 @@ def _log_counts(
 
 
 def baseline_log(params: Params, out_dir: Path = LOG_REPORT) -> dict[str, Any]:
-    """Grid-search the LoG parameters on the validation stacks, report on the benchmark."""
+    """Grid-search the LoG parameters on the validation stacks, report on the benchmark
+    (``metrics/spines_log.json``)."""
     cfg = params.baseline_log
     prepared = _prepared(params)
     val = [(s, tiff.read_stack(s.image_path)) for s in samples(prepared, "val")]
@@ -237,9 +279,11 @@ def baseline_log(params: Params, out_dir: Path = LOG_REPORT) -> dict[str, Any]:
         table.to_csv(tmp, index=False)
     with atomic_path(out_dir / "benchmark_points.csv") as tmp:
         det.to_csv(tmp, index=False)
-    return {
+    out = {
         "benchmark": prf(**counts),
         "val": prf(int(best["tp"]), int(best["fp"]), int(best["fn"])),
         "params": best_kw,
         "match_dist_nm": params.spines.match_dist_nm,
     }
+    write_json(metrics_file(params, "spines_log"), out)
+    return out

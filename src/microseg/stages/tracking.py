@@ -16,7 +16,7 @@ import numpy as np
 from microseg.config import Params
 from microseg.errors import MissingFileError
 from microseg.io import ctc, tiff
-from microseg.stages.common import samples
+from microseg.stages.common import metrics_file, samples, write_json
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ def track(params: Params, out_dir: Path = RESULT_DIR) -> dict[str, Any]:
 
 
 def evaluate_tracking(params: Params, res_dir: Path = RESULT_DIR) -> dict[str, Any]:
+    """CTC scores of the test sequences -> ``metrics/tracking.json``."""
     from microseg.evaluate.tracking import evaluate_ctc, per_frame_scores
 
     gt_root = Path(params.datasets["tracking"].source)
@@ -141,4 +142,5 @@ def evaluate_tracking(params: Params, res_dir: Path = RESULT_DIR) -> dict[str, A
         scores["mean_fg_iou"] = float(frames["fg_iou"].mean())
         scores["mean_rand_error"] = float(frames["rand_error"].mean())
         out[seq] = scores
+    write_json(metrics_file(params, "tracking"), out)
     return out

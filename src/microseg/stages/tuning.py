@@ -16,6 +16,7 @@ from typing import Any
 
 from microseg.config import Params
 from microseg.errors import ConfigError
+from microseg.stages.common import write_json
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,11 @@ WORK_DIR = Path("models/tune")
 
 def tuned_path(target: str) -> Path:
     return TUNED_DIR / f"tuned_{target}.yaml"
+
+
+def metrics_path(params: Params, target: str) -> Path:
+    """The study summary (``metrics/tune_<target>.json``)."""
+    return params.paths.metrics / f"tune_{target}.json"
 
 
 def tuned_train_config(params: Params, target: str) -> dict[str, Any]:
@@ -59,7 +65,8 @@ def tune_training_stage(
     trial_hooks: Callable | None = None,
     worker: int = 0,
 ) -> dict[str, Any]:
-    """Run (or continue) the study; write the best params; return the study summary."""
+    """Run (or continue) the study; write the best params and the summary
+    (``metrics/tune_<target>.json``); return the summary."""
     from microseg.stages import punet, spines
     from microseg.tune.training import (
         punet_train_fn,
@@ -103,4 +110,6 @@ def tune_training_stage(
         trial_hooks=trial_hooks,
     )
     write_best_params(tuned_path(target), best, target)
-    return {"best": best, **study_summary(st)}
+    out = {"best": best, **study_summary(st)}
+    write_json(metrics_path(params, target), out)
+    return out

@@ -29,6 +29,7 @@ from microseg.models.unet.network import (
     save_unet,
 )
 from microseg.models.unet.predict import InferConfig, predict_instances, predict_probs
+from microseg.utils.devices import model_device
 
 __all__ = [
     "ARCHS",
@@ -111,7 +112,7 @@ class UnetSegmenter:
         base = _window(train or {})
         chosen = post if post is not None else infer.get("post", asdict(trained_post))
         icfg = InferConfig.from_mapping({**base, **infer, "post": chosen})
-        return cls(net, cfg, icfg)
+        return cls(net.to(model_device(net, icfg.device)), cfg, icfg)
 
     def probabilities(self, image: np.ndarray) -> np.ndarray:
         """Softmax ``(3, H, W)`` of a raw image (what post-processing searches run on)."""

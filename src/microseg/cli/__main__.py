@@ -1,0 +1,5 @@
+"""``python -m microseg.cli``."""
+
+from microseg.cli import main
+
+main()

@@ -1,0 +1,99 @@
+"""Evaluation commands: ``report``, ``track``, ``evaluate``, ``compare-spines``,
+``uncertainty`` and ``inter-rater``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from microseg.cli._options import DeviceOpt, ParamsOpt, SetOpt, load
+
+
+def report(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """The nuclei benchmark report: reports/benchmark/index.html and index.md."""
+    from microseg.stages import evaluation
+
+    result = evaluation.run_report(load(params_path, set_))
+    typer.echo(f"benchmark report: {result.out.resolve()}")
+
+
+def track(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Link per-frame instance masks into tracks; write Cell Tracking Challenge results."""
+    from microseg.stages import evaluation
+
+    result = evaluation.run_track(load(params_path, set_))
+    typer.echo(f"tracks of {sorted(result.metrics)} in {result.out}")
+
+
+def evaluate(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="yolo, log, punet or a cells.models name")
+    ] = "yolo",
+    task: Annotated[str, typer.Option("--task", help="spines, nuclei or tracking")] = "spines",
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Evaluate on held-out data: spine detectors/segmenters, or tracks (--task tracking)."""
+    from microseg.stages import evaluation
+
+    params = load(params_path, set_, device)
+    result = evaluation.run_evaluate(params, model, task)
+    m, path = result.metrics, result.metrics_file
+    if result.stage == "evaluate_tracking":
+        for seq, s in m.items():
+            if isinstance(s, dict):
+                typer.echo(
+                    f"sequence {seq}: SEG {s.get('SEG', float('nan')):.3f} DET {s['DET']:.3f} "
+                    f"TRA {s['TRA']:.3f}"
+                )
+    elif result.stage == "evaluate_cells":
+        typer.echo(
+            f"{model}: F1@0.5 {m.get('f1_50', float('nan')):.3f}, "
+            f"mask AP {m.get('segm_AP', float('nan')):.3f} -> {path}"
+        )
+    elif model == "punet":
+        b = m["benchmark"]
+        typer.echo(
+            f"punet: benchmark spine Dice {b['spine']['dice']:.3f}, dendrite Dice "
+            f"{b['dendrite']['dice']:.3f}; DoG baseline spine Dice "
+            f"{m['dog_baseline']['spine']['dice']:.3f} -> {path}"
+        )
+    else:
+        b = m["benchmark"]
+        typer.echo(
+            f"{model}: benchmark F1 {b['f1']:.3f} (P {b['precision']:.3f}, "
+            f"R {b['recall']:.3f}) at {params.spines.match_dist_nm:g} nm -> {path}"
+        )
+
+
+def compare_spines(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """YOLO alone, Prob-UNet alone, LoG and fusion side by side -> metrics/spines.json."""
+    from microseg.stages import evaluation
+
+    result = evaluation.run_compare_spines(load(params_path, set_))
+    for name, row in result.metrics.items():
+        if isinstance(row, dict):
+            typer.echo(
+                f"{name:<14} F1 {row['f1']:.3f}  P {row['precision']:.3f}  R {row['recall']:.3f}"
+            )
+
+
+def uncertainty(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Prob-UNet uncertainty maps (mean, variance, entropy, MI, aleatoric) and panels."""
+    from microseg.stages import evaluation
+
+    result = evaluation.run_uncertainty(load(params_path, set_))
+    typer.echo(f"uncertainty maps and panels in {result.out}")
+
+
+def inter_rater(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+    """Rater disagreement maps and how well model uncertainty predicts them."""
+    from microseg.stages import evaluation
+
+    result = evaluation.run_inter_rater(load(params_path, set_))
+    for head, r in result.metrics.items():
+        auroc = r.get("entropy_auroc", float("nan"))
+        typer.echo(f"{head}: AUROC of predictive entropy for rater disagreement {auroc:.3f}")

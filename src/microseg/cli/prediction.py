@@ -1,0 +1,139 @@
+"""Prediction commands: ``predict``, ``fuse`` and ``visualize``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from microseg.cli._options import DeviceOpt, ParamsOpt, SetOpt, load, parse_voxel
+from microseg.errors import ConfigError
+
+
+def predict(
+    stack: Annotated[Path, typer.Argument(help="3D TIFF stack (ZYX) or a folder of them")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="result folder")],
+    model: Annotated[str, typer.Option("--model", "-m", help="yolo or punet")] = "yolo",
+    weights: Annotated[Path | None, typer.Option(help="default: models/<model>/best.pt")] = None,
+    voxel_size: Annotated[
+        str | None, typer.Option(help="z,y,x in nm when the TIFF does not carry it")
+    ] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """Predict stacks plane by plane (memory does not grow with depth); a folder gives one
+    result folder per stack, and a stack that cannot be read is reported and skipped."""
+    from microseg.stages.predict import predict_stacks
+
+    params = load(params_path, set_, device)
+    result = predict_stacks(params, stack, out, model, weights, parse_voxel(voxel_size))
+    if not result.folder:
+        typer.echo(result.messages[0])
+        return
+    for name, error in result.failed:
+        typer.secho(f"skipped {name}: {error}", fg=typer.colors.YELLOW, err=True)
+    n = result.n_stacks
+    typer.echo(f"{n - len(result.failed)} of {n} stacks predicted -> {out}")
+    if len(result.failed) == n:
+        raise typer.Exit(1)
+
+
+def fuse(
+    input_: Annotated[
+        Path | None,
+        typer.Option("--input", help="a stack or a folder of stacks (default: the benchmark)"),
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="result folder (with --input)")] = None,
+    yolo_weights: Annotated[Path, typer.Option(help="YOLO weights")] = Path("models/yolo/best.pt"),
+    punet_weights: Annotated[Path, typer.Option(help="Prob-UNet weights")] = Path(
+        "models/punet/best.pt"
+    ),
+    fusion_params: Annotated[Path, typer.Option(help="tuned fusion params")] = Path(
+        "params/tuned_fusion.yaml"
+    ),
+    voxel_size: Annotated[
+        str | None, typer.Option(help="z,y,x in nm when the TIFFs do not carry it")
+    ] = None,
+    annotations: Annotated[
+        Path | None, typer.Option(help="folder of <stem>.csv spine points to score against")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="redo stacks that already have results")] = False,
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    """YOLO boxes validated by Prob-UNet probability, de-duplicated in 3D.
+
+    Without --input: the pipeline's benchmark stage (from the evaluation's saved outputs).
+    With --input: stacks are predicted end to end, one result folder each, resumable.
+    """
+    params = load(params_path, set_, device)
+    if input_ is None:
+        from microseg.stages import evaluation
+
+        result = evaluation.run_fuse(params)
+        b = result.metrics["benchmark"]
+        typer.echo(f"fusion: benchmark F1 {b['f1']:.3f} -> {result.metrics_file}")
+        return
+    if out is None:
+        raise ConfigError("--input needs --out (the folder for the results)")
+    from microseg.stages.predict import fuse_folder
+
+    summary = fuse_folder(
+        params, input_, out, yolo_weights=yolo_weights, punet_weights=punet_weights,
+        fusion_params=fusion_params, voxel_size=parse_voxel(voxel_size),
+        annotations=annotations, overwrite=overwrite,
+    )  # fmt: skip
+    counts = summary["status"].value_counts().to_dict()
+    for row in summary[summary["status"] == "failed"].itertuples():
+        typer.secho(f"failed {row.stack}: {row.error}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(
+        f"{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
+        f"{counts.get('failed', 0)} failed -> {out}"
+    )
+    if counts.get("failed", 0) and not counts.get("done", 0) and not counts.get("skipped"):
+        raise typer.Exit(1)
+
+
+def visualize(
+    stack: Annotated[Path, typer.Argument(help="3D TIFF stack (ZYX)")],
+    predictions: Annotated[Path, typer.Argument(help="CSV of boxes (z,x1,y1,x2,y2) or points")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for PNGs + overlay.tif")],
+    mode: Annotated[str | None, typer.Option(help="dots, boxes or both")] = None,
+    dot_radius: Annotated[int | None, typer.Option(help="dot radius in output pixels")] = None,
+    color: Annotated[str | None, typer.Option(help="dot colour: name, #rrggbb or r,g,b")] = None,
+    box_color: Annotated[str | None, typer.Option(help="box colour")] = None,
+    line_width: Annotated[int | None, typer.Option(help="box line width")] = None,
+    clahe: Annotated[bool, typer.Option("--clahe/--no-clahe", help="CLAHE contrast")] = False,
+    scores: Annotated[bool, typer.Option("--scores", help="write each score")] = False,
+    show_rejected: Annotated[bool, typer.Option(help="draw rejected detections")] = False,
+    z_start: Annotated[int | None, typer.Option(help="first plane")] = None,
+    z_stop: Annotated[int | None, typer.Option(help="stop before this plane")] = None,
+    z_step: Annotated[int | None, typer.Option(help="every n-th plane")] = None,
+    spread: Annotated[int | None, typer.Option(help="show marks faintly on z±n")] = None,
+    scale: Annotated[int | None, typer.Option(help="upscale factor")] = None,
+) -> None:
+    """Per-plane PNG overlays and a stacked RGB TIFF of detections on a stack."""
+    from microseg.report.overlays import OverlayConfig, render_overlays
+
+    cfg = OverlayConfig.from_mapping(
+        {
+            "mode": mode,
+            "dot_radius": dot_radius,
+            "color": color,
+            "box_color": box_color,
+            "line_width": line_width,
+            "clahe": clahe,
+            "show_scores": scores,
+            "show_rejected": show_rejected,
+            "z_start": z_start,
+            "z_stop": z_stop,
+            "z_step": z_step,
+            "spread": spread,
+            "scale": scale,
+        }
+    )
+    result = render_overlays(stack, predictions, out, cfg)
+    typer.echo(f"{result.n_marks} marks on {result.n_planes} planes -> {result.out_dir}")

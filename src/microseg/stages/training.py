@@ -1,0 +1,149 @@
+"""Training and tuning stages as ``dvc.yaml`` runs them: ``train_<model>`` and ``tune_<target>``.
+
+:func:`trainers` maps every trainable model name to its stage function and where its run
+belongs; each family's training itself stays in its own stage module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from microseg.config import Params
+from microseg.errors import ConfigError
+from microseg.stages.result import StageResult, run_stage
+
+TUNE_TARGETS = ("fusion", "yolo", "punet")
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """One trainable model: ``fn(params, hooks=...)`` and what its MLflow run records."""
+
+    fn: Callable[..., dict[str, Any]]
+    section: Any
+    out_dir: Path
+    task: str
+    dataset: str
+
+
+def trainers(params: Params) -> dict[str, Trainer]:
+    """``yolo``, ``punet``, ``tracking_seg`` and every learned model of ``cells.models``."""
+    from microseg.stages import cells, punet, spines, tracking
+
+    out = {
+        "yolo": Trainer(
+            spines.train_yolo, params.yolo.train, spines.YOLO_MODEL_DIR, "spines", "spines"
+        ),
+        "punet": Trainer(
+            punet.train_punet_stage, params.punet.train, punet.MODEL_DIR, "spines", "spines"
+        ),
+        "tracking_seg": Trainer(
+            tracking.train_tracking_seg,
+            params.tracking.seg,
+            tracking.SEG_MODEL_DIR,
+            "tracking",
+            "tracking",
+        ),
+    }
+    for name, mc in params.cells.models.items():
+        if mc.family != "classical" and name not in out:
+            out[name] = Trainer(
+                lambda p, hooks=None, _n=name: cells.train_cell_model(p, _n, hooks),
+                mc,
+                cells.MODELS_ROOT / name,
+                "nuclei",
+                params.cells.dataset,
+            )
+    return out
+
+
+def run_train(params: Params, model: str) -> StageResult:
+    """Train ``model`` in one MLflow run (per-epoch metrics, best weights as an artifact)."""
+    from microseg.registry.mlflow_hooks import MlflowHook
+
+    runners = trainers(params)
+    if model not in runners:
+        raise ConfigError(f"unknown model {model!r}; trainable: {sorted(runners)}")
+    t = runners[model]
+    weights = t.out_dir / "best.pt"
+
+    def fn() -> StageResult:
+        out = t.fn(params, hooks=MlflowHook())
+        logged = {k: v for k, v in out.items() if k != "best"}
+        if isinstance(out.get("best"), dict):
+            logged["best"] = out["best"]
+        return StageResult(
+            f"train_{model}",
+            out,
+            log_metrics=logged,
+            artifacts=[(weights, "model")] if weights.is_file() else [],
+            out=weights,
+        )
+
+    return run_stage(
+        params,
+        fn,
+        stage=f"train_{model}" if t.task != "nuclei" else "train_cells",
+        task=t.task,
+        dataset=t.dataset,
+        section=t.section,
+        run_name=f"train-{model}",
+        tags={"microseg.model": model},
+    )
+
+
+def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
+    """An Optuna study (each trial a nested MLflow run); best params -> ``params/tuned_*``."""
+    from microseg.registry.runs import flatten
+    from microseg.registry.stage_logging import MlflowTrialLogger
+
+    if target not in TUNE_TARGETS:
+        raise ConfigError(f"unknown tuning target {target!r}; available: fusion, yolo, punet")
+    on_trial = MlflowTrialLogger()
+    if target == "fusion":
+        from microseg.stages import fusion
+
+        def tune_fusion() -> StageResult:
+            out = fusion.tune_fusion_stage(params, on_trial=on_trial)
+            return StageResult(
+                "tune_fusion",
+                out,
+                log_metrics={"best_val_f1": out["best_val_f1"]},
+                log_params={f"best.{k}": v for k, v in out["best"].items()},
+                artifacts=[(fusion.TUNED, "tuned")],
+                out=fusion.TUNED,
+            )
+
+        return run_stage(
+            params,
+            tune_fusion,
+            stage="tune_fusion",
+            task="spines",
+            dataset="spines",
+            section=params.fusion,
+        )
+    from microseg.stages import tuning
+
+    def tune_training() -> StageResult:
+        out = tuning.tune_training_stage(params, target, on_trial=on_trial, worker=worker)
+        return StageResult(
+            f"tune_{target}",
+            out,
+            metrics_file=tuning.metrics_path(params, target),
+            log_metrics={k: v for k, v in out.items() if k != "best"},
+            log_params={f"best.{k}": v for k, v in flatten(out["best"]).items()},
+            artifacts=[(tuning.tuned_path(target), "tuned")],
+            out=tuning.tuned_path(target),
+        )
+
+    return run_stage(
+        params,
+        tune_training,
+        stage=f"tune_{target}",
+        task="spines",
+        dataset="spines",
+        section=params.tune.get(target, {}),
+    )
