@@ -28,7 +28,7 @@ from microseg.infer.spine_pipeline import (
 from microseg.infer.yolo_predict import predict_stack
 from microseg.io.points import read_points, write_points
 from microseg.io.tiff import read_stack, write_stack
-from microseg.models.punet import ProbUNet, load_punet, save_punet
+from microseg.models.punet import ProbUNet, PunetSegmenter, load_punet, save_punet
 from microseg.models.punet.predict import predict_stack_punet
 from microseg.models.yolo import YoloSpineDetector
 
@@ -60,7 +60,8 @@ def models(tmp_path_factory):
         ProbUNet(filters=(4, 8), latent_dim_spine=2, latent_dim_dendrite=2, head_convs=2),
         root / "punet.pt",
     )
-    return YoloSpineDetector.load(root / "yolo.pt"), load_punet(root / "punet.pt"), root
+    punet = PunetSegmenter(load_punet(root / "punet.pt"))
+    return YoloSpineDetector.load(root / "yolo.pt"), punet, root
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def by_hand(models, path: Path, fp: FusionParams, cfg=CFG, voxel=VOXEL):
         progress=False,
     )
     res = predict_stack_punet(
-        punet,
+        punet.network,
         read_stack(path),
         n_samples=cfg.n_samples,
         temperature=cfg.temperature,

@@ -23,7 +23,7 @@ from microseg.infer.fusion import FusionParams
 from microseg.infer.spine_pipeline import SpinePipelineConfig, predict_spines
 from microseg.infer.watershed import PostprocessConfig
 from microseg.io.tiff import read_stack, write_stack
-from microseg.models.punet import ProbUNet, load_punet, save_punet
+from microseg.models.punet import ProbUNet, PunetSegmenter, load_punet, save_punet
 from microseg.models.unet import UnetConfig, build_unet, load_unet, save_unet
 from microseg.models.unet.predict import InferConfig, predict_instances
 from microseg.models.yolo import YoloSpineDetector
@@ -95,7 +95,7 @@ def spine_logged(store, spine_files):
 def reference(spine_files, voxel=None) -> pd.DataFrame:
     """``predict_spines`` in this process on the same files, in the contract's columns."""
     yolo = YoloSpineDetector.load(spine_files / "yolo.pt")
-    punet = load_punet(spine_files / "punet.pt")
+    punet = PunetSegmenter(load_punet(spine_files / "punet.pt"))
     res = predict_spines(spine_files / "s.tif", yolo, punet, FUSION, CFG, voxel)
     return res.dedup.assign(path=str(spine_files / "s.tif"))[SPINE_OUTPUT_COLS]
 

@@ -229,11 +229,9 @@ def resolve_voxel_size(
 
 
 def _device(name: str) -> str:
-    if name != "auto":
-        return name
-    import torch
+    from microseg.utils.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(name))
 
 
 def _check_channels(yolo: Any, cfg: SpinePipelineConfig) -> None:
@@ -281,11 +279,16 @@ def streamed_box_probability(
 ) -> np.ndarray:
     """Each box's Prob-UNet spine probability, planes predicted and reduced one batch at a time.
 
-    Equals ``box_probability(prob_spine_stack, detections, agg, quantile)`` without holding the
-    stack. No boxes: the network does not run.
+    ``punet`` is the family's model (``get_model("punet").load(...)``): anything with
+    ``predict_stack(stack, **options)`` that streams planes to ``on_plane`` (this module runs no
+    family code of its own). Equals ``box_probability(prob_spine_stack, detections, agg,
+    quantile)`` without holding the stack. No boxes: the network does not run.
     """
-    from microseg.models.punet.predict import predict_stack_punet
-
+    if not hasattr(punet, "predict_stack"):
+        raise ConfigError(
+            f"the spine pipeline needs the punet family's model (with predict_stack); got "
+            f"{type(punet).__name__}: load it with microseg.models.get_model('punet').load"
+        )
     out = np.zeros(len(detections), dtype=np.float64)
     if len(detections) == 0:
         return out
@@ -302,8 +305,7 @@ def streamed_box_probability(
                 plane["prob_spine"], detections.iloc[idx], fusion_params.agg, fusion_params.quantile
             )
 
-    predict_stack_punet(
-        punet,
+    punet.predict_stack(
         stack,
         n_samples=cfg.n_samples,
         temperature=cfg.temperature,

@@ -138,9 +138,10 @@ def spine_output_frame(rows: Sequence[pd.DataFrame] = ()) -> pd.DataFrame:
 
 
 def _device() -> str:
-    import torch
+    """``auto``'s device here (CUDA, MPS or the CPU; one resolver: ``utils.devices``)."""
+    from microseg.utils.devices import auto_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return auto_device()
 
 
 class SpineModel(PythonModel):
@@ -152,7 +153,7 @@ class SpineModel(PythonModel):
 
     def load_context(self, context: Any) -> None:
         from microseg.infer.spine_pipeline import SpinePipelineConfig, read_fusion_params
-        from microseg.models.punet import load_punet
+        from microseg.models.punet import PunetSegmenter, load_punet
         from microseg.models.yolo import YoloSpineDetector
 
         art = context.artifacts
@@ -160,7 +161,7 @@ class SpineModel(PythonModel):
         self.fusion_params = read_fusion_params(art["fusion"])
         self.yolo = YoloSpineDetector.load(art["yolo"])
         device = _device() if self.cfg.device == "auto" else self.cfg.device
-        self.punet = load_punet(art["punet"], map_location=device)
+        self.punet = PunetSegmenter(load_punet(art["punet"], map_location=device))
 
     def use_device(self, device: str) -> None:
         """Predict on ``device`` from now on (``batch-eval --device``)."""

@@ -141,7 +141,7 @@ def fuse_folder(
         predict_folder,
         read_fusion_params,
     )
-    from microseg.models.punet import load_punet
+    from microseg.models import get_model
     from microseg.stages import spines
 
     cfg = SpinePipelineConfig.from_params(params)
@@ -152,7 +152,7 @@ def fuse_folder(
         input_,
         out,
         spines.load_yolo(yolo_weights, params),
-        load_punet(punet_weights),
+        get_model("punet").load(punet_weights),
         fp or cfg.default_fusion_params(),
         cfg,
         voxel_size_nm=voxel_size,

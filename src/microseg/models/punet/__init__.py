@@ -108,5 +108,10 @@ class PunetSegmenter:
         """:func:`~microseg.models.punet.predict.predict_stack_punet` per ZYX stack."""
         return [predict_stack_punet(self.network, image, **params) for image in images]
 
+    def predict_stack(self, stack: Any, **options: Any) -> Any:
+        """:func:`microseg.models.punet.predict.predict_stack_punet` of one ZYX stack (what the
+        spine pipeline streams planes through)."""
+        return predict_stack_punet(self.network, stack, **options)
+
     def save(self, path: str | Path) -> Path:
         return save_punet(self.network, path)
