@@ -7,7 +7,6 @@ stages that read the changed keys.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -349,8 +348,7 @@ class Params(_Strict):
         if device is None:
             return self
         device = check_device(device)
-        # Ultralytics has no "auto": its empty device picks a GPU when there is one
-        yolo_device = "" if device == "auto" else device
+        yolo_device = device  # models.yolo turns it into Ultralytics' spelling
 
         def put(section: dict[str, Any]) -> dict[str, Any]:
             return {**section, "device": device}
@@ -379,6 +377,7 @@ class Params(_Strict):
         }
         return self.model_copy(
             update={
+                "engine": self.engine.model_copy(update={"device": device}),
                 "yolo": yolo,
                 "punet": punet,
                 "tracking": self.tracking.model_copy(update={"seg": seg}),
@@ -387,15 +386,15 @@ class Params(_Strict):
         )
 
 
-DEVICES = "auto, cpu, cuda, cuda:N or mps"
-
-
 def check_device(device: str) -> str:
-    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; anything else is a ``ConfigError``."""
-    text = str(device).strip().lower()
-    if text in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", text):
-        return text
-    raise ConfigError(f"--device expects {DEVICES}; got {device!r}")
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (the one check:
+    :func:`microseg.utils.devices.check_device`); else a ``ConfigError`` naming ``--device``."""
+    from microseg.utils import devices
+
+    try:
+        return devices.check_device(device)
+    except ConfigError:
+        raise ConfigError(f"--device expects {devices.SPELLINGS}; got {device!r}") from None
 
 
 def load_params(

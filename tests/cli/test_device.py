@@ -28,13 +28,14 @@ def test_with_device_sets_every_training_and_inference_device() -> None:
     )
     # classical baselines have no device; the original params are untouched
     assert all("device" not in mc.infer for mc in p.cells.baselines.values())
-    assert params.yolo.train.device == "cpu" and params.punet.predict.device is None
+    assert params.yolo.train.device == "auto" and params.punet.predict.device is None
     assert params.with_device(None) is params
 
 
 def test_auto_is_ultralytics_default_and_kept_out_of_hashed_params() -> None:
     p = load_params(REPO_PARAMS).with_device("auto")
-    assert p.yolo.train.device == "" and p.yolo.predict.device is None
+    assert p.yolo.train.device == "auto" and p.yolo.predict.device is None
+    assert p.engine.device == "auto"
     assert p.punet.predict.device == "auto"
     # where a model runs is not a logged param of the prediction sections (same hash as before)
     assert "device" not in p.punet.predict.model_dump()
@@ -83,7 +84,7 @@ def test_train_and_evaluate_stages_get_the_device(monkeypatch) -> None:
     assert _invoke(["train", "-m", "unet", "--device", "cuda:0"]).exit_code == 0
     assert seen["train"].train["device"] == "cuda:0"
     assert _invoke(["train", "-m", "yolo"]).exit_code == 0  # not set: params.yaml's
-    assert seen["train"].device == "cpu"
+    assert seen["train"].device == "auto"
     assert _invoke(["evaluate", "-m", "unet", "--device", "mps"]).exit_code == 0
     assert seen["evaluate"]["device"] == "mps"
 

@@ -14,13 +14,14 @@ import torch
 from microseg.errors import ConfigError
 
 _PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+SPELLINGS = "auto, cpu, cuda, cuda:N or mps"
 
 
 def check_device(device: str) -> str:
     """``device`` if it is a known spelling, else a ConfigError that lists them."""
     text = str(device).strip().lower()
     if not _PATTERN.match(text):
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; found {device!r}")
+        raise ConfigError(f"device must be {SPELLINGS}; found {device!r}")
     return text
 
 
