@@ -48,8 +48,10 @@ def trainers(params: Params) -> dict[str, Trainer]:
             "tracking",
         ),
     }
+    from microseg.models import get_model
+
     for name, mc in params.cells.models.items():
-        if mc.family != "classical" and name not in out:
+        if getattr(get_model(mc.family), "trainable", True) and name not in out:
             out[name] = Trainer(
                 lambda p, hooks=None, _n=name: cells.train_cell_model(p, _n, hooks),
                 mc,

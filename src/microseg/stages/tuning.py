@@ -35,7 +35,10 @@ def metrics_path(params: Params, target: str) -> Path:
 
 def tuned_train_config(params: Params, target: str) -> dict[str, Any]:
     """The ``<target>.train`` section with the study's best params merged over it."""
-    base = params.yolo.train.model_dump() if target == "yolo" else dict(params.punet.train)
+    if target == "yolo":
+        base = params.yolo.train.model_dump()
+    else:  # a Lightning-trained family: the engine section is its default
+        base = params.engine.train_section(dict(params.punet.train))
     path = tuned_path(target)
     if not path.is_file():
         return base
@@ -88,7 +91,7 @@ def tune_training_stage(
             meta={"channels": params.yolo.convert.channels},
         )
     else:
-        base = dict(params.punet.train)
+        base = params.engine.train_section(dict(params.punet.train))
         src = punet._source(params)
         fn = punet_train_fn(
             src / "train.d3set",
