@@ -30,7 +30,8 @@ from microseg.models.unet.train import (
     UnetTrainConfig,
     _train_items,
 )
-from microseg.train.engine import epoch_seed, fit
+from microseg.train.engine import fit
+from microseg.train.family import epoch_seed
 from microseg.train.schedules import warmup_cosine
 from microseg.train.softmax_losses import build_loss
 

@@ -22,7 +22,8 @@ from microseg.data.targets import load_targets, match_channels, percentile_norma
 from microseg.io.tiff import write_stack
 from microseg.models import MODELS, register_model
 from microseg.stages import cells
-from microseg.train.engine import EngineConfig, EpochBatches, FamilyModule, batches_loader, fit
+from microseg.train.engine import EngineConfig, fit
+from microseg.train.family import EpochBatches, FamilyModule, batches_loader
 from microseg.utils.atomic import atomic_path
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

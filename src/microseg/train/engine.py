@@ -20,33 +20,30 @@ bars. What is ours is small and the same for every family:
   stop recorded. An exception from a hook (``optuna.TrialPruned``) leaves ``last.ckpt`` of
   the epoch on disk.
 
-Random batches: an epoch is ``steps_per_epoch`` batches drawn by the family from a generator
-seeded by ``(seed, epoch, rank)`` (:class:`EpochBatches`), so a resumed run draws the batches
-an uninterrupted one would, and DDP ranks draw different shards.
+The family side (module and data-module bases, the seeded batch stream) is
+:mod:`microseg.train.family`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 
-from microseg.errors import ConfigError, DataFormatError
+from microseg.errors import ConfigError
+from microseg.train.family import FamilyModule
 from microseg.train.hooks import HookBase, should_stop
-from microseg.train.schedules import warmup_cosine
 from microseg.utils.atomic import atomic_path
 from microseg.utils.devices import auto_device, check_device, lightning_devices
 
@@ -118,147 +115,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     ) -> None:
         with atomic_path(Path(path)) as tmp:
             torch.save(checkpoint, tmp)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
-    """The seed of one epoch's batches on one rank (rank 0 keeps the pre-Lightning formula)."""
-    return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**31
-
-
-def seed_globals(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's global generators (dropout, MONAI's defaults)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def world() -> tuple[int, int]:
-    """``(rank, world size)`` of this process (``(0, 1)`` outside distributed training)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-class EpochBatches(torch.utils.data.IterableDataset):
-    """``steps`` batches per epoch from ``draw(rng)``; ``set_epoch`` re-seeds the stream."""
-
-    def __init__(
-        self,
-        draw: Callable[[np.random.Generator], Any],
-        steps: int,
-        seed: int,
-        reseed: Callable[[int], None] | None = None,
-    ) -> None:
-        self.draw, self.steps, self.seed, self.reseed = draw, steps, seed, reseed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[Any]:
-        rank, _ = world()
-        seed = epoch_seed(self.seed, self.epoch, rank)
-        if self.reseed is not None:
-            self.reseed(seed)
-        rng = np.random.default_rng(seed)
-        for _ in range(self.steps):
-            yield self.draw(rng)
-
-
-def batches_loader(dataset: EpochBatches) -> torch.utils.data.DataLoader:
-    """A loader that hands the family's ready batches through unchanged."""
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0)
-
-
-class FamilyModule(L.LightningModule):
-    """What the engine needs of a family's LightningModule beyond Lightning's own API, and
-    the plumbing every family shares (checkpoint tag, per-step schedule, validation logging).
-    """
-
-    #: the validation metric that picks ``best.pt`` (logged with ``self.log``)
-    monitor: str = "val_loss"
-    mode: str = "max"
-    #: tag stored in ``last.ckpt``: a checkpoint of another family or version is refused
-    checkpoint_format: str = ""
-
-    def export_model(self, path: Path, metrics: Mapping[str, float]) -> None:
-        """Write the weights in the family's model format to ``path`` (atomically)."""
-        raise NotImplementedError
-
-    def flat_config(self) -> dict[str, Any]:
-        """The flat training config, for ``HookBase.before_train`` (logged as params)."""
-        cfg = getattr(self, "cfg", None)
-        return cfg.as_dict() if hasattr(cfg, "as_dict") else {}
-
-    def on_train_epoch_start(self) -> None:
-        loader = self.trainer.train_dataloader
-        dataset = getattr(loader, "dataset", None)
-        if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(self.current_epoch)
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["train_format"] = self.checkpoint_format
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("train_format") != self.checkpoint_format:
-            raise DataFormatError(
-                f"expected a {self.checkpoint_format} checkpoint, found "
-                f"{checkpoint.get('train_format')!r}; delete it to start over"
-            )
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, idx: int) -> Any:
-        if is_dataclass(batch):  # whole validation samples stay on the host: the family's
-            return batch  # predictor moves each window or tile to the network's device
-        return super().transfer_batch_to_device(batch, device, idx)
-
-    def log_val(self, metrics: Mapping[str, float]) -> None:
-        """One validation image's scores; Lightning averages them over images and ranks."""
-        for name, value in metrics.items():
-            self.log(name, float(value), on_epoch=True, batch_size=1, sync_dist=True)
-
-
-class SampledDataModule(L.LightningDataModule):
-    """Training batches drawn by ``self.sampler`` (``batch(rng)``, ``reseed(seed)``) through
-    :class:`EpochBatches`; validation on ``self.val_samples``, whole, one per step."""
-
-    cfg: EngineConfig
-    sampler: Any = None
-    val_samples: Sequence[Any] = ()
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        s = self.sampler
-        if s is None:
-            raise ConfigError("the data module has no sampler: call setup() first")
-        return batches_loader(
-            EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed)
-        )
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
-        if not self.val_samples:
-            return []
-        return torch.utils.data.DataLoader(
-            list(self.val_samples), batch_size=None, collate_fn=_whole, num_workers=0
-        )
-
-
-def _whole(sample: Any) -> Any:
-    return sample
-
-
-def per_step_schedule(
-    optimizer: torch.optim.Optimizer,
-    total_steps: int,
-    warmup_steps: int,
-    floor: float,
-    constant: bool = False,
-) -> dict[str, Any]:
-    """Lightning's optimizer config with a warm-up + cosine ``LambdaLR`` stepped per step."""
-    factor = warmup_cosine(total_steps, warmup_steps, floor=floor, constant=constant)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 @dataclass

@@ -10,7 +10,7 @@ cut by the crop to fewer than ``min_instance_pixels`` pixels are left out of the
 pixels count as background for the mask head). The crop is resized by the model's ``scale``
 (bilinear image, nearest labels) so training sees nuclei at the size inference does. An epoch
 is ``steps_per_epoch`` batches of ``batch_size`` patches drawn from a generator seeded by
-``(seed, epoch, rank)`` (:class:`~microseg.train.engine.EpochBatches`), which also re-seeds
+``(seed, epoch, rank)`` (:class:`~microseg.train.family.EpochBatches`), which also re-seeds
 torch (the RPN and RoI samplers draw from it), so a resumed run draws what an uninterrupted
 one would.
 
@@ -51,15 +51,8 @@ from microseg.evaluate.instances import validation_scores
 from microseg.models.maskrcnn.config import MaskRCNNConfig, MaskRCNNPostConfig, resolve_engine
 from microseg.models.maskrcnn.network import build_network, save_maskrcnn
 from microseg.models.maskrcnn.predict import predict_image
-from microseg.train.engine import (
-    EngineConfig,
-    FamilyModule,
-    SampledDataModule,
-    TrainResult,
-    fit,
-    per_step_schedule,
-    seed_globals,
-)
+from microseg.train.engine import EngineConfig, TrainResult, fit
+from microseg.train.family import FamilyModule, SampledDataModule, per_step_schedule, seed_globals
 from microseg.train.hooks import HookBase
 from microseg.utils.fields import known_fields
 

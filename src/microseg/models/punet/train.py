@@ -8,7 +8,7 @@ written in this family's model format (:func:`microseg.models.punet.network.save
 One epoch = ``steps_per_epoch`` batches of ``batch_size`` random patches
 (:class:`~microseg.data.patches.PatchDataset`: foreground oversampling, MONAI augmentation).
 Each batch is keyed by one draw of the epoch's generator, seeded from ``(seed, epoch, rank)``
-(:class:`~microseg.train.engine.EpochBatches`), and the global generators (the latent
+(:class:`~microseg.train.family.EpochBatches`), and the global generators (the latent
 ``rsample``) are re-seeded from it every epoch: a resumed run draws what an uninterrupted one
 would, DDP ranks draw different patches.
 
@@ -47,7 +47,7 @@ from microseg.data.patches import (
     iter_planes,
     labeled_stacks,
 )
-from microseg.errors import ConfigError, DataFormatError, MicrosegError
+from microseg.errors import ConfigError, MicrosegError
 from microseg.io.d3set import D3Set
 from microseg.models.punet.network import (
     HEADS,
@@ -57,18 +57,16 @@ from microseg.models.punet.network import (
     pad_to_multiple,
     save_punet,
 )
-from microseg.train.engine import (
-    EngineConfig,
+from microseg.train.engine import EngineConfig, TrainResult, fit
+from microseg.train.family import (
     EpochBatches,
     FamilyModule,
-    TrainResult,
     batches_loader,
-    fit,
+    per_step_schedule,
     seed_globals,
 )
 from microseg.train.hooks import HookBase
 from microseg.train.losses import Geco, TverskyLoss, free_bits, linear_warmup
-from microseg.train.schedules import warmup_cosine
 from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
@@ -348,6 +346,7 @@ class PunetModule(FamilyModule):
 
     monitor = BEST_METRIC
     mode = "max"
+    checkpoint_format = CHECKPOINT_FORMAT
 
     def __init__(self, cfg: PunetTrainConfig) -> None:
         super().__init__()
@@ -461,11 +460,8 @@ class PunetModule(FamilyModule):
         cfg = self.cfg
         opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         total = cfg.epochs * cfg.steps_per_epoch
-        factor = warmup_cosine(
-            total, cfg.lr_warmup_steps, floor=0.05, constant=cfg.lr_schedule == "constant"
-        )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        constant = cfg.lr_schedule == "constant"
+        return per_step_schedule(opt, total, cfg.lr_warmup_steps, 0.05, constant)
 
     # -- validation -------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch: Any, device: torch.device, index: int) -> Any:
@@ -485,21 +481,16 @@ class PunetModule(FamilyModule):
             seed=cfg.seed,
             device=self.device,
         )
-        for name, value in metrics.items():
-            self.log(name, value, on_epoch=True, batch_size=1)
+        self.log_val(metrics)
 
     # -- checkpoints ------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["train_format"] = CHECKPOINT_FORMAT
+        super().on_save_checkpoint(checkpoint)
         if self.geco is not None:
             checkpoint["geco"] = self.geco.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if checkpoint.get("train_format") != CHECKPOINT_FORMAT:
-            raise DataFormatError(
-                f"expected a {CHECKPOINT_FORMAT} checkpoint, found "
-                f"{checkpoint.get('train_format')!r}; delete it to start over"
-            )
+        super().on_load_checkpoint(checkpoint)
         if self.geco is not None and checkpoint.get("geco"):
             self.geco.load_state_dict(checkpoint["geco"])
 

@@ -14,7 +14,7 @@ nearest for target and weight map; small rotation/scale), ``RandScaleIntensityd`
 ``RandShiftIntensityd`` (intensity jitter) and ``RandGaussianNoised`` on the image. Images
 smaller than a patch are zero-padded beforehand, with weight 0 in the padding. The streams
 are re-seeded from ``(seed, epoch, rank)`` every epoch
-(:class:`~microseg.train.engine.EpochBatches`).
+(:class:`~microseg.train.family.EpochBatches`).
 
 Optimisation: AdamW, linear warm-up then cosine decay per step (floor 0.02), gradient-norm
 clipping; the loss is one of :mod:`microseg.train.softmax_losses` by name. A non-finite loss
@@ -57,15 +57,8 @@ from microseg.evaluate.instances import validation_scores
 from microseg.infer.watershed import PostprocessConfig, probs_to_instances
 from microseg.models.unet.network import UnetConfig, build_unet, save_unet
 from microseg.models.unet.predict import InferConfig, predict_probs
-from microseg.train.engine import (
-    EngineConfig,
-    FamilyModule,
-    SampledDataModule,
-    TrainResult,
-    fit,
-    per_step_schedule,
-    seed_globals,
-)
+from microseg.train.engine import EngineConfig, TrainResult, fit
+from microseg.train.family import FamilyModule, SampledDataModule, per_step_schedule, seed_globals
 from microseg.train.hooks import HookBase
 from microseg.train.softmax_losses import build_loss
 from microseg.utils.fields import known_fields
