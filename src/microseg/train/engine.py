@@ -30,7 +30,7 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -350,22 +350,25 @@ def _result(state: TrainState, out_dir: Path, **kw: Any) -> TrainResult:
 
 
 def fit(
-    module: FamilyModule,
+    module: FamilyModule | Callable[[], FamilyModule],
     datamodule: L.LightningDataModule,
     cfg: EngineConfig,
     out_dir: str | Path,
     hooks: HookBase | None = None,
     *,
     resume: bool = True,
-    has_val: bool = True,
+    has_val: bool | None = None,
     model_config: Mapping[str, Any] | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
     """Train ``module`` on ``datamodule``; resume from ``out_dir/last.ckpt`` when it can.
 
-    A finished run (all epochs, or stopped early) is returned as it is unless ``cfg.epochs``
-    grew; ``resume=False`` starts over. ``model_config`` guards resume: a checkpoint of a
-    differently built network is refused with the path to delete.
+    ``module`` may be a factory: it is then built (after ``datamodule.setup`` and seeding
+    with ``cfg.seed``) only when there is something to train. A finished run (all epochs, or
+    stopped early) is returned as it is unless ``cfg.epochs`` grew; ``resume=False`` starts
+    over. ``model_config`` guards resume: a checkpoint of a differently built network is
+    refused with the path to delete. ``has_val`` (default: the data module's ``has_val``)
+    False makes every epoch's weights the best.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -385,6 +388,12 @@ def fit(
         if state.epochs_completed >= cfg.epochs or state.stopped_early:
             log.info("%s: training already finished (%d epochs)", last, state.epochs_completed)
             return _result(state, out_dir)
+    if not isinstance(module, L.LightningModule):
+        datamodule.setup("fit")
+        L.seed_everything(cfg.seed, verbose=False)
+        module = module()
+    if has_val is None:
+        has_val = bool(getattr(datamodule, "has_val", True))
     fresh = TrainState(model_config=config)
     run = RunCallback(out_dir, hooks or HookBase(), fresh, has_val)
     L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -133,6 +133,10 @@ class SampledDataModule(L.LightningDataModule):
     sampler: Any = None
     val_samples: Sequence[Any] = ()
 
+    @property
+    def has_val(self) -> bool:
+        return bool(self.val_samples)
+
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         s = self.sampler
         if s is None:

@@ -39,7 +39,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -333,15 +332,5 @@ def train_maskrcnn(
         len(data.sampler.samples),
         len(data.val_samples),
     )
-    L.seed_everything(cfg.seed, verbose=False)
-    module = MaskRCNNModule(cfg)
-    return fit(
-        module,
-        data,
-        cfg,
-        out_dir,
-        hooks,
-        resume=resume,
-        has_val=bool(data.val_samples),
-        model_config=cfg.model.architecture(),
-    )
+    build, arch = (lambda: MaskRCNNModule(cfg)), cfg.model.architecture()
+    return fit(build, data, cfg, out_dir, hooks, resume=resume, model_config=arch)

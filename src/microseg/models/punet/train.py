@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 
@@ -59,9 +58,8 @@ from microseg.models.punet.network import (
 )
 from microseg.train.engine import EngineConfig, TrainResult, fit
 from microseg.train.family import (
-    EpochBatches,
     FamilyModule,
-    batches_loader,
+    SampledDataModule,
     per_step_schedule,
     seed_globals,
 )
@@ -298,45 +296,28 @@ def _as_list(source: D3Source) -> list[D3Set | str | Path]:
     return [source] if isinstance(source, D3Set | str | Path) else list(source)
 
 
-def _identity(x: Any) -> Any:
-    return x
-
-
-class PunetDataModule(L.LightningDataModule):
+class PunetDataModule(SampledDataModule):
     """Random patch batches of the train stacks; all validation stacks in one step."""
 
     def __init__(self, train_d3set: D3Source, val_d3set: D3Source, cfg: PunetTrainConfig) -> None:
         super().__init__()
         self.train_source, self.val_source, self.cfg = train_d3set, val_d3set, cfg
-        self.patches: PatchBatches | None = None
+        self.sampler: PatchBatches | None = None
         self.val_stacks: list[LabeledStack] = []
 
     def setup(self, stage: str | None = None) -> None:
-        if self.patches is not None:
+        if self.sampler is not None:
             return
         t0 = time.perf_counter()
         train = labeled_stacks(_as_list(self.train_source), self.cfg.percentiles)
         self.val_stacks = labeled_stacks(_as_list(self.val_source), self.cfg.percentiles)
-        self.patches = PatchBatches(train, self.cfg)
+        self.sampler = PatchBatches(train, self.cfg)
+        self.val_samples = [self.val_stacks] if self.val_stacks else []  # one step: all stacks
         log.info(
             "Probabilistic U-Net: %d train / %d val stacks loaded in %.1fs",
             len(train),
             len(self.val_stacks),
             time.perf_counter() - t0,
-        )
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        assert self.patches is not None
-        p = self.patches
-        return batches_loader(
-            EpochBatches(p.batch, self.cfg.steps_per_epoch, self.cfg.seed, p.reseed)
-        )
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader | list:
-        if not self.val_stacks:
-            return []
-        return torch.utils.data.DataLoader(
-            [self.val_stacks], batch_size=None, collate_fn=_identity, num_workers=0
         )
 
 
@@ -523,16 +504,7 @@ def train_punet(
     """
     cfg = cfg or PunetTrainConfig()
     data = PunetDataModule(train_d3set, val_d3set, cfg)
-    data.setup("fit")
-    L.seed_everything(cfg.seed, verbose=False)
-    module = PunetModule(cfg)
+    arch = cfg.model_config()
     return fit(
-        module,
-        data,
-        cfg,
-        out_dir,
-        hooks,
-        resume=resume,
-        has_val=bool(data.val_stacks),
-        model_config=cfg.model_config(),
+        lambda: PunetModule(cfg), data, cfg, out_dir, hooks, resume=resume, model_config=arch
     )

@@ -35,7 +35,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import numpy as np
 import torch
 from monai.data import get_track_meta, set_track_meta
@@ -347,16 +346,5 @@ def train_unet(
     as is unless ``cfg.epochs`` grew; ``resume=False`` starts over."""
     cfg = cfg or UnetTrainConfig()
     data = UnetDataModule(prepared_targets_dir, cfg)
-    data.setup("fit")
-    L.seed_everything(cfg.seed, verbose=False)
-    module = UnetModule(cfg)
-    return fit(
-        module,
-        data,
-        cfg,
-        out_dir,
-        hooks,
-        resume=resume,
-        has_val=bool(data.val_samples),
-        model_config=cfg.model.as_dict(),
-    )
+    build, arch = (lambda: UnetModule(cfg)), cfg.model.as_dict()
+    return fit(build, data, cfg, out_dir, hooks, resume=resume, model_config=arch)
