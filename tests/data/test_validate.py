@@ -360,7 +360,7 @@ def test_crash_leaves_the_previous_report_untouched(
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("killed mid-report")
 
-    monkeypatch.setattr("microseg.data.validate._failures", crash)
+    monkeypatch.setattr("microseg.data.validate.failures_of", crash)
     bad = good.copy()
     bad.loc[5, "n_nonfinite"] = 12
     with pytest.raises(RuntimeError, match="killed mid-report"):

@@ -1,4 +1,4 @@
-"""Instance metrics: sparse IoU, optimal matching against a brute-force oracle, Rand/VOI, curves."""
+"""Instance metrics: sparse IoU, optimal matching against a brute-force oracle, Rand/VOI."""
 
 from __future__ import annotations
 
@@ -8,28 +8,21 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import (
-    average_precision_score,
-    precision_recall_curve,
-    roc_auc_score,
-    roc_curve,
-)
+from sklearn.metrics import roc_auc_score
 
 import microseg.evaluate.instances as instances_module
 from microseg.errors import MicrosegError, ShapeMismatchError
 from microseg.evaluate.calibration import expected_calibration_error
 from microseg.evaluate.instances import (
     InstanceSample,
-    PixelCurveAccumulator,
     evaluate_instances,
-    foreground_confusion,
     image_scores,
-    instance_overlap,
     match_instances,
     rand_voi,
     summarize,
     threshold_key,
 )
+from microseg.evaluate.overlap import foreground_confusion, instance_overlap
 from microseg.evaluate.segmentation import confusion
 
 
@@ -256,27 +249,6 @@ def test_threshold_keys():
     assert [threshold_key(t) for t in (0.5, 0.7, 0.9, 0.75, 0.625, 1.0)] == [
         "50", "70", "90", "75", "62.5", "100"
     ]  # fmt: skip
-
-
-def test_pixel_curves_equal_sklearn_on_the_grid():
-    rng = np.random.default_rng(5)
-    y = rng.random(20_000) < 0.3
-    acc = PixelCurveAccumulator()
-    # scores on the accumulator's grid (the curves are exact there)
-    p = acc.thresholds[np.round((0.35 * y + rng.random(y.size) * 0.65) * 200).astype(int)]
-    for part in np.array_split(np.arange(y.size), 3):  # streamed in pieces
-        acc.update(p[part], y[part])
-    table = acc.table().set_index("threshold")
-    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
-    for f, t, th in zip(fpr[1:], tpr[1:], thr[1:], strict=True):
-        row = table.iloc[int(np.argmin(np.abs(table.index.to_numpy() - th)))]
-        assert row["fpr"] == pytest.approx(f, abs=1e-12) and row["tpr"] == pytest.approx(t)
-    prec, rec, thr = precision_recall_curve(y, p)
-    for pr, rc, th in zip(prec[:-1], rec[:-1], thr, strict=True):
-        row = table.iloc[int(np.argmin(np.abs(table.index.to_numpy() - th)))]
-        assert row["precision"] == pytest.approx(pr) and row["recall"] == pytest.approx(rc)
-    assert acc.auroc() == pytest.approx(roc_auc_score(y, p), abs=1e-12)
-    assert acc.average_precision() == pytest.approx(average_precision_score(y, p), abs=1e-12)
 
 
 def test_evaluate_instances_end_to_end():

@@ -15,14 +15,11 @@ import microseg.report.benchmark as bm
 from microseg.errors import MicrosegError
 from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
 from microseg.evaluate.instances import InstanceSample, evaluate_instances
-from microseg.report.benchmark import (
+from microseg.report.benchmark import ModelResult, build_report
+from microseg.report.instance_overlays import (
     GT_COLOUR,
     PRED_COLOUR,
-    ModelResult,
     best_worst_overlays,
-    build_report,
-    fmt_params,
-    fmt_seconds,
     overlay_rgb,
 )
 
@@ -224,9 +221,3 @@ def test_overlay_colours_and_best_worst_choice(dataset, tmp_path):
     with Image.open(ov[0].path) as im:
         assert im.size == (96, 96)  # small images are drawn at 2x
     assert ov[0].path.name == "m-1_best_1.png"
-
-
-def test_formatting():
-    assert fmt_seconds(None) == "—" and fmt_seconds(12.34) == "12.3 s"
-    assert fmt_seconds(119.6) == "2 min 00 s" and fmt_seconds(3725) == "1 h 02 min"
-    assert fmt_params(None) == "—" and fmt_params(950) == "950" and fmt_params(31_000) == "31.00 k"

@@ -21,38 +21,43 @@ deterministic: no timestamps, models in the order given, files named from model 
 same inputs give byte-identical files. It is built in a temporary sibling folder and renamed
 into place, so a killed report stage leaves the previous report, never half of a new one.
 
-Overlays (:func:`render_overlay`, :func:`best_worst_overlays`) are drawn at the image's own
-resolution (small images upscaled 2x, nearest) with PIL: the image in grey, GT outlines in
-green, predicted outlines in magenta, white where they coincide.
+Overlays come from :mod:`microseg.report.instance_overlays`; the HTML/Markdown rendering
+from :mod:`microseg.report.document`.
 """
 
 from __future__ import annotations
 
 import html
 import logging
-import math
-import re
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from PIL import Image
-from skimage.segmentation import find_boundaries
 
-from microseg.errors import MicrosegError, ShapeMismatchError
+from microseg.errors import MicrosegError
 from microseg.evaluate.errors_analysis import hardest_images, per_modality
 from microseg.evaluate.instances import InstanceEvaluation
+from microseg.report.document import (
+    CSS,
+    Doc,
+    Table,
+    best_value,
+    fmt_params,
+    fmt_seconds,
+    format_number,
+    is_missing,
+)
 from microseg.report.figures import pr_curve_figure, reliability_diagram
+from microseg.report.instance_overlays import Overlay, slug
+from microseg.report.instance_overlays import (
+    best_worst_overlays as best_worst_overlays,  # re-export
+)
 from microseg.utils.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
-
-GT_COLOUR = (0, 230, 0)
-PRED_COLOUR = (255, 0, 255)
-BOTH_COLOUR = (255, 255, 255)
 
 
 @dataclass(frozen=True)
@@ -90,17 +95,6 @@ MODALITY_COLUMNS: tuple[Column, ...] = (
     Column("dice", "Dice"),
     Column("are", "ARE", higher_is_better=False),
 )
-
-
-@dataclass(frozen=True)
-class Overlay:
-    """A rendered overlay PNG of one image for one model."""
-
-    image_id: str
-    kind: str  # "best" or "worst" (or any short word)
-    path: Path
-    metric: str = "f1_50"
-    score: float | None = None
 
 
 @dataclass
@@ -148,180 +142,12 @@ class ModelResult:
         )
 
 
-# --------------------------------------------------------------------------- overlays
-
-
-def slug(name: str) -> str:
-    """A file-name-safe form of a model name or image id."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-.")
-    return s or "x"
-
-
-def overlay_rgb(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, scale: int = 1) -> np.ndarray:
-    """``(Y*scale, X*scale, 3)`` uint8: grey image, GT and predicted instance outlines."""
-    gt, pred = np.asarray(gt), np.asarray(pred)
-    image = np.asarray(image, np.float64)
-    if image.ndim == 3 and image.shape[-1] in (3, 4) and image.shape[:2] == gt.shape:
-        image = image[..., :3].mean(axis=-1)
-    if gt.ndim != 2 or gt.shape != pred.shape or image.shape != gt.shape:
-        raise ShapeMismatchError(
-            f"overlay needs a 2D image, GT and prediction of one shape; found {image.shape}, "
-            f"{gt.shape} and {pred.shape}"
-        )
-    finite = image[np.isfinite(image)]
-    lo, hi = np.percentile(finite, [1.0, 99.5]) if finite.size else (0.0, 1.0)
-    grey = np.clip((np.nan_to_num(image) - lo) / max(hi - lo, 1e-12), 0, 1)
-    rgb = np.repeat((grey * 200).astype(np.uint8)[..., None], 3, axis=2)
-    if scale > 1:
-        rgb = rgb.repeat(scale, 0).repeat(scale, 1)
-        gt = gt.repeat(scale, 0).repeat(scale, 1)
-        pred = pred.repeat(scale, 0).repeat(scale, 1)
-    g_edge = find_boundaries(gt, mode="inner") & (gt != 0)
-    p_edge = find_boundaries(pred, mode="inner") & (pred != 0)
-    rgb[g_edge] = GT_COLOUR
-    rgb[p_edge] = PRED_COLOUR
-    rgb[g_edge & p_edge] = BOTH_COLOUR
-    return rgb
-
-
-def render_overlay(
-    image: np.ndarray, gt: np.ndarray, pred: np.ndarray, out_png: str | Path
-) -> Path:
-    """Write :func:`overlay_rgb` as a PNG (atomically); images under 512 px upscaled 2x."""
-    scale = 2 if max(np.shape(gt)) < 512 else 1
-    rgb = overlay_rgb(image, gt, pred, scale)
-    out_png = Path(out_png)
-    with atomic_path(out_png) as tmp:
-        Image.fromarray(rgb, mode="RGB").save(tmp, format="PNG")
-    return out_png
-
-
-def best_worst_overlays(
-    name: str,
-    per_image: pd.DataFrame,
-    load: Callable[[str], tuple[np.ndarray, np.ndarray, np.ndarray]],
-    out_dir: str | Path,
-    *,
-    metric: str = "f1_50",
-    k: int = 1,
-    higher_is_better: bool = True,
-) -> list[Overlay]:
-    """Render the ``k`` best and ``k`` worst images of a model by ``metric``.
-
-    ``load(image_id)`` returns ``(image, gt labels, predicted labels)``. Ties are broken by
-    image id. Files: ``<out_dir>/<model>_<best|worst>_<k>.png``.
-    """
-    if metric not in per_image or "image_id" not in per_image:
-        raise MicrosegError(f"per-image table needs 'image_id' and {metric!r} columns")
-    df = per_image[["image_id", metric]].dropna().astype({"image_id": str})
-    best = df.sort_values([metric, "image_id"], ascending=[not higher_is_better, True]).head(k)
-    worst = df.sort_values([metric, "image_id"], ascending=[higher_is_better, True])
-    worst = worst[~worst["image_id"].isin(best["image_id"])].head(k)
-    picks = [("best", best), ("worst", worst)]
-    out = []
-    for kind, rows in picks:
-        for n, row in enumerate(rows.itertuples(index=False), start=1):
-            image_id, score = str(row[0]), float(row[1])
-            path = Path(out_dir) / f"{slug(name)}_{kind}_{n}.png"
-            render_overlay(*load(image_id), path)
-            out.append(Overlay(image_id, kind, path, metric, score))
-    return out
-
-
-# --------------------------------------------------------------------------- formatting
-
-
-def _is_missing(value: object) -> bool:
-    return value is None or (isinstance(value, float | np.floating) and not math.isfinite(value))
-
-
-def _fmt(value: object, digits: int = 3) -> str:
-    if _is_missing(value):
-        return "—"
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    return f"{float(value):.{digits}f}"
-
-
-def fmt_seconds(seconds: float | None) -> str:
-    if _is_missing(seconds):
-        return "—"
-    s = float(seconds)
-    if s < 60:
-        return f"{s:.1f} s"
-    if s < 3600:
-        m, sec = divmod(round(s), 60)
-        return f"{m} min {sec:02d} s"
-    h, m = divmod(round(s / 60), 60)
-    return f"{h} h {m:02d} min"
-
-
-def fmt_params(n: int | None) -> str:
-    if _is_missing(n):
-        return "—"
-    n = int(n)
-    for div, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return str(n)
-
-
-def _best(values: Sequence[object], higher: bool) -> float | None:
-    nums = [float(v) for v in values if not _is_missing(v)]
-    if len(nums) < 2:
-        return None
-    return max(nums) if higher else min(nums)
-
-
-@dataclass
-class _Table:
-    """A table as header + rows of cells; a cell is (text, link or None, bold)."""
-
-    header: list[str]
-    rows: list[list[tuple[str, str | None, bool]]]
-    row_class: list[str]
-
-    def html(self) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
-        body = []
-        for cells, cls in zip(self.rows, self.row_class, strict=True):
-            tds = []
-            for text, link, bold in cells:
-                t = html.escape(text)
-                if link:
-                    t = f'<a href="{html.escape(link, quote=True)}">{t}</a>'
-                if bold:
-                    t = f"<strong>{t}</strong>"
-                tds.append(f"<td>{t}</td>")
-            attr = f' class="{cls}"' if cls else ""
-            body.append(f"<tr{attr}>{''.join(tds)}</tr>")
-        return (
-            f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n"
-            + "\n".join(body)
-            + ("\n</tbody>\n</table>")
-        )
-
-    def markdown(self) -> str:
-        def cell(text: str, link: str | None, bold: bool) -> str:
-            t = text.replace("|", "\\|")
-            if link:
-                t = f"[{t}]({link})"
-            return f"**{t}**" if bold else t
-
-        lines = [
-            "| " + " | ".join(h.replace("|", "\\|") for h in self.header) + " |",
-            "|" + "|".join("---" for _ in self.header) + "|",
-        ]
-        lines += ["| " + " | ".join(cell(*c) for c in cells) + " |" for cells in self.rows]
-        return "\n".join(lines)
-
-
 def _model_label(r: ModelResult) -> str:
     return f"{r.name} (baseline)" if r.baseline else r.name
 
 
-def _models_table(results: Sequence[ModelResult], columns: Sequence[Column]) -> _Table:
-    best = {c.key: _best([r.metrics.get(c.key) for r in results], c.higher_is_better)
+def _models_table(results: Sequence[ModelResult], columns: Sequence[Column]) -> Table:
+    best = {c.key: best_value([r.metrics.get(c.key) for r in results], c.higher_is_better)
             for c in columns}  # fmt: skip
     header = ["model", *(c.header for c in columns), "train time", "params", "MLflow run"]
     rows = []
@@ -329,14 +155,14 @@ def _models_table(results: Sequence[ModelResult], columns: Sequence[Column]) -> 
         cells: list[tuple[str, str | None, bool]] = [(_model_label(r), None, False)]
         for c in columns:
             v = r.metrics.get(c.key)
-            bold = best[c.key] is not None and not _is_missing(v) and float(v) == best[c.key]
-            cells.append((_fmt(v, c.digits), None, bold))
+            bold = best[c.key] is not None and not is_missing(v) and float(v) == best[c.key]
+            cells.append((format_number(v, c.digits), None, bold))
         cells.append((fmt_seconds(r.train_seconds), None, False))
         cells.append((fmt_params(r.n_params), None, False))
         run = r.mlflow_run_id[:12] if r.mlflow_run_id else ("run" if r.mlflow_url else "—")
         cells.append((run, r.mlflow_url, False))
         rows.append(cells)
-    return _Table(header, rows, ["baseline" if r.baseline else "" for r in results])
+    return Table(header, rows, ["baseline" if r.baseline else "" for r in results])
 
 
 def _frame_table(
@@ -347,7 +173,7 @@ def _frame_table(
     *,
     group: str | None = None,
     bold_best: bool = True,
-) -> _Table:
+) -> Table:
     """A table of ``df`` rows: key columns as text, metric columns formatted, best bold
     (within each ``group`` value when given, and unless ``bold_best`` is false)."""
     cols = [c for c in columns if c.key in df]
@@ -356,81 +182,29 @@ def _frame_table(
     groups = df.groupby(group, sort=False) if group else [(None, df)]
     for g, sub in groups:
         for c in cols:
-            best[(g, c.key)] = _best(sub[c.key].tolist(), c.higher_is_better) if bold_best else None
+            best[(g, c.key)] = (
+                best_value(sub[c.key].tolist(), c.higher_is_better) if bold_best else None
+            )
     rows, classes = [], []
     for _, row in df.iterrows():
         g = row[group] if group else None
         is_base = "model" in df and str(row["model"]) in baseline_names
         cells: list[tuple[str, str | None, bool]] = []
         for k, _ in keys:
-            text = _fmt(row[k], 0) if isinstance(row[k], float | np.floating) else str(row[k])
+            text = (
+                format_number(row[k], 0) if isinstance(row[k], float | np.floating) else str(row[k])
+            )
             if k == "model" and is_base:
                 text += " (baseline)"
             cells.append((text, None, False))
         for c in cols:
             v = row[c.key]
             b = best[(g, c.key)]
-            cells.append((_fmt(v, c.digits), None, b is not None and not _is_missing(v)
+            cells.append((format_number(v, c.digits), None, b is not None and not is_missing(v)
                           and float(v) == b))  # fmt: skip
         rows.append(cells)
         classes.append("baseline" if is_base else "")
-    return _Table(header, rows, classes)
-
-
-# --------------------------------------------------------------------------- report
-
-_CSS = """
-body { font-family: "DejaVu Sans", Arial, sans-serif; margin: 2em; color: #222; max-width: 80em; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; } h3 { font-size: 1.05em; }
-table { border-collapse: collapse; margin: 0.5em 0 1em 0; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
-th { background: #f0f0f0; } td:first-child, th:first-child { text-align: left; }
-tr.baseline td { background: #fff6d6; }
-figure { display: inline-block; margin: 0.5em 1em 0.5em 0; vertical-align: top; }
-figure img { max-width: 36em; border: 1px solid #ddd; }
-figcaption { font-size: 0.85em; color: #555; max-width: 36em; overflow-wrap: anywhere; }
-dl.context dt { font-weight: bold; float: left; clear: left; margin-right: 0.5em; }
-.legend { font-size: 0.85em; color: #444; }
-code { font-size: 0.9em; }
-""".strip()
-
-
-@dataclass
-class _Doc:
-    """The report built up once, rendered as HTML and as Markdown."""
-
-    html: list[str] = field(default_factory=list)
-    md: list[str] = field(default_factory=list)
-
-    def heading(self, text: str, level: int = 2) -> None:
-        self.html.append(f"<h{level}>{html.escape(text)}</h{level}>")
-        self.md.append(f"{'#' * level} {text}\n")
-
-    def para(self, text: str, cls: str | None = None) -> None:
-        attr = f' class="{cls}"' if cls else ""
-        self.html.append(f"<p{attr}>{html.escape(text)}</p>")
-        self.md.append(f"{text}\n")
-
-    def table(self, t: _Table) -> None:
-        self.html.append(t.html())
-        self.md.append(t.markdown() + "\n")
-
-    def figures(self, items: Sequence[tuple[str, str]]) -> None:
-        """``(relative path, caption)`` figures side by side."""
-        for path, caption in items:
-            p, c = html.escape(path, quote=True), html.escape(caption)
-            self.html.append(
-                f'<figure><img src="{p}" alt="{c}"><figcaption>{c}</figcaption></figure>'
-            )
-            self.md.append(f"![{caption}]({path})\n")
-
-    def links(self, items: Sequence[tuple[str, str]]) -> None:
-        lis = "".join(
-            f'<li><a href="{html.escape(h, quote=True)}">{html.escape(t)}</a></li>'
-            for t, h in items
-        )
-        self.html.append(f"<ul>{lis}</ul>")
-        self.md.append("\n".join(f"- [{t}]({h})" for t, h in items) + "\n")
+    return Table(header, rows, classes)
 
 
 def _check_results(results: Sequence[ModelResult], require_baseline: bool) -> None:
@@ -493,7 +267,7 @@ def build_report(
     with atomic_path(out_dir) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "figures").mkdir()
-        doc = _Doc()
+        doc = Doc()
         doc.html.append(f"<h1>{html.escape(title)}</h1>")
         doc.md.append(f"# {title}\n")
         if context:
@@ -591,7 +365,7 @@ def build_report(
                 n = seen[o.kind] = seen.get(o.kind, 0) + 1
                 rel = f"overlays/{slug(r.name)}_{slug(o.kind)}_{n}{Path(o.path).suffix.lower()}"
                 shutil.copyfile(o.path, tmp / rel)
-                score = "" if o.score is None else f", {o.metric} = {_fmt(o.score)}"
+                score = "" if o.score is None else f", {o.metric} = {format_number(o.score)}"
                 items.append((rel, f"{o.kind}: {o.image_id}{score}"))
             if items:
                 doc.figures(items)
@@ -600,7 +374,7 @@ def build_report(
         body = "\n".join(doc.html)
         page = (
             '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-            f"<title>{html.escape(title)}</title>\n<style>\n{_CSS}\n</style>\n</head>\n"
+            f"<title>{html.escape(title)}</title>\n<style>\n{CSS}\n</style>\n</head>\n"
             f"<body>\n{body}\n</body>\n</html>\n"
         )
         (tmp / "index.html").write_text(page, encoding="utf-8")
@@ -610,7 +384,7 @@ def build_report(
 
 
 def _modality_section(
-    doc: _Doc,
+    doc: Doc,
     stacked: pd.DataFrame,
     manifest: pd.DataFrame | None,
     baselines: set[str],
