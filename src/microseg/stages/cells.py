@@ -301,7 +301,7 @@ def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Pa
 
 def _write_overlays(samples, prepared, rows, per_image, folder: Path, name: str, k: int) -> None:
     """Best and worst images (by F1@0.5) drawn into ``overlays/``, listed in overlays.json."""
-    from microseg.report.benchmark import best_worst_overlays
+    from microseg.report.instance_overlays import best_worst_overlays
 
     by_id = {s.image_id: s for s in samples}
     images = {str(r.sample_id): prepared / r.image_path for r in rows.itertuples()}
