@@ -26,8 +26,10 @@ The family side (module and data-module bases, the seeded batch stream) is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -95,6 +97,30 @@ class EngineConfig:
             raise ConfigError(
                 "invalid training config: " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
             )
+
+
+class StderrProgressBar(TQDMProgressBar):
+    """Lightning's bars on stderr, as every other bar here: stdout carries what a command
+    prints (DVC logs, ``microseg`` result lines), not progress."""
+
+    def _on_stderr(self, make: Callable[[], Any]) -> Any:
+        with contextlib.redirect_stdout(sys.stderr):
+            return make()
+
+    def init_sanity_tqdm(self) -> Any:
+        return self._on_stderr(super().init_sanity_tqdm)
+
+    def init_train_tqdm(self) -> Any:
+        return self._on_stderr(super().init_train_tqdm)
+
+    def init_validation_tqdm(self) -> Any:
+        return self._on_stderr(super().init_validation_tqdm)
+
+    def init_predict_tqdm(self) -> Any:
+        return self._on_stderr(super().init_predict_tqdm)
+
+    def init_test_tqdm(self) -> Any:
+        return self._on_stderr(super().init_test_tqdm)
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
@@ -309,7 +335,7 @@ def build_trainer(
             )
         )
     if cfg.progress:
-        extra.append(TQDMProgressBar(leave=False))
+        extra.append(StderrProgressBar(leave=False))
     return L.Trainer(
         accelerator=accelerator,
         devices=devices,
