@@ -45,9 +45,9 @@ def punet_data(params: Params) -> tuple[Path, Path]:
 
 
 def punet_section(params: Params) -> dict[str, Any]:
-    """``punet.train`` over the engine section; the progress bar on unless it says otherwise
-    (the façade's default is off)."""
-    return {"progress": True, **params.engine.train_section(dict(params.punet.train))}
+    """``punet.train`` over the engine section (no progress bar unless it asks for one, as
+    for every family the stages train through the registry)."""
+    return params.engine.train_section(dict(params.punet.train))
 
 
 def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> dict[str, Any]:
