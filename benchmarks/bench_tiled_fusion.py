@@ -95,7 +95,7 @@ def _train(data: Path, work: Path, epochs: int) -> Path:
     if not yaml.exists():
         convert_d3set_to_yolo(data / "train.d3set", data / "val.d3set", yaml.parent)
     det = YoloSpineDetector.build("n", channels="single")
-    result = det.train(yaml, work / "runs", epochs=epochs, imgsz=256, batch=16, patience=epochs)
+    result = det.fit(yaml, work / "runs", epochs=epochs, imgsz=256, batch=16, patience=epochs)
     return result.best or result.last
 
 

@@ -56,7 +56,7 @@ def run(data: Path, work: Path, epochs: int, seed: int, radius: float) -> pd.Dat
             convert_d3set_to_yolo(data / "train.d3set", data / "val.d3set", ds, channels=channels)
         det = YoloSpineDetector.build("n", channels=channels)
         t0 = time.perf_counter()
-        result = det.train(
+        result = det.fit(
             yaml,
             work / f"runs_{channels}_s{seed}_e{epochs}",
             epochs=epochs,

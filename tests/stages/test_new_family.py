@@ -1,7 +1,8 @@
 """A new model family is one package and one ``params.yaml`` entry: nothing else changes.
 
 The toy family below (a per-pixel logistic regression, trained by the shared Lightning engine)
-is registered by name; the nuclei stages then train, load and score it without knowing it.
+is registered by name; the nuclei stages then train, load and score it, and a training study
+tunes it, without knowing it.
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ class ToyPixels:
 
 @pytest.fixture()
 def toy_dataset(params):
+    MODELS.add("toy_pixels", ToyPixels)  # again: an earlier test's teardown removed it
     prepared = params.paths.prepared / "toyds"
     rows = []
     for i, split in enumerate(["train"] * 3 + ["val"] * 2 + ["test"] * 2):
@@ -171,3 +173,30 @@ def test_unknown_family_is_a_clear_error(toy_dataset):
     params.cells.models = {"x": CellModelConfig(family="nope")}
     with pytest.raises(Exception, match="unknown model 'nope'; registered"):
         cells.train_cell_model(params, "x")
+
+
+def test_a_registered_family_is_a_training_study_target(toy_dataset, tmp_path):
+    """``microseg tune --target toy``: the study trains the toy family through the registry
+    (nothing in tune/ names it) and writes the best params back."""
+    from microseg.stages import tuning
+    from microseg.tune.training import read_best_params
+
+    params = toy_dataset
+    cells.prepare_targets_stage(params)
+    params.tune = {
+        "toy": {
+            "n_trials": 2,
+            "epochs": 1,
+            "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+            "metric": "val_dice",
+            "space": {"steps_per_epoch": {"low": 5, "high": 15}},
+        }
+    }
+    out = tuning.tune_training_stage(params, "toy")
+    assert out["n_complete"] == 2 and out["metric"] == "val_dice", out
+    assert 0.0 <= out["best_value"] <= 1.0
+    assert set(out["best"]) == {"steps_per_epoch"}
+    assert read_best_params(tuning.tuned_path("toy")) == out["best"]
+    for n in (0, 1):
+        assert (tuning.WORK_DIR / "toy" / f"trial_{n}" / "best.pt").is_file()
+    assert tuning.metrics_path(params, "toy").is_file()

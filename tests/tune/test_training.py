@@ -21,15 +21,16 @@ from microseg.errors import ConfigError, MissingFileError
 from microseg.train.hooks import HookBase
 from microseg.tune.storage import study as open_study
 from microseg.tune.training import (
+    STUDY_CONFIGS,
     ParamSpec,
     TrainStudyConfig,
     TuningError,
     check_keys,
     default_study_config,
+    family_train_fn,
     flatten,
     merge_tuned,
     nest,
-    punet_train_fn,
     read_best_params,
     study_summary,
     tune_training,
@@ -393,14 +394,15 @@ def test_best_params_round_trip_and_unknown_keys_are_refused(tmp_path):
 
 
 def test_default_spaces_fit_their_trainers_and_specs_validate():
-    for target in ("yolo", "punet"):
-        cfg = default_study_config(target)
-        check_keys(target, cfg.space)
+    for family in STUDY_CONFIGS:
+        cfg = default_study_config(family)
+        check_keys(family, cfg.space)
         assert cfg.direction == "maximize" and cfg.n_trials >= cfg.pruner.n_startup_trials
     assert default_study_config("yolo").metric == "val/mAP50"
     assert default_study_config("punet").metric == "val_spine_dice"
+    assert default_study_config("unet").metric == "val_f1_50"
     with pytest.raises(ConfigError):
-        default_study_config("maskrcnn")
+        default_study_config("nope")
     with pytest.raises(ConfigError, match="per-trial budget"):
         check_keys("punet", ["epochs"])
     assert ParamSpec(low=1, high=4).kind == "int"
@@ -412,6 +414,63 @@ def test_default_spaces_fit_their_trainers_and_specs_validate():
             ParamSpec(**bad)
     with pytest.raises(ValueError, match="per-trial budget"):
         TrainStudyConfig(space={"epochs": {"low": 1, "high": 3}})
+
+
+# ---------------------------------------------------------------------- family objectives
+@pytest.mark.parametrize("soft", [False, True])
+def test_family_objective_trains_a_registered_family_and_prunes_it_its_way(tmp_path, soft):
+    """Any registered family is a study's objective; one that ``stops_on_request`` ends its loop
+    on the pruning hook's ``should_stop``, any other is stopped by ``TrialPruned``."""
+    from microseg.models import MODELS, register_model
+    from microseg.train.hooks import should_stop
+
+    ended: list[str] = []
+
+    @register_model("_fake_tunable")
+    class Fake:
+        trainable = True
+        stops_on_request = soft
+
+        @classmethod
+        def train(cls, data, out_dir, train, hooks=None, *, resume=True):
+            assert data == "the-data" and resume is False and train["keep"] == 7
+            try:
+                for epoch in range(train["epochs"]):
+                    hooks.after_epoch(epoch, {"score": train["q"]})
+                    if should_stop(hooks):
+                        break
+            except optuna.TrialPruned:
+                ended.append("raised")
+                raise
+            ended.append(f"stopped after {epoch}")
+
+        @classmethod
+        def check_train_keys(cls, keys):
+            if set(keys) - {"q", "keep"}:
+                raise ConfigError(f"unknown fake knob(s) {sorted(set(keys) - {'q', 'keep'})}")
+
+    try:
+        cfg = make_cfg(tmp_path, n_trials=2, epochs=3, space={"q": {"low": 0.0, "high": 0.5}},
+                       pruner={"n_startup_trials": 1, "n_warmup_steps": 0})  # fmt: skip
+        st = open_study(cfg.study_name, cfg.storage)
+        st.add_trial(
+            create_trial(
+                params={"q": 0.4},
+                distributions={"q": optuna.distributions.FloatDistribution(0.0, 0.5)},
+                value=1.0,
+                intermediate_values={0: 1.0, 1: 1.0, 2: 1.0},
+            )
+        )
+        fn = family_train_fn("_fake_tunable", "the-data", cfg.epochs, metric="score")
+        _, st = tune_training("_fake_tunable", fn, {"keep": 7}, cfg, work_dir=tmp_path / "w")
+        trial = st.trials[1]
+        assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]
+        assert ended == (["stopped after 0"] if soft else ["raised"])
+        with pytest.raises(ConfigError, match="unknown fake knob"):
+            bad = make_cfg(tmp_path, study_name="bad", space={"r": {"low": 0.0, "high": 1.0}})
+            tune_training("_fake_tunable", fn, {}, bad, work_dir=tmp_path / "w")
+    finally:
+        MODELS.remove("_fake_tunable")
 
 
 # ---------------------------------------------------------------------------- real trainers
@@ -468,7 +527,7 @@ def test_prob_unet_study_trains_reports_and_prunes_for_real(tmp_path):
         n_trials=1, epochs=1, storage=f"sqlite:///{tmp_path / 'o.db'}", study_name="punet",
         metric="val_spine_dice", space=space, pruner={"n_startup_trials": 1, "n_warmup_steps": 0},
     )  # fmt: skip
-    fn = punet_train_fn(train, val, PUNET_TINY, cfg.epochs)
+    fn = family_train_fn("punet", (train, val), cfg.epochs, metric=cfg.metric)
     best, st = tune_training("punet", fn, PUNET_TINY, cfg, work_dir=tmp_path / "work")
     t0 = st.trials[0]
     state = json.loads((tmp_path / "work" / "trial_0" / "train_state.json").read_text())
@@ -491,7 +550,7 @@ def test_prob_unet_study_trains_reports_and_prunes_for_real(tmp_path):
         )
     )
     cfg3 = cfg.model_copy(update={"n_trials": 3, "epochs": 3})
-    fn3 = punet_train_fn(train, val, PUNET_TINY, cfg3.epochs)
+    fn3 = family_train_fn("punet", (train, val), cfg3.epochs, metric=cfg3.metric)
     _, st = tune_training("punet", fn3, PUNET_TINY, cfg3, work_dir=tmp_path / "work")
     pruned = st.trials[2]
     assert pruned.state == TrialState.PRUNED and list(pruned.intermediate_values) == [0]
@@ -535,7 +594,6 @@ def test_yolo_study_prunes_through_ultralytics(tmp_path):
     import torch
 
     from microseg.models.yolo import run_state
-    from microseg.tune.training import yolo_train_fn
 
     torch.set_num_threads(1)
     data = _blob_dataset(tmp_path / "data")
@@ -561,7 +619,7 @@ def test_yolo_study_prunes_through_ultralytics(tmp_path):
         )
     )
     ended = Ended()
-    fn = yolo_train_fn(data, base, cfg.epochs, extra_hooks=[ended])
+    fn = family_train_fn("yolo", data, cfg.epochs, metric=cfg.metric, extra_hooks=[ended])
     _, st = tune_training("yolo", fn, base, cfg, work_dir=tmp_path / "work")
     trial = st.trials[1]
     assert trial.state == TrialState.PRUNED and list(trial.intermediate_values) == [0]

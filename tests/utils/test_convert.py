@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from microseg.utils.convert import jsonable, to_builtin
+from microseg.errors import ConfigError
+from microseg.utils.convert import flatten, jsonable, merge_dotted, nest, to_builtin
 
 
 def test_to_builtin_unwraps_numpy_scalars_only() -> None:
@@ -53,3 +54,14 @@ def test_unknown_objects_kept_or_passed_to_default() -> None:
     }
     with pytest.raises(TypeError):
         json.dumps(jsonable(path))
+
+
+def test_flatten_nest_and_merge_dotted_round_trip() -> None:
+    flat = {"a.b": 1, "a.c": [1, 2], "d": "x"}
+    assert flatten(nest(flat)) == flat and nest(flat) == {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
+    base = {"lr": 0.1, "augment": {"scale": 0.1}}
+    merged = merge_dotted(base, {"augment.mosaic": 0.0, "lr": 0.2})
+    assert merged == {"lr": 0.2, "augment": {"scale": 0.1, "mosaic": 0.0}}
+    assert base == {"lr": 0.1, "augment": {"scale": 0.1}}  # a deep copy
+    with pytest.raises(ConfigError, match="expected a mapping at 'lr'"):
+        merge_dotted(base, {"lr.x": 1})

@@ -24,6 +24,7 @@ import pandas as pd
 import yaml
 
 from microseg.config import Params
+from microseg.utils.convert import flatten
 
 log = logging.getLogger(__name__)
 
@@ -90,18 +91,6 @@ def params_hash(section: Any) -> str:
         section = section.model_dump(mode="json", by_alias=True)
     blob = json.dumps(section, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
-
-
-def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` for ``mlflow.log_params``."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 @contextlib.contextmanager

@@ -38,14 +38,25 @@ def _targets(sample: Sample) -> dict[str, np.ndarray]:
     return {h: labels == SPINE_CLASSES[h] for h in HEADS}
 
 
+def punet_data(params: Params) -> tuple[Path, Path]:
+    """The ``(train, val)`` d3sets the ``punet`` family trains on."""
+    src = _source(params)
+    return src / "train.d3set", src / "val.d3set"
+
+
+def punet_section(params: Params) -> dict[str, Any]:
+    """``punet.train`` over the engine section (no progress bar unless it asks for one, as
+    for every family the stages train through the registry)."""
+    return params.engine.train_section(dict(params.punet.train))
+
+
 def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> dict[str, Any]:
-    from microseg.models.punet.train import PunetTrainConfig, train_punet
+    from microseg.models import get_model
     from microseg.stages.tuning import tuned_train_config
 
-    cfg = PunetTrainConfig.from_mapping(tuned_train_config(params, "punet"))
-    src = _source(params)
+    section = tuned_train_config(params, "punet", punet_section(params))
     t0 = time.perf_counter()
-    result = train_punet(src / "train.d3set", src / "val.d3set", out_dir, cfg, hooks=hooks)
+    result = get_model("punet").train(punet_data(params), out_dir, section, hooks)
     if result.best_path is None:
         raise MissingFileError("training produced no best checkpoint", out_dir)
     return {

@@ -65,34 +65,30 @@ def convert_yolo(params: Params, out_dir: Path = YOLO_DATA) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------- train
-def train_yolo(params: Params, hooks=None, out_dir: Path = YOLO_MODEL_DIR) -> dict[str, Any]:
-    from microseg.config import YoloTrainConfig
-    from microseg.models.yolo import YoloSpineDetector
-    from microseg.stages.tuning import tuned_train_config
-
-    t = YoloTrainConfig.model_validate(tuned_train_config(params, "yolo"))
+def yolo_data(params: Params) -> Path:
+    """The Ultralytics dataset yaml the ``yolo`` family trains on (``convert_yolo``'s)."""
     data_yaml = YOLO_DATA / "spine_detection.yaml"
     if not data_yaml.exists():
         raise MissingFileError("YOLO dataset missing; run `microseg convert yolo`", data_yaml)
-    det = YoloSpineDetector.build(arch=t.arch, channels=params.yolo.convert.channels)
+    return data_yaml
+
+
+def yolo_section(params: Params) -> dict[str, Any]:
+    """``yolo.train`` plus the ``meta`` the detector keeps (its input channels)."""
+    return {**params.yolo.train.model_dump(), "meta": {"channels": params.yolo.convert.channels}}
+
+
+def train_yolo(params: Params, hooks=None, out_dir: Path = YOLO_MODEL_DIR) -> dict[str, Any]:
+    from microseg.config import YoloTrainConfig
+    from microseg.models import get_model
+    from microseg.stages.tuning import tuned_train_config
+
+    section = tuned_train_config(params, "yolo", yolo_section(params))
+    meta = section.pop("meta")
+    t = YoloTrainConfig.model_validate(section)
+    data_yaml = yolo_data(params)
     t0 = time.perf_counter()
-    result = det.train(
-        data_yaml,
-        out_dir,
-        epochs=t.epochs,
-        imgsz=t.imgsz,
-        batch=t.batch,
-        lr0=t.lr0,
-        lrf=t.lrf,
-        optimizer=t.optimizer,
-        cos_lr=t.cos_lr,
-        patience=t.patience,
-        augment=t.augment,
-        device=t.device,
-        workers=t.workers,
-        seed=t.seed,
-        hooks=hooks,
-    )
+    result = get_model("yolo").train(data_yaml, out_dir, {**t.model_dump(), "meta": meta}, hooks)
     best = Path(result.best or result.last)
     with atomic_path(out_dir / "best.pt") as tmp:
         tmp.write_bytes(best.read_bytes())

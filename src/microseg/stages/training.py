@@ -1,7 +1,9 @@
 """Training and tuning stages as ``dvc.yaml`` runs them: ``train_<model>`` and ``tune_<target>``.
 
 :func:`trainers` maps every trainable model name to its stage function and where its run
-belongs; each family's training itself stays in its own stage module.
+belongs, and, for a model that trains one registered family, what that family trains on
+(:class:`FamilyTraining`): what a training study of the model needs, so any such model is a
+``tune`` target. Each family's training itself stays in its own stage module.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ from microseg.config import Params
 from microseg.errors import ConfigError
 from microseg.stages.result import StageResult, run_stage
 
-TUNE_TARGETS = ("fusion", "yolo", "punet")
+
+@dataclass(frozen=True)
+class FamilyTraining:
+    """A registered family and what it trains on: ``get_model(name).train(data(), out_dir,
+    section(), hooks)``. Callables, so that building the table reads and checks nothing."""
+
+    name: str
+    #: the family's ``data`` (a dataset yaml, a targets folder, a ``(train, val)`` pair ...)
+    data: Callable[[], Any]
+    #: its params ``train`` section (engine defaults included; tuned values not merged)
+    section: Callable[[], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -27,6 +39,8 @@ class Trainer:
     out_dir: Path
     task: str
     dataset: str
+    #: the one family it trains (None: a stage of its own, e.g. ``tracking_seg``)
+    family: FamilyTraining | None = None
 
 
 def trainers(params: Params) -> dict[str, Trainer]:
@@ -35,10 +49,24 @@ def trainers(params: Params) -> dict[str, Trainer]:
 
     out = {
         "yolo": Trainer(
-            spines.train_yolo, params.yolo.train, spines.YOLO_MODEL_DIR, "spines", "spines"
+            spines.train_yolo,
+            params.yolo.train,
+            spines.YOLO_MODEL_DIR,
+            "spines",
+            "spines",
+            FamilyTraining(
+                "yolo", lambda: spines.yolo_data(params), lambda: spines.yolo_section(params)
+            ),
         ),
         "punet": Trainer(
-            punet.train_punet_stage, params.punet.train, punet.MODEL_DIR, "spines", "spines"
+            punet.train_punet_stage,
+            params.punet.train,
+            punet.MODEL_DIR,
+            "spines",
+            "spines",
+            FamilyTraining(
+                "punet", lambda: punet.punet_data(params), lambda: punet.punet_section(params)
+            ),
         ),
         "tracking_seg": Trainer(
             tracking.train_tracking_seg,
@@ -58,8 +86,18 @@ def trainers(params: Params) -> dict[str, Trainer]:
                 cells.MODELS_ROOT / name,
                 "nuclei",
                 params.cells.dataset,
+                FamilyTraining(
+                    mc.family,
+                    lambda: cells.targets_dir(params),
+                    lambda _mc=mc: params.engine.train_section(_mc.train),
+                ),
             )
     return out
+
+
+def tunable(params: Params) -> dict[str, FamilyTraining]:
+    """The models a training study can tune: those that train one registered family."""
+    return {name: t.family for name, t in trainers(params).items() if t.family is not None}
 
 
 def run_train(params: Params, model: str) -> StageResult:
@@ -99,11 +137,13 @@ def run_train(params: Params, model: str) -> StageResult:
 
 def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
     """An Optuna study (each trial a nested MLflow run); best params -> ``params/tuned_*``."""
-    from microseg.registry.runs import flatten
     from microseg.registry.stage_logging import MlflowTrialLogger
+    from microseg.utils.convert import flatten
 
-    if target not in TUNE_TARGETS:
-        raise ConfigError(f"unknown tuning target {target!r}; available: fusion, yolo, punet")
+    runners = {} if target == "fusion" else trainers(params)
+    if target != "fusion" and (target not in runners or runners[target].family is None):
+        names = ", ".join(["fusion", *(n for n, t in runners.items() if t.family is not None)])
+        raise ConfigError(f"unknown tuning target {target!r}; available: {names}")
     on_trial = MlflowTrialLogger()
     if target == "fusion":
         from microseg.stages import fusion
@@ -145,7 +185,7 @@ def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
         params,
         tune_training,
         stage=f"tune_{target}",
-        task="spines",
-        dataset="spines",
+        task=runners[target].task,
+        dataset=runners[target].dataset,
         section=params.tune.get(target, {}),
     )

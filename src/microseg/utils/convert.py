@@ -1,17 +1,22 @@
-"""numpy and pandas values to plain Python, for YAML params files and strict JSON.
+"""numpy and pandas values to plain Python, and nested mappings to dotted keys and back.
 
 ``yaml.safe_dump`` refuses numpy scalars and ``json.dumps`` writes ``NaN`` (not JSON, and DVC
 metrics files must parse everywhere), so every writer of such files goes through here.
+MLflow params, Optuna knobs and ``-S`` overrides name nested keys with dots
+(``augment.scale``): :func:`flatten`, :func:`nest` and :func:`merge_dotted` convert.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from microseg.errors import ConfigError
 
 
 def to_builtin(value: Any) -> Any:
@@ -40,3 +45,41 @@ def jsonable(value: Any, *, default: Callable[[Any], Any] | None = None) -> Any:
     if default is None or value is None or isinstance(value, str | int | float | bool):
         return value
     return default(value)
+
+
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"augment": {"scale": 0.2}} -> {"augment.scale": 0.2}`` (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def nest(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys to nested dicts: the inverse of :func:`flatten`."""
+    return merge_dotted({}, values)
+
+
+def merge_dotted(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with every (dotted or nested) key of ``update`` set in it;
+    keys ``update`` does not hold keep their ``base`` values."""
+    out = copy.deepcopy(dict(base))
+    for dotted, value in flatten(update).items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for i, key in enumerate(parents):
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            elif not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(
+                    f"key {dotted!r}: expected a mapping at {where!r}, found {child!r}"
+                )
+            node = child
+        node[leaf] = copy.deepcopy(value)
+    return out

@@ -208,9 +208,7 @@ def test_mlflow_training_logs_into_the_one_active_run(tmp_path, monkeypatch):
         with mlflow.start_run(experiment_id=exp) as run:
             hook = MlflowHook()
             det = YoloSpineDetector.build("n")
-            det.train(
-                data, tmp_path / "runs", epochs=2, imgsz=64, batch=4, device="cpu", hooks=hook
-            )
+            det.fit(data, tmp_path / "runs", epochs=2, imgsz=64, batch=4, device="cpu", hooks=hook)
             assert mlflow.active_run() is not None  # nobody ended our run
             assert mlflow.active_run().info.run_id == run.info.run_id
         client = mlflow.MlflowClient()

@@ -98,6 +98,33 @@ def test_detector_follows_the_model_family_protocol():
         YoloSpineDetector.build("q")
 
 
+def test_train_splits_a_params_section_into_build_fit_and_ultralytics_arguments(
+    tmp_path, monkeypatch
+):
+    seen = {}
+
+    def fake_fit(self, data_yaml, out_dir, **kwargs):
+        seen.update(det=self, data=data_yaml, out=out_dir, **kwargs)
+        return "result"
+
+    monkeypatch.setattr(YoloSpineDetector, "fit", fake_fit)
+    section = {"arch": "n", "epochs": 3, "lr0": 0.01, "augment": {"scale": 0.1}, "box": 5.0,
+               "extra": {"cls": 0.3}, "meta": {"channels": "25d"}}  # fmt: skip
+    out = get_model("yolo").train("d.yaml", tmp_path, section, hooks=None, resume=False)
+    assert out == "result" and seen["data"] == "d.yaml" and seen["resume"] is False
+    assert seen["epochs"] == 3 and seen["lr0"] == 0.01 and seen["augment"] == {"scale": 0.1}
+    assert seen["extra"] == {"cls": 0.3, "box": 5.0}  # not fit arguments: Ultralytics'
+    assert seen["det"].meta == {"arch": "n", "channels": "25d"}
+    assert "arch" not in seen and "meta" not in seen
+
+
+def test_check_train_keys_knows_fit_ultralytics_and_augment_keys():
+    YoloSpineDetector.check_train_keys(["lr0", "arch", "box", "warmup_epochs", "augment.mixup"])
+    for bad in ("project", "extra", "augment.sparkle", "lr00", "meta.channels"):
+        with pytest.raises(ConfigError, match="unknown yolo training knob"):
+            YoloSpineDetector.check_train_keys([bad])
+
+
 # ------------------------------------------------------------------------------ predict
 @pytest.fixture(scope="module")
 def untrained() -> YoloSpineDetector:
@@ -172,7 +199,7 @@ def trained(tmp_path_factory):
     data = _blob_dataset(root / "data")
     rec = Recorder()
     det = YoloSpineDetector.build("n")
-    result = det.train(data, root / "runs", epochs=2, patience=50, hooks=rec, **TINY)
+    result = det.fit(data, root / "runs", epochs=2, patience=50, hooks=rec, **TINY)
     return det, result, rec, data, root
 
 
@@ -205,7 +232,7 @@ def test_finished_run_is_not_trained_again(trained, tmp_path):
     _, result, _, data, root = trained
     before = result.best.stat().st_mtime_ns
     rec = Recorder()
-    again = YoloSpineDetector.build("n").train(data, root / "runs", epochs=2, hooks=rec, **TINY)
+    again = YoloSpineDetector.build("n").fit(data, root / "runs", epochs=2, hooks=rec, **TINY)
     assert again.already_finished and again.best == result.best
     assert rec.events == [] and result.best.stat().st_mtime_ns == before
 
@@ -223,16 +250,14 @@ class _CrashAfterFirstSave(HookBase):
 def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
     data = _blob_dataset(tmp_path / "data")
     with pytest.raises(_Interrupt):
-        YoloSpineDetector.build("n").train(
+        YoloSpineDetector.build("n").fit(
             data, tmp_path / "runs", epochs=3, patience=50, hooks=_CrashAfterFirstSave(), **TINY
         )
     last = tmp_path / "runs" / "train" / "weights" / "last.pt"
     assert is_resumable(last)
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
     rec = Recorder()
-    result = YoloSpineDetector.build("n").train(
-        data, tmp_path / "runs", epochs=3, hooks=rec, **TINY
-    )
+    result = YoloSpineDetector.build("n").fit(data, tmp_path / "runs", epochs=3, hooks=rec, **TINY)
     assert result.resumed and not is_resumable(result.last)
     assert [e[1] for e in rec.named("after_epoch")] == [1, 2]  # epoch 0 was not redone
     assert rec.named("before_train")[0][1]["start_epoch"] == 1
@@ -247,7 +272,7 @@ def test_a_hook_can_stop_training_early(tmp_path):
     rec = Recorder()
     from microseg.train.hooks import Hooks
 
-    YoloSpineDetector.build("n").train(
+    YoloSpineDetector.build("n").fit(
         data, tmp_path / "runs", epochs=5, patience=50, hooks=Hooks([stopper, rec]), **TINY
     )
     assert [e[1] for e in rec.named("after_epoch")] == [0]
@@ -258,8 +283,8 @@ def test_train_rejects_unknown_and_managed_arguments(tmp_path):
     data.write_text("path: .\n")
     det = YoloSpineDetector.build("n")
     with pytest.raises(ConfigError, match="unknown"):
-        det.train(data, tmp_path, augment={"sparkle": 1.0}, **TINY)
+        det.fit(data, tmp_path, augment={"sparkle": 1.0}, **TINY)
     with pytest.raises(ConfigError, match="set by microseg"):
-        det.train(data, tmp_path, extra={"project": "x"}, **TINY)
+        det.fit(data, tmp_path, extra={"project": "x"}, **TINY)
     with pytest.raises(MissingFileError):
-        det.train(tmp_path / "none.yaml", tmp_path, **TINY)
+        det.fit(tmp_path / "none.yaml", tmp_path, **TINY)

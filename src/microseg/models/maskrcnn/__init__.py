@@ -10,7 +10,7 @@ through :func:`microseg.models.get_model`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from microseg.errors import MissingFileError
+from microseg.errors import ConfigError, MissingFileError
 from microseg.models import Prediction, Predictor, register_model
 from microseg.models.maskrcnn.config import (
     BACKBONES,
@@ -51,6 +51,7 @@ from microseg.models.maskrcnn.predict import (
     tile_windows,
 )
 from microseg.utils.devices import resolve_device
+from microseg.utils.fields import unknown_dotted
 
 __all__ = [
     "BACKBONES",
@@ -122,6 +123,19 @@ class MaskRCNNSegmenter:
         cfg = MaskRCNNTrainConfig.from_mapping({"progress": False, **train})
         train_s, val_s = load_targets(data, "train"), load_targets(data, "val")
         return train_maskrcnn(train_s, val_s, out_dir, cfg, hooks=hooks, resume=resume)
+
+    @classmethod
+    def check_train_keys(cls, keys: Iterable[str]) -> None:
+        """Refuse dotted ``train`` keys that name no ``MaskRCNNTrainConfig`` field (a study's
+        space, a tuned params file), so typos fail before any training."""
+        from microseg.models.maskrcnn.train import MaskRCNNTrainConfig
+
+        bad = unknown_dotted(MaskRCNNTrainConfig, keys)
+        if bad:
+            raise ConfigError(
+                f"unknown maskrcnn training knob(s) {sorted(bad)}; "
+                "expected MaskRCNNTrainConfig fields"
+            )
 
     @classmethod
     def load(

@@ -8,12 +8,13 @@ through :func:`microseg.models.get_model`. Importing this package does not impor
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from microseg.errors import ConfigError
 from microseg.models import register_model
 from microseg.models.punet.network import (
     HEADS,
@@ -34,6 +35,7 @@ from microseg.models.punet.predict import (
     remove_small,
     write_predictions,
 )
+from microseg.utils.fields import unknown_dotted
 
 __all__ = [
     "HEADS",
@@ -72,7 +74,7 @@ class PunetSegmenter:
     @classmethod
     def train(
         cls,
-        data: str | Path,
+        data: Any,
         out_dir: str | Path,
         train: Mapping[str, Any],
         hooks: Any = None,
@@ -81,20 +83,37 @@ class PunetSegmenter:
     ) -> Any:
         """:func:`microseg.models.punet.train.train_punet` from a params ``train`` section.
 
-        ``data`` is a folder holding ``train.d3set`` and ``val.d3set`` (the synthetic spine
-        layout), or a training ``.d3set`` with ``val.d3set`` beside it; a ``val`` key in
-        ``train`` names another validation d3set. Every other key is a ``PunetTrainConfig``
-        field (architecture included); the progress bar is off unless asked for.
+        ``data`` is a ``(train, val)`` tuple of d3sets (paths or loaded ``D3Set`` objects, or
+        lists of them), a folder holding ``train.d3set`` and ``val.d3set`` (the synthetic
+        spine layout), or a training ``.d3set`` with ``val.d3set`` beside it; with a path, a
+        ``val`` key in ``train`` names another validation d3set. Every other key is a
+        ``PunetTrainConfig`` field (architecture included); the progress bar is off unless
+        asked for.
         """
         from microseg.models.punet.train import PunetTrainConfig, train_punet
 
         values = {"progress": False, **train}
         val = values.pop("val", None)
-        data = Path(data)
-        train_path = data / "train.d3set" if data.is_dir() else data
-        val_path = Path(val) if val is not None else train_path.with_name("val.d3set")
+        if isinstance(data, tuple):
+            train_src, val_src = data
+        else:
+            data = Path(data)
+            train_src = data / "train.d3set" if data.is_dir() else data
+            val_src = Path(val) if val is not None else train_src.with_name("val.d3set")
         cfg = PunetTrainConfig.from_mapping(values)
-        return train_punet(train_path, val_path, out_dir, cfg, hooks, resume=resume)
+        return train_punet(train_src, val_src, out_dir, cfg, hooks, resume=resume)
+
+    @classmethod
+    def check_train_keys(cls, keys: Iterable[str]) -> None:
+        """Refuse dotted ``train`` keys that name no ``PunetTrainConfig`` field (a study's space, a
+        tuned params file), so typos fail before any training."""
+        from microseg.models.punet.train import PunetTrainConfig
+
+        bad = unknown_dotted(PunetTrainConfig, keys)
+        if bad:
+            raise ConfigError(
+                f"unknown punet training knob(s) {sorted(bad)}; expected PunetTrainConfig fields"
+            )
 
     @classmethod
     def load(

@@ -7,7 +7,7 @@ stages reach through :func:`microseg.models.get_model`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 from torch import nn
 
-from microseg.errors import MissingFileError
+from microseg.errors import ConfigError, MissingFileError
 from microseg.infer.watershed import PostprocessConfig
 from microseg.models import Prediction, Predictor, register_model
 from microseg.models.unet.network import (
@@ -30,6 +30,7 @@ from microseg.models.unet.network import (
 )
 from microseg.models.unet.predict import InferConfig, predict_instances, predict_probs
 from microseg.utils.devices import model_device
+from microseg.utils.fields import unknown_dotted
 
 __all__ = [
     "ARCHS",
@@ -92,6 +93,18 @@ class UnetSegmenter:
 
         cfg = UnetTrainConfig.from_mapping({"progress": False, **train})
         return train_unet(data, out_dir, cfg, hooks=hooks, resume=resume)
+
+    @classmethod
+    def check_train_keys(cls, keys: Iterable[str]) -> None:
+        """Refuse dotted ``train`` keys that name no ``UnetTrainConfig`` field (a study's space, a
+        tuned params file), so typos fail before any training."""
+        from microseg.models.unet.train import UnetTrainConfig
+
+        bad = unknown_dotted(UnetTrainConfig, keys)
+        if bad:
+            raise ConfigError(
+                f"unknown unet training knob(s) {sorted(bad)}; expected UnetTrainConfig fields"
+            )
 
     @classmethod
     def load(

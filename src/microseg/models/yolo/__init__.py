@@ -3,20 +3,15 @@
 One class, :class:`YoloSpineDetector`, registered as ``"yolo"``: build from
 ``yolov8{n,s,m,l,x}-p2.yaml`` (no pretrained weights: nothing is downloaded), train with
 Ultralytics' trainer, predict boxes for batches of uint8 planes, save and load checkpoints.
+The stages and studies train it like every family, from a params section
+(:meth:`YoloSpineDetector.train`); :meth:`~YoloSpineDetector.fit` is the detector's own call.
 No MLflow and no CLI here: logging reaches training through ``hooks``
 (``models/yolo/callbacks.py`` translates Ultralytics' callbacks into them).
 
-Resume: a run lives in ``<out_dir>/<name>/`` (``weights/last.pt``, ``best.pt``,
-``results.csv``). Ultralytics' ``last.pt`` keeps the optimizer and the epoch while training
-runs and has both stripped (epoch -1) when training ends, so an interrupted run is one whose
-``last.pt`` still has them. :meth:`YoloSpineDetector.train` then continues it with
-Ultralytics' ``resume`` (same arguments, from the next epoch); a finished run is not trained
-again; anything else starts fresh.
-
-Offline: Ultralytics would download a font while checking the dataset, the AMP-check weights
-on CUDA and ask PyPI for updates. :func:`offline_guards` turns these into no-ops while we
-train (plots are off, so no font is needed; AMP is trusted on CUDA and off elsewhere, as
-Ultralytics decides it).
+Resume: a run lives in ``<out_dir>/<name>/``; an interrupted one (:func:`.runs.run_state`)
+is continued by :meth:`YoloSpineDetector.fit` with Ultralytics' ``resume`` (same arguments,
+from the next epoch); a finished run is not trained again; anything else starts fresh.
+Ultralytics is kept offline while it trains (:func:`.runs.offline_guards`).
 
 Channels: images are uint8 ``HxW`` (greyscale, replicated to three channels) or ``HxWx3``
 with channels in dataset order (for 2.5D: planes ``z-1, z, z+1``, as written to the PNGs).
@@ -26,11 +21,10 @@ handing them over, so the network sees the same channel order in training and in
 
 from __future__ import annotations
 
-import contextlib
+import inspect
 import logging
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +32,30 @@ import numpy as np
 
 from microseg.errors import ConfigError, MissingFileError, ShapeMismatchError
 from microseg.models import register_model
+from microseg.models.yolo.runs import (
+    TrainResult,
+    _load_ckpt,
+    is_resumable,
+    offline_guards,
+    run_state,
+    ultralytics_args,
+)
 from microseg.train.hooks import HookBase
 from microseg.utils.atomic import atomic_path
 from microseg.utils.devices import ultralytics_device
+
+__all__ = [
+    "ARCHS",
+    "DEFAULT_AUGMENT",
+    "FIT_ARGS",
+    "TrainResult",
+    "YoloSpineDetector",
+    "is_resumable",
+    "native_imgsz",
+    "offline_guards",
+    "run_state",
+    "ultralytics_args",
+]
 
 log = logging.getLogger(__name__)
 
@@ -66,79 +81,10 @@ DEFAULT_AUGMENT: dict[str, float] = {
 }
 
 
-@dataclass
-class TrainResult:
-    """Where a training run left its files and how it ended."""
-
-    save_dir: Path
-    best: Path | None
-    last: Path
-    metrics: dict[str, float] = field(default_factory=dict)
-    resumed: bool = False
-    already_finished: bool = False
-
-
-def _load_ckpt(path: Path) -> dict[str, Any]:
-    import torch
-
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict):
-        raise ConfigError(
-            f"expected an Ultralytics checkpoint dict, found {type(ckpt).__name__}", path
-        )
-    return ckpt
-
-
-def run_state(last: Path) -> str:
-    """``"missing"``, ``"interrupted"`` (resumable), ``"finished"`` or ``"unreadable"``.
-
-    Ultralytics writes ``last.pt`` in place, so a run killed while saving can leave it
-    truncated: such a run cannot resume and is trained afresh.
-    """
-    if not last.is_file():
-        return "missing"
-    try:
-        ckpt = _load_ckpt(last)
-    except Exception as exc:  # truncated pickle/zip: any of several exception types
-        log.warning("cannot read %s (%s: %s)", last, type(exc).__name__, exc)
-        return "unreadable"
-    if ckpt.get("epoch", -1) >= 0 and ckpt.get("optimizer") is not None:
-        return "interrupted"
-    return "finished"
-
-
-def is_resumable(last: Path) -> bool:
-    """True when ``last`` is an Ultralytics checkpoint of a run that did not finish."""
-    return run_state(last) == "interrupted"
-
-
-def _amp_without_download(model: Any) -> bool:
-    """Ultralytics' AMP decision without its check (which downloads weights): CUDA only."""
-    device = next(model.parameters()).device
-    return device.type not in ("cpu", "mps")
-
-
-@contextlib.contextmanager
-def offline_guards() -> Iterator[None]:
-    """Keep Ultralytics from reaching the network while training (restored afterwards)."""
-    import ultralytics.data.utils as data_utils
-    import ultralytics.engine.trainer as trainer_mod
-    import ultralytics.utils.checks as checks
-
-    patches = [
-        (data_utils, "check_font", lambda *a, **k: None),
-        (checks, "check_font", lambda *a, **k: None),
-        (checks, "check_pip_update_available", lambda *a, **k: False),
-        (trainer_mod, "check_amp", _amp_without_download),
-    ]
-    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in patches]
-    try:
-        for mod, name, new in patches:
-            setattr(mod, name, new)
-        yield
-    finally:
-        for mod, name, old in saved:
-            setattr(mod, name, old)
+#: :meth:`YoloSpineDetector.fit` arguments microseg sets itself (not params keys)
+_MANAGED = frozenset({"data_yaml", "out_dir", "hooks", "resume", "name", "extra", "self"})
+#: train-section keys refused: microseg sets them (or Ultralytics' own spelling of them)
+_REFUSED = _MANAGED | {"project", "exist_ok", "data", "model"}
 
 
 def _bgr3(image: np.ndarray) -> np.ndarray:
@@ -167,6 +113,9 @@ class YoloSpineDetector:
     """
 
     trainable = True
+    #: a hook's ``should_stop`` ends Ultralytics' loop normally (loaders closed, checkpoints
+    #: finalised), so a study prunes through it rather than by raising inside the loop
+    stops_on_request = True
 
     def __init__(self, yolo: Any, meta: Mapping[str, Any] | None = None) -> None:
         self.yolo = yolo
@@ -209,7 +158,51 @@ class YoloSpineDetector:
         return int(max(getattr(self.yolo.model, "stride", [32])))
 
     # ------------------------------------------------------------------ training
+    @classmethod
     def train(
+        cls,
+        data: str | Path,
+        out_dir: str | Path,
+        train: Mapping[str, Any],
+        hooks: HookBase | None = None,
+        *,
+        resume: bool = True,
+    ) -> TrainResult:
+        """A fresh detector fitted on the dataset yaml ``data`` from a ``yolo.train`` section.
+
+        ``arch`` picks the model and ``meta`` (e.g. ``{"channels": "25d"}``) rides along in
+        its checkpoints; keys that are :meth:`fit` arguments go there, any other key (and the
+        ``extra`` mapping) is passed to Ultralytics as ``extra``.
+        """
+        cfg = dict(train)
+        meta = dict(cfg.pop("meta", None) or {})
+        arch = cfg.pop("arch", "n")
+        extra = dict(cfg.pop("extra", None) or {})
+        names = set(FIT_ARGS)
+        kwargs = {k: v for k, v in cfg.items() if k in names}
+        extra.update({k: v for k, v in cfg.items() if k not in names})
+        det = cls.build(arch, **meta)
+        return det.fit(data, out_dir, hooks=hooks, resume=resume, extra=extra or None, **kwargs)
+
+    @classmethod
+    def check_train_keys(cls, keys: Iterable[str]) -> None:
+        """Refuse dotted ``yolo.train`` keys :meth:`train` would not accept (a study's space,
+        a tuned params file), so typos fail before any training."""
+        known_ultralytics = ultralytics_args()
+        known = set(FIT_ARGS) | known_ultralytics | {"arch"}
+        bad = []
+        for k in keys:
+            head, _, rest = k.partition(".")
+            ok = rest in known_ultralytics if head == "augment" else k in known
+            if not ok or k in _REFUSED:
+                bad.append(k)
+        if bad:
+            raise ConfigError(
+                f"unknown yolo training knob(s) {sorted(bad)}; expected YoloSpineDetector.fit "
+                "arguments, Ultralytics arguments or augment.<key>"
+            )
+
+    def fit(
         self,
         data_yaml: str | Path,
         out_dir: str | Path,
@@ -377,3 +370,9 @@ class YoloSpineDetector:
             score = boxes.conf.cpu().numpy().astype(np.float32)
             out.append(np.column_stack([xyxy, score]))
         return out
+
+
+#: the :meth:`YoloSpineDetector.fit` arguments a ``yolo.train`` section may set
+FIT_ARGS: tuple[str, ...] = tuple(
+    p for p in inspect.signature(YoloSpineDetector.fit).parameters if p not in _MANAGED
+)
