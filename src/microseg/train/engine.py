@@ -52,6 +52,10 @@ from microseg.utils.devices import auto_device, check_device, lightning_devices
 log = logging.getLogger(__name__)
 # our epoch datasets know their length and are read in the main process (num_workers=0)
 warnings.filterwarnings("ignore", message=".*IterableDataset. has .__len__. defined")
+# FamilyModule passes whole validation samples through on purpose (see transfer_batch_to_device)
+warnings.filterwarnings(
+    "ignore", message=".*overridden .transfer_batch_to_device. in .LightningModule"
+)
 
 LAST = "last.ckpt"
 BEST = "best.pt"
