@@ -9,12 +9,14 @@ family is one package plus one ``params.yaml`` entry. Lookups import the family 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import importlib
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
+from microseg.errors import ConfigError
 from microseg.utils.registry import Registry
 
 #: family name -> façade class
@@ -69,6 +71,60 @@ class InstanceSegmenter(ModelFamily, Protocol):
     """A family of the nuclei benchmark: one call from a raw image to instances."""
 
     def as_predictor(self) -> Predictor: ...
+
+
+class EngineFamily:
+    """Façade plumbing shared by the families the Lightning engine trains: ``train`` from a
+    params section and ``check_train_keys``. A family names its training config class and
+    training function as ``"module:name"`` (imported only when training, so predictors and
+    registered MLflow models never load training code) and may override :meth:`data_args`.
+    """
+
+    trainable = True
+    #: ``"package.module:ConfigClass"``: a dataclass with ``from_mapping``
+    train_config: ClassVar[str]
+    #: ``"package.module:function"`` called as ``fn(*data_args, out_dir, cfg, hooks, resume=)``
+    train_function: ClassVar[str]
+
+    @classmethod
+    def data_args(cls, data: Any, train: dict[str, Any]) -> tuple[Any, ...]:
+        """What the training function takes before ``out_dir`` (may pop keys of ``train``)."""
+        return (data,)
+
+    @classmethod
+    def train(
+        cls,
+        data: Any,
+        out_dir: str | Path,
+        train: Mapping[str, Any],
+        hooks: Any = None,
+        *,
+        resume: bool = True,
+    ) -> Any:
+        """Train from a params ``train`` section (progress bars off unless it asks)."""
+        values = {"progress": False, **train}
+        args = cls.data_args(data, values)
+        cfg = _load(cls.train_config).from_mapping(values)
+        return _load(cls.train_function)(*args, out_dir, cfg, hooks, resume=resume)
+
+    @classmethod
+    def check_train_keys(cls, keys: Iterable[str]) -> None:
+        """Refuse dotted ``train`` keys that name no field of the training config (a study's
+        space, a tuned params file), so typos fail before any training."""
+        from microseg.utils.fields import unknown_dotted
+
+        config = _load(cls.train_config)
+        bad = unknown_dotted(config, keys)
+        if bad:
+            raise ConfigError(
+                f"unknown {cls.__name__} training knob(s) {sorted(bad)}; expected "
+                f"{config.__name__} fields"
+            )
+
+
+def _load(target: str) -> Any:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def register_model(name: str) -> Callable[[T], T]:

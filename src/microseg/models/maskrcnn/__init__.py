@@ -10,7 +10,7 @@ through :func:`microseg.models.get_model`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from microseg.errors import ConfigError, MissingFileError
-from microseg.models import Prediction, Predictor, register_model
+from microseg.errors import MissingFileError
+from microseg.models import EngineFamily, Prediction, Predictor, register_model
 from microseg.models.maskrcnn.config import (
     BACKBONES,
     ENGINES,
@@ -51,7 +51,6 @@ from microseg.models.maskrcnn.predict import (
     tile_windows,
 )
 from microseg.utils.devices import resolve_device
-from microseg.utils.fields import unknown_dotted
 
 __all__ = [
     "BACKBONES",
@@ -84,14 +83,22 @@ __all__ = [
 
 @register_model("maskrcnn")
 @dataclass
-class MaskRCNNSegmenter:
+class MaskRCNNSegmenter(EngineFamily):
     """Mask R-CNN (torchvision or detectron2 engine) with its post-processing."""
 
     network: nn.Module
     config: MaskRCNNConfig = field(default_factory=MaskRCNNConfig)
     post: MaskRCNNPostConfig = field(default_factory=MaskRCNNPostConfig)
 
-    trainable = True
+    train_config = "microseg.models.maskrcnn.train:MaskRCNNTrainConfig"
+    train_function = "microseg.models.maskrcnn.train:train_maskrcnn"
+
+    @classmethod
+    def data_args(cls, data: Any, train: dict[str, Any]) -> tuple[Any, ...]:
+        """The targets cache's train and val splits."""
+        from microseg.data.targets import load_targets
+
+        return load_targets(data, "train"), load_targets(data, "val")
 
     @property
     def engine(self) -> str:
@@ -104,38 +111,6 @@ class MaskRCNNSegmenter:
         cfg = MaskRCNNConfig.from_mapping(params)
         cfg = dataclasses.replace(cfg, engine=resolve_engine(cfg.engine))
         return cls(build_network(cfg), cfg, post)
-
-    @classmethod
-    def train(
-        cls,
-        data: str | Path,
-        out_dir: str | Path,
-        train: Mapping[str, Any],
-        hooks: Any = None,
-        *,
-        resume: bool = True,
-    ) -> Any:
-        """:func:`microseg.models.maskrcnn.train.train_maskrcnn` on a targets cache's
-        train/val splits, from a params ``train`` section (progress bars off)."""
-        from microseg.data.targets import load_targets
-        from microseg.models.maskrcnn.train import MaskRCNNTrainConfig, train_maskrcnn
-
-        cfg = MaskRCNNTrainConfig.from_mapping({"progress": False, **train})
-        train_s, val_s = load_targets(data, "train"), load_targets(data, "val")
-        return train_maskrcnn(train_s, val_s, out_dir, cfg, hooks=hooks, resume=resume)
-
-    @classmethod
-    def check_train_keys(cls, keys: Iterable[str]) -> None:
-        """Refuse dotted ``train`` keys that name no ``MaskRCNNTrainConfig`` field (a study's
-        space, a tuned params file), so typos fail before any training."""
-        from microseg.models.maskrcnn.train import MaskRCNNTrainConfig
-
-        bad = unknown_dotted(MaskRCNNTrainConfig, keys)
-        if bad:
-            raise ConfigError(
-                f"unknown maskrcnn training knob(s) {sorted(bad)}; "
-                "expected MaskRCNNTrainConfig fields"
-            )
 
     @classmethod
     def load(

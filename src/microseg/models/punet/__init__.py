@@ -8,14 +8,13 @@ through :func:`microseg.models.get_model`. Importing this package does not impor
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from microseg.errors import ConfigError
-from microseg.models import register_model
+from microseg.models import EngineFamily, register_model
 from microseg.models.punet.network import (
     HEADS,
     MODEL_FORMAT,
@@ -35,7 +34,6 @@ from microseg.models.punet.predict import (
     remove_small,
     write_predictions,
 )
-from microseg.utils.fields import unknown_dotted
 
 __all__ = [
     "HEADS",
@@ -58,10 +56,24 @@ __all__ = [
 
 
 @register_model("punet")
-class PunetSegmenter:
+class PunetSegmenter(EngineFamily):
     """A :class:`ProbUNet` behind the ``models`` protocol (build, train, load, predict, save)."""
 
-    trainable = True
+    train_config = "microseg.models.punet.train:PunetTrainConfig"
+    train_function = "microseg.models.punet.train:train_punet"
+
+    @classmethod
+    def data_args(cls, data: Any, train: dict[str, Any]) -> tuple[Any, ...]:
+        """``data`` is a ``(train, val)`` tuple of d3sets (paths or loaded ``D3Set`` objects,
+        or lists of them), a folder holding ``train.d3set`` and ``val.d3set`` (the synthetic
+        spine layout), or a training ``.d3set`` with ``val.d3set`` beside it; with a path, a
+        ``val`` key in ``train`` names another validation d3set."""
+        val = train.pop("val", None)
+        if isinstance(data, tuple):
+            return data
+        data = Path(data)
+        train_src = data / "train.d3set" if data.is_dir() else data
+        return train_src, Path(val) if val is not None else train_src.with_name("val.d3set")
 
     def __init__(self, network: ProbUNet) -> None:
         self.network = network
@@ -70,50 +82,6 @@ class PunetSegmenter:
     def build(cls, **params: Any) -> PunetSegmenter:
         """``ProbUNet(**params)``, e.g. ``filters``, ``latent_dim_spine``, ``dual_decoder``."""
         return cls(ProbUNet(**params))
-
-    @classmethod
-    def train(
-        cls,
-        data: Any,
-        out_dir: str | Path,
-        train: Mapping[str, Any],
-        hooks: Any = None,
-        *,
-        resume: bool = True,
-    ) -> Any:
-        """:func:`microseg.models.punet.train.train_punet` from a params ``train`` section.
-
-        ``data`` is a ``(train, val)`` tuple of d3sets (paths or loaded ``D3Set`` objects, or
-        lists of them), a folder holding ``train.d3set`` and ``val.d3set`` (the synthetic
-        spine layout), or a training ``.d3set`` with ``val.d3set`` beside it; with a path, a
-        ``val`` key in ``train`` names another validation d3set. Every other key is a
-        ``PunetTrainConfig`` field (architecture included); the progress bar is off unless
-        asked for.
-        """
-        from microseg.models.punet.train import PunetTrainConfig, train_punet
-
-        values = {"progress": False, **train}
-        val = values.pop("val", None)
-        if isinstance(data, tuple):
-            train_src, val_src = data
-        else:
-            data = Path(data)
-            train_src = data / "train.d3set" if data.is_dir() else data
-            val_src = Path(val) if val is not None else train_src.with_name("val.d3set")
-        cfg = PunetTrainConfig.from_mapping(values)
-        return train_punet(train_src, val_src, out_dir, cfg, hooks, resume=resume)
-
-    @classmethod
-    def check_train_keys(cls, keys: Iterable[str]) -> None:
-        """Refuse dotted ``train`` keys that name no ``PunetTrainConfig`` field (a study's space, a
-        tuned params file), so typos fail before any training."""
-        from microseg.models.punet.train import PunetTrainConfig
-
-        bad = unknown_dotted(PunetTrainConfig, keys)
-        if bad:
-            raise ConfigError(
-                f"unknown punet training knob(s) {sorted(bad)}; expected PunetTrainConfig fields"
-            )
 
     @classmethod
     def load(

@@ -7,7 +7,7 @@ stages reach through :func:`microseg.models.get_model`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,9 +16,9 @@ import numpy as np
 from scipy import ndimage
 from torch import nn
 
-from microseg.errors import ConfigError, MissingFileError
+from microseg.errors import MissingFileError
 from microseg.infer.watershed import PostprocessConfig
-from microseg.models import Prediction, Predictor, register_model
+from microseg.models import EngineFamily, Prediction, Predictor, register_model
 from microseg.models.unet.network import (
     ARCHS,
     MODEL_FORMAT,
@@ -30,7 +30,6 @@ from microseg.models.unet.network import (
 )
 from microseg.models.unet.predict import InferConfig, predict_instances, predict_probs
 from microseg.utils.devices import model_device
-from microseg.utils.fields import unknown_dotted
 
 __all__ = [
     "ARCHS",
@@ -59,14 +58,15 @@ def instance_scores(labels: np.ndarray, prob: np.ndarray) -> dict[int, float]:
 
 @register_model("unet")
 @dataclass
-class UnetSegmenter:
+class UnetSegmenter(EngineFamily):
     """A 3-class MONAI U-Net with its inference config, behind the ``models`` protocol."""
 
     network: nn.Module
     config: UnetConfig = field(default_factory=UnetConfig)
     infer: InferConfig = field(default_factory=InferConfig)
 
-    trainable = True
+    train_config = "microseg.models.unet.train:UnetTrainConfig"
+    train_function = "microseg.models.unet.train:train_unet"
 
     @property
     def post(self) -> PostprocessConfig:
@@ -77,34 +77,6 @@ class UnetSegmenter:
         post = params.pop("post", None) or {}
         cfg = UnetConfig.from_mapping(params)
         return cls(build_unet(cfg), cfg, InferConfig(post=PostprocessConfig.from_mapping(post)))
-
-    @classmethod
-    def train(
-        cls,
-        data: str | Path,
-        out_dir: str | Path,
-        train: Mapping[str, Any],
-        hooks: Any = None,
-        *,
-        resume: bool = True,
-    ) -> Any:
-        """:func:`microseg.models.unet.train.train_unet` from a params ``train`` section."""
-        from microseg.models.unet.train import UnetTrainConfig, train_unet
-
-        cfg = UnetTrainConfig.from_mapping({"progress": False, **train})
-        return train_unet(data, out_dir, cfg, hooks=hooks, resume=resume)
-
-    @classmethod
-    def check_train_keys(cls, keys: Iterable[str]) -> None:
-        """Refuse dotted ``train`` keys that name no ``UnetTrainConfig`` field (a study's space, a
-        tuned params file), so typos fail before any training."""
-        from microseg.models.unet.train import UnetTrainConfig
-
-        bad = unknown_dotted(UnetTrainConfig, keys)
-        if bad:
-            raise ConfigError(
-                f"unknown unet training knob(s) {sorted(bad)}; expected UnetTrainConfig fields"
-            )
 
     @classmethod
     def load(
