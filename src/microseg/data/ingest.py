@@ -25,22 +25,20 @@ from microseg.data.stats import image_stats, label_stats
 from microseg.errors import MissingFileError, ShapeMismatchError
 from microseg.io import coco, ctc, d3set, dsb, png, points, tiff
 from microseg.utils.atomic import atomic_path
+from microseg.utils.registry import Registry
 
 log = logging.getLogger(__name__)
 
 Ingester = Callable[[str, DatasetConfig, Path, int, int], list[dict]]
-INGESTERS: dict[str, Ingester] = {}
+#: dataset format -> its ingester (``@register("format")``)
+INGESTERS: Registry[Ingester] = Registry("dataset format")
 
 #: semantic classes of the spine task's label image
 SPINE_CLASSES = {"background": 0, "dendrite": 1, "spine": 2}
 
 
 def register(name: str) -> Callable[[Ingester], Ingester]:
-    def deco(fn: Ingester) -> Ingester:
-        INGESTERS[name] = fn
-        return fn
-
-    return deco
+    return INGESTERS.register(name)
 
 
 def file_md5(path: Path, chunk: int = 1 << 20) -> str:
@@ -91,7 +89,7 @@ def ingest(
         for sub in ("images", "labels", "points"):
             (tmp / sub).mkdir(parents=True)
         workers = workers or min(4, os.cpu_count() or 1)
-        rows = INGESTERS[cfg.format](name, cfg, tmp, seed, workers)
+        rows = INGESTERS.get(cfg.format)(name, cfg, tmp, seed, workers)
         manifest = normalise(rows).sort_values("sample_id").reset_index(drop=True)
         write_manifest(manifest, tmp)
     log.info("ingested %d samples of %s into %s", len(rows), name, out)

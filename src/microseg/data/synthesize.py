@@ -31,6 +31,7 @@ from microseg.data.synth_tracking import TrackingSynthConfig, generate_tracking_
 from microseg.errors import ConfigError
 from microseg.io import ctc, d3set, points, tiff
 from microseg.utils.atomic import atomic_path
+from microseg.utils.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ def write_tracking(cfg: SynthTrackingConfig, out: Path) -> Path:
     return out
 
 
-WRITERS: dict[str, Callable[[object, Path], Path]] = {
-    "spines": write_spines,
-    "tracking": write_tracking,
-}
+#: synthetic dataset -> its writer
+WRITERS: Registry[Callable[[object, Path], Path]] = Registry("synthetic dataset")
+WRITERS.add("spines", write_spines)
+WRITERS.add("tracking", write_tracking)

@@ -45,7 +45,7 @@ def run_synth(params: Params, target: str) -> StageResult:
     cfg = getattr(params.synth, target)
 
     def fn() -> StageResult:
-        out = synthesize.WRITERS[target](cfg, params.paths.synthetic / target)
+        out = synthesize.WRITERS.get(target)(cfg, params.paths.synthetic / target)
         return StageResult(f"synth_{target}", out=Path(out))
 
     return run_stage(

@@ -58,7 +58,7 @@ def study_config(params: Params, target: str, family: str):
     without defaults); the study is named ``<target>-train`` unless the entry says otherwise."""
     from microseg.tune.training import STUDY_CONFIGS, TrainStudyConfig
 
-    cls = STUDY_CONFIGS.get(family, TrainStudyConfig)
+    cls = STUDY_CONFIGS.get(family) if family in STUDY_CONFIGS else TrainStudyConfig
     return cls.model_validate({"study_name": f"{target}-train", **params.tune.get(target, {})})
 
 

@@ -27,6 +27,7 @@ from monai.losses import DiceCELoss, DiceLoss, FocalLoss, TverskyLoss
 from torch import nn
 
 from microseg.errors import ConfigError
+from microseg.utils.registry import Registry
 
 SegLoss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -99,21 +100,21 @@ def _tversky(alpha: float = 0.3, beta: float = 0.7, **kw: Any) -> nn.Module:
     )
 
 
-LOSSES: dict[str, Callable[..., nn.Module]] = {
+#: loss name -> factory (keyword parameters from ``loss_params``)
+LOSSES: Registry[Callable[..., nn.Module]] = Registry("segmentation loss")
+for _name, _factory in {
     "wce": WeightedCrossEntropy,
     "wce_dice": WeightedCEDice,
     "dice_ce": _dice_ce,
     "focal": _focal,
     "tversky": _tversky,
-}
+}.items():
+    LOSSES.add(_name, _factory)
 
 
 def build_loss(name: str, **params: Any) -> nn.Module:
     """The loss called ``name`` (see the module docstring), with its keyword parameters."""
-    try:
-        factory = LOSSES[name]
-    except KeyError:
-        raise ConfigError(f"unknown segmentation loss {name!r}; known: {sorted(LOSSES)}") from None
+    factory = LOSSES.get(name)
     try:
         return factory(**params)
     except TypeError as exc:

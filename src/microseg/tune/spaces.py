@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microseg.errors import ConfigError
 from microseg.tune.storage import DEFAULT_STORAGE
+from microseg.utils.registry import Registry
 
 Direction = Literal["maximize", "minimize"]
 
@@ -187,19 +188,17 @@ class MaskrcnnStudyConfig(TrainStudyConfig):
 
 
 #: family -> its default study (a family not here gets :class:`TrainStudyConfig`)
-STUDY_CONFIGS: dict[str, type[TrainStudyConfig]] = {
-    "yolo": YoloStudyConfig,
-    "punet": PunetStudyConfig,
-    "unet": UnetStudyConfig,
-    "maskrcnn": MaskrcnnStudyConfig,
-}
+#: family -> its default training study (others get :class:`TrainStudyConfig`)
+STUDY_CONFIGS: Registry[type[TrainStudyConfig]] = Registry("training study")
+STUDY_CONFIGS.add("yolo", YoloStudyConfig)
+STUDY_CONFIGS.add("punet", PunetStudyConfig)
+STUDY_CONFIGS.add("unet", UnetStudyConfig)
+STUDY_CONFIGS.add("maskrcnn", MaskrcnnStudyConfig)
 
 
 def default_study_config(family: str) -> TrainStudyConfig:
     """The default study of ``family`` (one of :data:`STUDY_CONFIGS`)."""
-    if family not in STUDY_CONFIGS:
-        raise ConfigError(f"tune target must be one of {list(STUDY_CONFIGS)}; found {family!r}")
-    return STUDY_CONFIGS[family]()
+    return STUDY_CONFIGS.get(family)()
 
 
 def check_keys(family: str, keys: Iterable[str]) -> None:
