@@ -37,9 +37,9 @@ def tune(
     set_: SetOpt = None,
 ) -> None:
     """Optuna study; each trial is a nested MLflow run; best params -> params/tuned_*.yaml."""
-    from microseg.stages import training
+    from microseg.stages import tuning
 
-    result = training.run_tune(load(params_path, set_), target, worker)
+    result = tuning.run_tune(load(params_path, set_), target, worker)
     out = result.metrics
     if target == "fusion":
         typer.echo(f"best validation F1 {out['best_val_f1']:.3f}; params in {result.out}")

@@ -52,7 +52,7 @@ def punet_section(params: Params) -> dict[str, Any]:
 
 def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> dict[str, Any]:
     from microseg.models import get_model
-    from microseg.stages.tuning import tuned_train_config
+    from microseg.stages.tuned import tuned_train_config
 
     section = tuned_train_config(params, "punet", punet_section(params))
     t0 = time.perf_counter()

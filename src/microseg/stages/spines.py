@@ -81,7 +81,7 @@ def yolo_section(params: Params) -> dict[str, Any]:
 def train_yolo(params: Params, hooks=None, out_dir: Path = YOLO_MODEL_DIR) -> dict[str, Any]:
     from microseg.config import YoloTrainConfig
     from microseg.models import get_model
-    from microseg.stages.tuning import tuned_train_config
+    from microseg.stages.tuned import tuned_train_config
 
     section = tuned_train_config(params, "yolo", yolo_section(params))
     meta = section.pop("meta")

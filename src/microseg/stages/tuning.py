@@ -13,44 +13,24 @@ are run on purpose (they cost many trainings), not by every ``dvc repro``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from microseg.config import Params
 from microseg.errors import ConfigError
 from microseg.stages.common import write_json
+from microseg.stages.result import StageResult, run_stage
+from microseg.stages.tuned import TUNED_DIR, tuned_path, tuned_train_config  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-TUNED_DIR = Path("params")
 WORK_DIR = Path("models/tune")
-
-
-def tuned_path(target: str) -> Path:
-    return TUNED_DIR / f"tuned_{target}.yaml"
 
 
 def metrics_path(params: Params, target: str) -> Path:
     """The study summary (``metrics/tune_<target>.json``)."""
     return params.paths.metrics / f"tune_{target}.json"
-
-
-def tuned_train_config(params: Params, target: str, base: Mapping[str, Any]) -> dict[str, Any]:
-    """``target``'s ``train`` section ``base`` with the study's best params merged over it."""
-    base = dict(base)
-    path = tuned_path(target)
-    if not path.is_file():
-        return base
-    import yaml
-
-    tuned = yaml.safe_load(path.read_text()) or {}
-    if not tuned:
-        return base
-    from microseg.utils.convert import merge_dotted
-
-    log.info("%s training uses the tuned params of %s: %s", target, path, tuned)
-    return merge_dotted(base, tuned)
 
 
 def study_config(params: Params, target: str, family: str):
@@ -103,3 +83,59 @@ def tune_training_stage(
     out = {"best": best, **study_summary(st)}
     write_json(metrics_path(params, target), out)
     return out
+
+
+def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
+    """An Optuna study (each trial a nested MLflow run); best params -> ``params/tuned_*``."""
+    from microseg.registry.stage_logging import MlflowTrialLogger
+    from microseg.stages.training import trainers
+    from microseg.utils.convert import flatten
+
+    runners = {} if target == "fusion" else trainers(params)
+    if target != "fusion" and (target not in runners or runners[target].family is None):
+        names = ", ".join(["fusion", *(n for n, t in runners.items() if t.family is not None)])
+        raise ConfigError(f"unknown tuning target {target!r}; available: {names}")
+    on_trial = MlflowTrialLogger()
+    if target == "fusion":
+        from microseg.stages import fusion
+
+        def tune_fusion() -> StageResult:
+            out = fusion.tune_fusion_stage(params, on_trial=on_trial)
+            return StageResult(
+                "tune_fusion",
+                out,
+                log_metrics={"best_val_f1": out["best_val_f1"]},
+                log_params={f"best.{k}": v for k, v in out["best"].items()},
+                artifacts=[(fusion.TUNED, "tuned")],
+                out=fusion.TUNED,
+            )
+
+        return run_stage(
+            params,
+            tune_fusion,
+            stage="tune_fusion",
+            task="spines",
+            dataset="spines",
+            section=params.fusion,
+        )
+
+    def tune_training() -> StageResult:
+        out = tune_training_stage(params, target, on_trial=on_trial, worker=worker)
+        return StageResult(
+            f"tune_{target}",
+            out,
+            metrics_file=metrics_path(params, target),
+            log_metrics={k: v for k, v in out.items() if k != "best"},
+            log_params={f"best.{k}": v for k, v in flatten(out["best"]).items()},
+            artifacts=[(tuned_path(target), "tuned")],
+            out=tuned_path(target),
+        )
+
+    return run_stage(
+        params,
+        tune_training,
+        stage=f"tune_{target}",
+        task=runners[target].task,
+        dataset=runners[target].dataset,
+        section=params.tune.get(target, {}),
+    )

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import is_dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -20,9 +20,6 @@ import torch
 
 from microseg.errors import ConfigError, DataFormatError
 from microseg.train.schedules import warmup_cosine
-
-if TYPE_CHECKING:
-    from microseg.train.engine import EngineConfig
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -129,7 +126,8 @@ class SampledDataModule(L.LightningDataModule):
     """Training batches drawn by ``self.sampler`` (``batch(rng)``, ``reseed(seed)``) through
     :class:`EpochBatches`; validation on ``self.val_samples``, whole, one per step."""
 
-    cfg: EngineConfig
+    #: the family's train config (an ``engine.EngineConfig``: steps_per_epoch, seed)
+    cfg: Any
     sampler: Any = None
     val_samples: Sequence[Any] = ()
 

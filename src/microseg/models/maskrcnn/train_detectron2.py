@@ -34,7 +34,7 @@ from microseg.evaluate.instances import validation_scores
 from microseg.models.maskrcnn.config import MaskRCNNConfig, MaskRCNNPostConfig, resolve_engine
 from microseg.models.maskrcnn.network import MODEL_FORMAT, detectron2_cfg
 from microseg.models.maskrcnn.predict import predict_image
-from microseg.models.maskrcnn.train import (
+from microseg.models.maskrcnn.train_data import (
     BEST_METRIC,
     MaskRCNNTrainConfig,
     instance_targets,
