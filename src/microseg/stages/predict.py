@@ -16,7 +16,6 @@ import pandas as pd
 
 from microseg.config import Params
 from microseg.errors import ConfigError, MicrosegError
-from microseg.stages.common import torch_device
 from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -104,20 +103,11 @@ def predict_one(net: Any, model: str, stack: Path, out: Path, voxel_size: Voxel,
             with atomic_path(out / name) as tmp:
                 df.to_csv(tmp, index=False)
         return f"{len(boxes)} boxes, {len(points)} spines after 3D dedup -> {out}"
-    from microseg.models.punet.predict import predict_stack_punet, write_predictions
+    from microseg.models.punet.predict import write_predictions
+    from microseg.stages.punet import predict_stack
 
     p = params.punet.predict
-    with tiff.open_stack(stack) as st:
-        result = predict_stack_punet(
-            net,
-            st,
-            n_samples=p.n_samples,
-            temperature=p.temperature,
-            tile=p.tile,
-            batch_planes=p.batch_planes,
-            seed=params.seed,
-            device=torch_device(p.device),
-        )
+    result = predict_stack(net, stack, params)
     write_predictions(out, result, voxel, size_thr=p.size_thr, prob_thr=p.prob_thr)
     return f"probabilities, masks and uncertainty sums -> {out}"
 

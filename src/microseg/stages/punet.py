@@ -66,12 +66,14 @@ def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> 
     }
 
 
-def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, Any]:
-    from microseg.models.punet.predict import predict_stack_punet, write_predictions
+def predict_stack(model, path: Path, params: Params) -> dict[str, Any]:
+    """The Prob-UNet over one stack file with the ``punet.predict`` knobs (the evaluate stage
+    and ``microseg predict -m punet`` both run it)."""
+    from microseg.models.punet.predict import predict_stack_punet
 
     p = params.punet.predict
-    with tiff.open_stack(sample.image_path) as stack:
-        result = predict_stack_punet(
+    with tiff.open_stack(path) as stack:
+        return predict_stack_punet(
             model,
             stack,
             n_samples=p.n_samples,
@@ -81,6 +83,13 @@ def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, 
             seed=params.seed,
             device=torch_device(p.device),
         )
+
+
+def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, Any]:
+    from microseg.models.punet.predict import write_predictions
+
+    p = params.punet.predict
+    result = predict_stack(model, sample.image_path, params)
     write_predictions(
         out_dir,
         result,

@@ -19,7 +19,7 @@ from microseg.utils.atomic import atomic_path
 
 def load_checkpoint(path: Path, fmt: str, key: str = "format") -> dict[str, Any]:
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise DataFormatError(
             f"expected a training checkpoint, could not load it ({type(exc).__name__}: "

@@ -20,6 +20,7 @@ import torch
 
 from microseg.errors import ConfigError, DataFormatError
 from microseg.train.schedules import warmup_cosine
+from microseg.utils.atomic import atomic_path
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -87,8 +88,16 @@ class FamilyModule(L.LightningModule):
     checkpoint_format: str = ""
 
     def export_model(self, path: Path, metrics: Mapping[str, float]) -> None:
-        """Write the weights in the family's model format to ``path`` (atomically)."""
-        raise NotImplementedError
+        """Write the best weights to ``path`` atomically. Families override this with their
+        own model format (what their ``load`` reads); the default keeps the whole module's
+        state dict with the metrics, loadable with ``torch.load(weights_only=True)``."""
+        payload = {
+            "format": "microseg.lightning/1",
+            "model": self.state_dict(),
+            "metrics": {k: float(v) for k, v in metrics.items()},
+        }
+        with atomic_path(Path(path)) as tmp:
+            torch.save(payload, tmp)
 
     def flat_config(self) -> dict[str, Any]:
         """The flat training config, for ``HookBase.before_train`` (logged as params)."""
