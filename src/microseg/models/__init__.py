@@ -28,6 +28,10 @@ MODELS: Registry[type] = Registry(
         "unet": "microseg.models.unet",
         "maskrcnn": "microseg.models.maskrcnn",
         "classical": "microseg.models.classical",
+        "maunet": "microseg.models.maunet",
+        "nnunet": "microseg.models.nnunet",
+        "sac": "microseg.models.sac",
+        "lstmunet": "microseg.models.lstmunet",
     },
 )
 
