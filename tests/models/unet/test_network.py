@@ -72,3 +72,25 @@ def test_save_load_roundtrip_and_registry(tmp_path):
     with pytest.raises(DataFormatError):
         (tmp_path / "bad.pt").write_text("nope")
         load_unet(tmp_path / "bad.pt")
+
+
+def test_dynunet_takes_planned_kernels_and_strides():
+    """A plan (nnunet family) sets kernels and strides per level; the input multiple follows."""
+    cfg = UnetConfig(
+        arch="dynunet",
+        features=(8, 16, 32),
+        options={"kernel_size": [[3, 3], [3, 3], [3, 3]], "strides": [[1, 1], [2, 2], [4, 4]]},
+    )
+    assert cfg.size_multiple == 8
+    net = build_unet(cfg)
+    out = net(torch.zeros(1, 3, 16, 16))
+    assert out.shape == (1, 3, 16, 16)
+    with pytest.raises(ConfigError, match="one kernel and one stride per level"):
+        build_unet(UnetConfig(arch="dynunet", features=(8, 16), options={"strides": [[1, 1]]}))
+
+
+def test_unknown_arch_and_stray_options_are_refused():
+    with pytest.raises(ConfigError, match="unet arch must be one of"):
+        UnetConfig(arch="nope")
+    with pytest.raises(ConfigError, match="takes no options"):
+        build_unet(UnetConfig(arch="unet", features=(8, 16), options={"x": 1}))

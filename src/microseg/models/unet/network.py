@@ -13,6 +13,12 @@ Architectures (``UnetConfig.arch``), all 2D with ``out_channels=3`` logits:
 ``features`` are the widths per resolution level; inputs must be a multiple of
 ``2 ** (len(features) - 1)`` pixels (the sliding-window inferer guarantees it).
 
+Other families plug their own 3-class networks into this family's training, inference and
+post-processing by registering an architecture builder (:data:`UNET_ARCHS`,
+``@register_arch("name")``, listed lazily below): ``sac`` adds transformer encoders, ``nnunet``
+drives ``dynunet`` with planned kernels and strides. Architecture-specific settings travel in
+``UnetConfig.options`` (saved with the weights, so a file rebuilds its own network).
+
 Channel convention: ``in_channels=3`` by default. Greyscale images (fluorescence, brightfield)
 are repeated to R = G = B, colour (H&E tissue) stays colour; with ``in_channels=1`` colour is
 averaged to grey (:func:`microseg.data.targets.match_channels`). Images are percentile
@@ -25,10 +31,10 @@ instances by a seeded watershed; its thresholds are saved with the weights.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from monai.networks.nets import AttentionUnet, BasicUNet, DynUNet, UNet
@@ -38,12 +44,27 @@ from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.infer.watershed import PostprocessConfig
 from microseg.utils.atomic import atomic_path
 from microseg.utils.fields import known_fields
+from microseg.utils.registry import Registry
 
 log = logging.getLogger(__name__)
 
-Arch = Literal["basic", "unet", "dynunet", "attention"]
+Arch = str
+#: the architectures built here (others are registered by their families, see UNET_ARCHS)
 ARCHS: tuple[str, ...] = ("basic", "unet", "dynunet", "attention")
 MODEL_FORMAT = "microseg.unet/1"
+
+#: arch name -> ``builder(cfg) -> nn.Module`` (3-class logits, ``cfg.in_channels`` inputs). A
+#: builder may carry ``size_multiple(cfg) -> int`` when its input constraint is not
+#: ``2 ** (levels - 1)``.
+UNET_ARCHS: Registry[Callable[..., nn.Module]] = Registry(
+    "unet arch",
+    lazy={"swinunetr": "microseg.models.sac.network", "sam": "microseg.models.sac.network"},
+)
+
+
+def register_arch(name: str) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: make a network builder available as ``UnetConfig(arch=name)``."""
+    return UNET_ARCHS.register(name)
 
 
 @dataclass(frozen=True)
@@ -61,11 +82,14 @@ class UnetConfig:
     out_channels: int = 3
     dropout: float = 0.0
     num_res_units: int = 1  # "unet" only
+    #: architecture-specific settings for its builder (e.g. dynunet kernels/strides)
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "features", tuple(int(f) for f in self.features))
-        if self.arch not in ARCHS:
-            raise ConfigError(f"unet arch must be one of {ARCHS}; found {self.arch!r}")
+        object.__setattr__(self, "options", dict(self.options or {}))
+        if self.arch not in UNET_ARCHS:
+            raise ConfigError(f"unet arch must be one of {UNET_ARCHS.names()}; found {self.arch!r}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"unet in_channels must be 1 or 3; found {self.in_channels}")
         if self.arch == "basic" and len(self.features) not in (5, 6):
@@ -84,6 +108,9 @@ class UnetConfig:
     @property
     def size_multiple(self) -> int:
         """Input height and width must be multiples of this."""
+        custom = getattr(UNET_ARCHS.get(self.arch), "size_multiple", None)
+        if custom is not None:
+            return int(custom(self))
         return 2 ** (self.levels - 1)
 
     @classmethod
@@ -91,38 +118,95 @@ class UnetConfig:
         return cls(**known_fields(cls, values, "unet model"))
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        out["options"] = dict(self.options)
+        return out
 
 
 def build_unet(cfg: UnetConfig | None = None) -> nn.Module:
-    """A fresh (randomly initialised) network for ``cfg``."""
+    """A fresh (randomly initialised) network for ``cfg`` from its registered builder."""
     cfg = cfg or UnetConfig()
+    return UNET_ARCHS.get(cfg.arch)(cfg)
+
+
+def _common(cfg: UnetConfig) -> dict[str, Any]:
+    return {"spatial_dims": 2, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
+
+
+def _no_options(cfg: UnetConfig) -> None:
+    if cfg.options:
+        raise ConfigError(f"unet arch {cfg.arch!r} takes no options; found {dict(cfg.options)}")
+
+
+@register_arch("basic")
+def _basic(cfg: UnetConfig) -> nn.Module:
+    _no_options(cfg)
     f = cfg.features
-    common = {"spatial_dims": 2, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels}
-    strides = (2,) * (len(f) - 1)
-    if cfg.arch == "basic":
-        feats = f if len(f) == 6 else (*f, f[0])
-        return BasicUNet(**common, features=feats, dropout=cfg.dropout)
-    if cfg.arch == "unet":
-        return UNet(
-            **common,
-            channels=f,
-            strides=strides,
-            num_res_units=cfg.num_res_units,
-            dropout=cfg.dropout,
+    feats = f if len(f) == 6 else (*f, f[0])
+    return BasicUNet(**_common(cfg), features=feats, dropout=cfg.dropout)
+
+
+@register_arch("unet")
+def _monai_unet(cfg: UnetConfig) -> nn.Module:
+    _no_options(cfg)
+    f = cfg.features
+    return UNet(
+        **_common(cfg),
+        channels=f,
+        strides=(2,) * (len(f) - 1),
+        num_res_units=cfg.num_res_units,
+        dropout=cfg.dropout,
+    )
+
+
+DYNUNET_OPTIONS = ("kernel_size", "strides", "res_block")
+
+
+@register_arch("dynunet")
+def _dynunet(cfg: UnetConfig) -> nn.Module:
+    """nnU-Net's network; ``options`` may set ``kernel_size``/``strides`` per level (a plan)."""
+    unknown = set(cfg.options) - set(DYNUNET_OPTIONS)
+    if unknown:
+        raise ConfigError(f"unknown dynunet option(s) {sorted(unknown)}; known {DYNUNET_OPTIONS}")
+    n = len(cfg.features)
+    kernels = [list(k) for k in cfg.options.get("kernel_size", [[3, 3]] * n)]
+    strides = [list(s) for s in cfg.options.get("strides", [[1, 1]] + [[2, 2]] * (n - 1))]
+    if len(kernels) != n or len(strides) != n:
+        raise ConfigError(
+            f"dynunet needs one kernel and one stride per level ({n}); found "
+            f"{len(kernels)} kernels, {len(strides)} strides"
         )
-    if cfg.arch == "dynunet":
-        n = len(f)
-        return DynUNet(
-            **common,
-            kernel_size=[[3, 3]] * n,
-            strides=[[1, 1]] + [[2, 2]] * (n - 1),
-            upsample_kernel_size=[[2, 2]] * (n - 1),
-            filters=f,
-            dropout=cfg.dropout or None,
-            res_block=False,
-        )
-    return AttentionUnet(**common, channels=f, strides=strides, dropout=cfg.dropout)
+    return DynUNet(
+        **_common(cfg),
+        kernel_size=kernels,
+        strides=strides,
+        upsample_kernel_size=strides[1:],
+        filters=cfg.features,
+        dropout=cfg.dropout or None,
+        res_block=bool(cfg.options.get("res_block", False)),
+        deep_supervision=False,
+    )
+
+
+def _dynunet_multiple(cfg: UnetConfig) -> int:
+    n = len(cfg.features)
+    strides = cfg.options.get("strides", [[1, 1]] + [[2, 2]] * (n - 1))
+    out = 1
+    for s in strides:
+        out *= int(max(s))
+    return out
+
+
+_dynunet.size_multiple = _dynunet_multiple  # type: ignore[attr-defined]
+
+
+@register_arch("attention")
+def _attention(cfg: UnetConfig) -> nn.Module:
+    _no_options(cfg)
+    f = cfg.features
+    return AttentionUnet(
+        **_common(cfg), channels=f, strides=(2,) * (len(f) - 1), dropout=cfg.dropout
+    )
 
 
 def model_in_channels(model: nn.Module) -> int:
