@@ -316,6 +316,8 @@ class EngineParams(_Strict):
 
 
 class Params(_Strict):
+    #: which training profile this params file holds (``microseg profile``): demo | full
+    profile: str = "demo"
     seed: int = 42
     engine: EngineParams = Field(default_factory=EngineParams)
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)

@@ -14,7 +14,7 @@ import sys
 
 import typer
 
-from microseg.cli import data, evaluation, prediction, registry, training
+from microseg.cli import data, evaluation, prediction, profiles, registry, training
 from microseg.errors import MicrosegError
 
 app = typer.Typer(
@@ -47,6 +47,7 @@ COMMANDS = (
     ("promote", registry.promote),
     ("batch-eval", registry.batch_eval),
     ("where", registry.where),
+    ("profile", profiles.profile),
 )
 for _name, _fn in COMMANDS:
     app.command(_name)(_fn)

@@ -98,7 +98,7 @@ def where(params_path: ParamsOpt = Path("params.yaml")) -> None:
 
     params = load(params_path, None)
     p = params.paths
-    typer.echo("microseg results:")
+    typer.echo(f"microseg results (profile: {params.profile}):")
     for label, path in (
         ("synthetic data", p.synthetic),
         ("prepared data", p.prepared),
