@@ -88,7 +88,8 @@ def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
     # the run's own training time (a resumed run adds up its pieces) when the loop reports it
     seconds = float(out.get("seconds") or wall)
     n_params = count_parameters(out_dir / "best.pt")
-    write_json(out_dir / INFO_NAME, {"seconds": seconds, "n_params": n_params, "family": mc.family})
+    info = {"seconds": seconds, "n_params": n_params, "family": mc.family}
+    write_json(out_dir / INFO_NAME, info | {"profile": params.profile})
     return out | {"seconds": seconds, "n_params": n_params}
 
 
@@ -235,7 +236,7 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
         data = to_coco(samples)
         write_coco(tmp / "coco_gt.json", data.gt)
         write_coco(tmp / "coco_results.json", data.results)
-    out = {k: _num(v) for k, v in metrics.items()}
+    out = {k: _num(v) for k, v in metrics.items()} | {"profile": params.profile}
     write_json(metrics_file(params, f"cells/{name}"), out)
     return out
 
