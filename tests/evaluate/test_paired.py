@@ -168,6 +168,8 @@ def test_small_groups_and_bad_knobs():
     assert r.n_images == 1 and r.mean_diff == pytest.approx(0.8) and not r.excludes_zero
     with pytest.raises(MicrosegError, match="n_resamples"):
         bootstrap_mean_ci(np.array([0.1, 0.2]), n_resamples=0)
+    with pytest.raises(MicrosegError, match="bootstrap method"):
+        bootstrap_mean_ci(np.array([0.1, 0.2]), method="bca")  # type: ignore[arg-type]
     with pytest.raises(MicrosegError, match="confidence_level"):
         bootstrap_mean_ci(np.array([0.1, 0.2]), confidence_level=95)
 

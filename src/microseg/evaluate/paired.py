@@ -43,6 +43,7 @@ logger = logging.getLogger(__name__)
 ALL = "all"
 
 Method = Literal["percentile", "BCa", "basic"]
+METHODS: tuple[str, ...] = ("percentile", "BCa", "basic")
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ def bootstrap_mean_ci(
         raise MicrosegError(f"n_resamples must be >= 1; found {n_resamples}")
     if not 0 < confidence_level < 1:
         raise MicrosegError(f"confidence_level must lie in (0, 1); found {confidence_level}")
+    if method not in METHODS:
+        raise MicrosegError(f"bootstrap method must be one of {METHODS}; found {method!r}")
     if d.size < 2:
         return math.nan, math.nan
     if np.all(d == d[0]):
