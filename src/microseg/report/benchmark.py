@@ -131,7 +131,8 @@ COMPARISON_COLUMNS = (
 
 #: Fewest images in a group for a difference to be claimed. A percentile bootstrap of a mean
 #: is narrower than the Student-t interval by about z * sqrt((n - 1) / n) / t_{n-1}: 0.53 at
-#: n = 4, 0.82 at n = 10, 0.91 at n = 19, so on a handful of images its "95%" covers far less.
+#: n = 4, 0.82 at n = 10, 0.91 at n = 19. Simulated (normal differences, 2000 trials) its
+#: nominal 95% covers 76% at n = 3, 80% at n = 4, 90% at n = 10 and 93% at n = 19.
 MIN_CLAIM_IMAGES = 10
 
 #: Columns of the per-modality table (keys of :func:`microseg.evaluate.instances.summarize`).
