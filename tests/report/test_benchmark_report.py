@@ -130,13 +130,17 @@ def test_report_is_self_contained_and_complete(results, tmp_path):
     refs = _Refs()
     refs.feed(text)
     assert "script" not in refs.tags and "link" not in refs.tags  # no JS, no stylesheet link
-    assert len(refs.src) == 1 + 2 + 4  # PR curves, two reliability diagrams, 2 x best/worst
+    # PR curves, two reliability diagrams, the differences to the baseline, 2 x best/worst
+    assert len(refs.src) == 1 + 2 + 1 + 4
     for src in refs.src:
         assert not re.match(r"^[a-z]+:|^/", src), src  # relative, no scheme
         path = folder / src
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert refs.href == ["http://mlflow.local/#/runs/0123"] * 2  # table cell + run link
-    for name in ("models.csv", "per_image.csv", "per_modality.csv", "hardest.csv", "index.md"):
+    for name in (
+        *("models.csv", "per_image.csv", "per_modality.csv", "hardest.csv", "index.md"),
+        *("comparison.csv", "comparison.json", "errors.csv"),
+    ):
         assert (folder / name).is_file(), name
     md = (folder / "index.md").read_text()
     assert "| model | F1@0.5 | F1@0.7 | F1@0.9 | AP |" in md

@@ -11,7 +11,9 @@ never leaves a truncated image behind.
   aleatoric (expected) entropy and rater disagreement for chosen planes, with colour bars;
 - :func:`reliability_diagram`: a calibration table from :mod:`microseg.evaluate.calibration`;
 - :func:`roc_figure`: ROC curves of uncertainty maps against rater disagreement;
-- :func:`pr_curve_figure`: precision-recall curves of one or more methods.
+- :func:`pr_curve_figure`: precision-recall curves of one or more methods;
+- :func:`difference_figure`: paired differences to a baseline with their intervals, one panel
+  per group (all images, each modality).
 """
 
 from __future__ import annotations
@@ -348,4 +350,57 @@ def pr_curve_figure(
     ax.set_ylabel("precision")
     ax.set_title(title)
     ax.legend(loc="lower left", fontsize=7)
+    return save_figure(fig, out_png, out_pdf)
+
+
+@_with_rc
+def difference_figure(
+    table: pd.DataFrame,
+    out_png: str | Path,
+    out_pdf: str | Path | None = None,
+    *,
+    title: str = "difference to the baseline",
+    filled: str = "excludes_zero",
+) -> list[Path]:
+    """Mean differences with their intervals: one panel per ``group``, one row per ``model``.
+
+    ``table`` has columns model, group, mean_diff, low, high and the boolean column ``filled``
+    (as :func:`microseg.report.benchmark.compare_to_baselines` writes them: ``excludes_zero``
+    or ``claimed``); optionally ``n_images``. Rows where ``filled`` is true get a filled marker,
+    the others an open one (shape, not colour, carries the claim); the panels share the x axis,
+    with 0 marked, so groups compare at a glance.
+    """
+    need = {"model", "group", "mean_diff", "low", "high", filled}
+    if not need <= set(table.columns):
+        raise MicrosegError(f"difference table needs columns {sorted(need)}; has {list(table)}")
+    if table.empty:
+        raise MicrosegError("difference table is empty")
+    models = list(dict.fromkeys(table["model"]))
+    groups = list(dict.fromkeys(table["group"]))
+    fig = _new_figure(0.8 + 2.2 * len(groups), 1.0 + 0.32 * len(models))
+    axes = fig.subplots(1, len(groups), sharex=True, sharey=True, squeeze=False)[0]
+    y = {m: len(models) - 1 - k for k, m in enumerate(models)}
+    for ax, g in zip(axes, groups, strict=True):
+        sub = table[table["group"] == g]
+        ax.axvline(0, color="gray", linestyle="--", linewidth=0.8)
+        for row in sub.itertuples():
+            mean, low, high = float(row.mean_diff), float(row.low), float(row.high)
+            if math.isfinite(low) and math.isfinite(high):
+                ax.plot([low, high], [y[row.model]] * 2, color="black", linewidth=1.2)
+            ax.plot(
+                mean,
+                y[row.model],
+                "o",
+                markersize=5,
+                markeredgecolor="black",
+                markerfacecolor="black" if bool(getattr(row, filled)) else "white",
+            )
+        n = sub["n_images"].iloc[0] if "n_images" in sub else None
+        ax.set_title(f"{g} (n={int(n)})" if n is not None else str(g))
+        ax.set_yticks(range(len(models)), models[::-1])
+        ax.set_ylim(-0.6, len(models) - 0.4)
+    for ax in axes:
+        ax.set_xlabel("mean difference")
+    legend = "interval excludes 0" if filled == "excludes_zero" else filled.replace("_", " ")
+    fig.suptitle(f"{title}\nfilled: {legend}")
     return save_figure(fig, out_png, out_pdf)

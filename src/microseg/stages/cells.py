@@ -249,10 +249,12 @@ def _num(v: Any) -> Any:
 
 # ------------------------------------------------------------------------------- report
 def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Path:
-    """``reports/benchmark/index.html`` (+ ``index.md``) of every model in ``cells.models``."""
+    """``reports/benchmark/index.html`` (+ ``index.md``, ``comparison.csv|json``) of every
+    model in ``cells.models`` against the baselines; a model's ``train_info.json`` keys
+    ``encoder``/``backbone``/``profile`` are shown with its description."""
     from microseg.data.manifest import read_manifest
     from microseg.evaluate.instances import InstanceEvaluation
-    from microseg.report.benchmark import ModelResult, Overlay, build_report
+    from microseg.report.benchmark import ModelResult, Overlay, build_report, details_from_info
 
     prepared = params.paths.prepared / params.cells.dataset
     manifest = read_manifest(prepared)
@@ -290,6 +292,7 @@ def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Pa
                 overlays=overlays,
                 baseline=mc.family == "classical",
                 description=mc.description or mc.family,
+                details=details_from_info(info),
             )
         )
     context = {
