@@ -221,7 +221,10 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
             [(s.image_id, s.gt, s.pred) for s in samples],
             threshold=params.cells.iou_thresholds[0],
         )
-        per_image = evaluation.per_image.merge(errors, on="image_id", how="left")
+        shared = [c for c in errors.columns if c != "image_id" and c in evaluation.per_image]
+        per_image = evaluation.per_image.merge(
+            errors.drop(columns=shared), on="image_id", how="left"
+        )
         modality = {str(r.sample_id): str(r.modality) for r in rows.itertuples()}
         per_image["modality"] = per_image["image_id"].map(modality)
         per_image.to_csv(tmp / "per_image.csv", index=False)
