@@ -94,6 +94,16 @@ class DatasetConfig(_Strict):
     split: SplitConfig = Field(default_factory=SplitConfig)
     #: formats that carry their own split (d3set train/val files, CTC sequences) ignore ``split``
     voxel_size_nm: tuple[float, float, float] | None = None
+    #: ``png_pairs`` masks: ``instance`` keeps the ids; ``binary`` labels 4-connected components
+    #: (objects sharing an edge merge); ``auto`` reads a mask whose nonzero pixels share one
+    #: value (0/255, 0/1) as binary, any other as instance. Other formats carry instance ids.
+    mask_kind: Literal["instance", "binary", "auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _mask_kind_only_for_png_pairs(self) -> DatasetConfig:
+        if self.mask_kind != "auto" and self.format != "png_pairs":
+            raise ValueError(f"mask_kind applies to format png_pairs only, not {self.format}")
+        return self
 
 
 class RangeConfig(_Strict):

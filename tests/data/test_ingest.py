@@ -7,7 +7,9 @@ from pathlib import Path
 
 import flammkuchen as fl
 import numpy as np
+import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from microseg.config import DatasetConfig, SplitConfig
 from microseg.data.ingest import SPINE_CLASSES, assign_splits, ingest
@@ -18,7 +20,7 @@ from microseg.errors import (
     MicrosegError,
     ShapeMismatchError,
 )
-from microseg.io import coco, dsb, tiff
+from microseg.io import coco, dsb, png, tiff
 from microseg.io.d3set import _numpy2_aliases
 
 
@@ -86,6 +88,7 @@ def test_ctc_ingest(tiny_tracking: Path, tmp_path: Path) -> None:
     cfg = DatasetConfig(format="ctc", source=tiny_tracking, task="tracking")
     m = read_manifest(ingest("trk", cfg, tmp_path / "prepared", seed=0, workers=1))
     assert list(m.split) == ["train", "val", "test"] and (m["axes"] == "TYX").all()
+    assert (m.mask_kind == "").all()
 
 
 def test_coco_ingest(tmp_path: Path) -> None:
@@ -104,7 +107,83 @@ def test_coco_ingest(tmp_path: Path) -> None:
     coco.write_coco(src / "annotations.json", coco.labels_to_coco(samples))
     cfg = DatasetConfig(format="coco", source=src, task="nuclei")
     m = read_manifest(ingest("c", cfg, tmp_path / "prepared", seed=0, workers=1))
-    assert (m.n_instances == 2).all() and len(m) == 3
+    assert (m.n_instances == 2).all() and len(m) == 3 and (m.mask_kind == "").all()
+
+
+def test_dsb_compact_layout_ingests_like_published(tmp_path: Path) -> None:
+    src = _dsb_folder(tmp_path / "dsb")
+    dsb.pack_dsb(src, tmp_path / "compact")
+    cfg = DatasetConfig(format="dsb2018", source=src, task="nuclei")
+    published = read_manifest(ingest("p", cfg, tmp_path / "prepared", seed=1, workers=1))
+    cfg = DatasetConfig(format="dsb2018", source=tmp_path / "compact", task="nuclei")
+    out = ingest("c", cfg, tmp_path / "prepared", seed=1, workers=2)
+    compact = read_manifest(out)
+    same = ["sample_id", "split", "shape", "modality", "n_instances", "intensity_p50", "mask_kind"]
+    pd.testing.assert_frame_equal(compact[same], published[same])
+    assert compact.source_path.str.contains("compact/images/").all()
+    assert (compact.mask_kind == "").all()  # DSB masks carry instances by construction
+    for row in compact.itertuples():
+        want = dsb.read_dsb_sample(src, row.sample_id).labels
+        np.testing.assert_array_equal(tiff.read_stack(out / row.label_path), want)
+
+
+def _png_pairs(root: Path) -> Path:
+    """Three pairs: a 0/255 mask with corner-touching objects, a 0/1 mask with separate ones,
+    an instance mask whose ids 3 and 7 share an edge."""
+    rng = np.random.default_rng(0)
+    corner = np.zeros((16, 16), np.uint8)
+    corner[2:6, 2:6], corner[6:10, 6:10] = 255, 255  # touch at one corner only
+    separate = np.zeros((16, 16), np.uint8)
+    separate[1:4, 1:4], separate[8:12, 2:5], separate[10:14, 9:15] = 1, 1, 1
+    touching = np.zeros((16, 16), np.uint16)
+    touching[2:10, 2:6], touching[2:10, 6:10] = 3, 7
+    for stem, mask in (("corner", corner), ("separate", separate), ("touching", touching)):
+        image = rng.integers(0, 50, (16, 16), dtype=np.uint8)
+        image[mask > 0] = 200
+        png.write_png_pair(
+            root / "images" / f"{stem}.png", root / "masks" / f"{stem}.png", image, mask
+        )
+    return root
+
+
+@pytest.mark.parametrize(
+    ("mask_kind", "expected"),
+    [
+        ("auto", {"corner": ("binary", 2), "separate": ("binary", 3), "touching": ("instance", 2)}),
+        ("binary", {"corner": ("binary", 2), "separate": ("binary", 3), "touching": ("binary", 1)}),
+        (
+            "instance",
+            {"corner": ("instance", 1), "separate": ("instance", 1), "touching": ("instance", 2)},
+        ),
+    ],
+)
+def test_png_pairs_mask_kind(tmp_path: Path, mask_kind: str, expected: dict) -> None:
+    src = _png_pairs(tmp_path / "pairs")
+    cfg = DatasetConfig(format="png_pairs", source=src, task="nuclei", mask_kind=mask_kind)
+    out = ingest("pp", cfg, tmp_path / "prepared", seed=0, workers=1)
+    m = read_manifest(out).set_index("sample_id")
+    got = {sid: (row.mask_kind, row.n_instances) for sid, row in m.iterrows()}
+    assert got == expected
+    if mask_kind != "binary":  # instance ids survive ingest unchanged
+        labels = tiff.read_stack(out / m.loc["touching", "label_path"])
+        assert sorted(np.unique(labels)) == [0, 3, 7]
+
+
+def test_mask_kind_is_for_png_pairs_only(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="png_pairs"):
+        DatasetConfig(format="coco", source=tmp_path, task="nuclei", mask_kind="binary")
+    assert DatasetConfig(format="ctc", source=tmp_path, task="tracking").mask_kind == "auto"
+
+
+def test_manifest_without_mask_kind_still_reads(tmp_path: Path) -> None:
+    """Manifests written before the column existed read with it empty."""
+    src = _dsb_folder(tmp_path / "dsb", n=3)
+    cfg = DatasetConfig(format="dsb2018", source=src, task="nuclei")
+    out = ingest("d", cfg, tmp_path / "prepared", seed=0, workers=1)
+    pd.read_parquet(out / "manifest.parquet").drop(columns="mask_kind").to_parquet(
+        out / "manifest.parquet"
+    )
+    assert (read_manifest(out).mask_kind == "").all()
 
 
 # ------------------------------------------------------------------------------ bad input

@@ -5,8 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from microseg.errors import AnnotationError, DataFormatError, MissingFileError, ShapeMismatchError
-from microseg.io.png import list_png_pairs, read_png_pair, write_png_pair
+from microseg.errors import (
+    AnnotationError,
+    ConfigError,
+    DataFormatError,
+    MissingFileError,
+    ShapeMismatchError,
+)
+from microseg.io.png import (
+    instance_labels,
+    is_binary_mask,
+    list_png_pairs,
+    read_png_pair,
+    write_png_pair,
+)
 
 
 def _pair(dtype_image="uint8", dtype_mask="uint16", rgb=False):
@@ -76,3 +88,54 @@ def test_corrupt_and_missing(tmp_path):
         read_png_pair(tmp_path / "none.png", tmp_path / "bad.png")
     with pytest.raises(MissingFileError):
         list_png_pairs(tmp_path)
+
+
+# ------------------------------------------------------------------ binary vs instance masks
+def _touching() -> np.ndarray:
+    """0/255 mask: two squares touching at one corner, a separate bar, a lone pixel."""
+    mask = np.zeros((12, 14), np.uint8)
+    mask[1:4, 1:4] = 255
+    mask[4:7, 4:7] = 255  # shares only the corner (3, 3)-(4, 4) with the first square
+    mask[9:11, 2:12] = 255
+    mask[0, 13] = 255
+    return mask
+
+
+def test_binary_mask_components_are_4_connected():
+    labels, kind = instance_labels(_touching(), "auto")
+    assert kind == "binary" and labels.dtype == np.uint16
+    assert labels.max() == 4 and len(np.unique(labels)) == 5  # corner-touching stay apart
+    assert labels[2, 2] != labels[5, 5]
+    assert np.array_equal(labels > 0, _touching() > 0)
+    same, kind = instance_labels((_touching() > 0).astype(np.uint8), "binary")  # 0/1 alike
+    assert kind == "binary" and np.array_equal(same, labels)
+
+
+def test_binary_mask_cannot_split_objects_sharing_an_edge():
+    mask = np.zeros((6, 8), np.uint8)
+    mask[1:5, 1:4], mask[1:5, 4:7] = 255, 255
+    labels, _ = instance_labels(mask, "auto")
+    assert labels.max() == 1
+
+
+def test_instance_mask_with_touching_ids_is_kept():
+    mask = np.zeros((6, 8), np.uint16)
+    mask[1:5, 1:4], mask[1:5, 4:7], mask[5, 7] = 3, 7, 300  # 3 and 7 share an edge
+    for mask_kind in ("instance", "auto"):
+        labels, kind = instance_labels(mask, mask_kind)
+        assert kind == "instance" and labels.dtype == np.uint16
+        np.testing.assert_array_equal(labels, mask)
+    # forcing binary merges the touching pair and renumbers in raster order
+    labels, kind = instance_labels(mask, "binary")
+    assert kind == "binary" and sorted(np.unique(labels)) == [0, 1, 2]
+
+
+def test_mask_kind_auto_edge_cases_and_errors(tmp_path):
+    assert not is_binary_mask(np.zeros((3, 3), np.uint8))  # empty: nothing to label
+    assert is_binary_mask(np.array([[0, 1], [1, 0]], bool))
+    labels, kind = instance_labels(np.zeros((3, 3), np.uint8), "auto")
+    assert kind == "instance" and not labels.any()
+    with pytest.raises(DataFormatError, match=r"m\.png"):
+        instance_labels(np.zeros((3, 3, 3), np.uint8), "auto", tmp_path / "m.png")
+    with pytest.raises(ConfigError, match="mask_kind"):
+        instance_labels(np.zeros((3, 3), np.uint8), "blobs")  # type: ignore[arg-type]

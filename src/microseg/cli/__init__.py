@@ -29,6 +29,7 @@ log = logging.getLogger("microseg")
 COMMANDS = (
     ("synth", data.synth),
     ("ingest", data.ingest),
+    ("pack-dsb", data.pack_dsb),
     ("validate", data.validate),
     ("convert", data.convert),
     ("train", training.train),

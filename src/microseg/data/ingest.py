@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -150,13 +151,14 @@ def _finish_2d(name: str, cfg: DatasetConfig, rows: list[dict], seed: int) -> li
 def _dsb_one(args: tuple[Path, str, Path]) -> dict:
     root, sid, out = args
     sample = dsb.read_dsb_sample(root, sid)
-    src = root / sid / "images" / f"{sid}.png"
+    src = sample.image_path if sample.image_path is not None else root / sid
     return _instance_2d_row(out, sid, sample.image, sample.labels, src, sample.modality)
 
 
 @register("dsb2018")
 def ingest_dsb(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: int) -> list[dict]:
-    """DSB 2018 folders; split stratified by modality so tissue images reach every split."""
+    """DSB 2018 folders, published or compact layout (detected); split stratified by modality
+    so tissue images reach every split."""
     root = Path(cfg.source)
     ids = dsb.list_dsb_samples(root)
     jobs = [(root, sid, out) for sid in ids]
@@ -187,16 +189,24 @@ def ingest_coco(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: in
 def ingest_png_pairs(
     name: str, cfg: DatasetConfig, out: Path, seed: int, workers: int
 ) -> list[dict]:
-    """``images/*.png`` with instance masks ``masks/<same stem>.png``."""
+    """``images/*.png`` with masks ``masks/<same stem>.png``, read as ``cfg.mask_kind`` says:
+    instance ids kept, or binary masks split into 4-connected components (objects that share
+    an edge merge: see :func:`microseg.io.png.instance_labels`). The manifest records which."""
     rows = []
     for image_path, mask_path in tqdm(png.list_png_pairs(cfg.source), desc=name):
         image, mask = png.read_png_pair(image_path, mask_path)
-        labels = mask.astype(np.uint16)
-        rows.append(
-            _instance_2d_row(
-                out, image_path.stem, image, labels, image_path, dsb.modality_of(image)
-            )
+        labels, kind = png.instance_labels(mask, cfg.mask_kind, mask_path)
+        row = _instance_2d_row(
+            out, image_path.stem, image, labels, image_path, dsb.modality_of(image)
         )
+        rows.append(row | {"mask_kind": kind})
+    kinds = Counter(r["mask_kind"] for r in rows)
+    log.info(
+        "%s: masks read as %s (mask_kind %s; binary = 4-connected components)",
+        name,
+        ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())),
+        cfg.mask_kind,
+    )
     return _finish_2d(name, cfg, rows, seed)
 
 

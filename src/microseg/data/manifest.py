@@ -26,6 +26,9 @@ COLUMNS: dict[str, str] = {
     "image_path": "string",
     "label_path": "string",  # "" when the sample has no label image
     "label_kind": "string",  # semantic | instance | none
+    # how instance labels were read from a mask: instance (ids kept) | binary (4-connected
+    # components); "" where the source format carries instances by construction (DSB, COCO)
+    "mask_kind": "string",
     "points_path": "string",  # "" when the sample has no point annotations
     "axes": "string",  # YX, YXC, ZYX, TYX
     "shape": "string",  # spatial(+T) shape of the image without channels, e.g. "24,256,256"
@@ -49,6 +52,8 @@ COLUMNS: dict[str, str] = {
     "source_md5": "string",
     "modality": "string",  # e.g. fluorescence, tissue, brightfield, two-photon
 }
+#: columns added after manifests were first written: filled with "" when an older one is read
+ADDED_COLUMNS: tuple[str, ...] = ("mask_kind",)
 
 
 def empty_manifest() -> pd.DataFrame:
@@ -81,6 +86,9 @@ def read_manifest(folder_or_file: str | Path) -> pd.DataFrame:
         df = pd.read_parquet(path)
     except Exception as exc:  # pyarrow raises several unrelated types for a bad file
         raise DataFormatError(f"not a readable parquet manifest ({exc})", path) from exc
+    for col in ADDED_COLUMNS:
+        if col not in df:
+            df[col] = pd.Series([""] * len(df), dtype=COLUMNS[col], index=df.index)
     missing = [c for c in COLUMNS if c not in df]
     if missing:
         raise DataFormatError(f"manifest lacks columns {missing}", path)

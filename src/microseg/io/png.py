@@ -6,16 +6,28 @@ Ultralytics' segmentation datasets) needs; uint16 masks hold up to 65535 instanc
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from microseg.errors import AnnotationError, DataFormatError, MissingFileError, ShapeMismatchError
+from microseg.errors import (
+    AnnotationError,
+    ConfigError,
+    DataFormatError,
+    MissingFileError,
+    ShapeMismatchError,
+)
 from microseg.utils.atomic import atomic_path
 
+log = logging.getLogger(__name__)
+
 _MASK_DTYPES = (np.dtype("uint8"), np.dtype("uint16"))
+
+MaskKind = Literal["instance", "binary", "auto"]
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -120,18 +132,63 @@ def _listing(stems: list[str], limit: int = 10) -> str:
     return str(stems[:limit]) + (f" ... ({len(stems)} in all)" if len(stems) > limit else "")
 
 
-def list_png_pairs(folder: str | Path) -> list[tuple[Path, Path]]:
-    """``(image, mask)`` paths from ``<folder>/images`` and ``<folder>/masks``, sorted by stem."""
+def list_png_pairs(folder: str | Path, mask_dir: str = "masks") -> list[tuple[Path, Path]]:
+    """``(image, mask)`` paths from ``<folder>/images`` and ``<folder>/<mask_dir>``, by stem."""
     folder = Path(folder)
-    images, masks = _stems(folder / "images"), _stems(folder / "masks")
+    images, masks = _stems(folder / "images"), _stems(folder / mask_dir)
     no_mask = sorted(set(images) - set(masks))
     no_image = sorted(set(masks) - set(images))
     if no_mask or no_image:
         raise AnnotationError(
-            f"expected images/ and masks/ to hold the same stems; images without a mask: "
+            f"expected images/ and {mask_dir}/ to hold the same stems; images without a mask: "
             f"{_listing(no_mask)}; masks without an image: {_listing(no_image)}",
             folder,
         )
     if not images:
         raise AnnotationError("expected PNG image/mask pairs, found none", folder)
     return [(images[s], masks[s]) for s in sorted(images)]
+
+
+def is_binary_mask(mask: np.ndarray) -> bool:
+    """True when every nonzero pixel holds the same value (0/1, 0/255, ...): such a mask
+    says where objects are but not which pixel belongs to which. An empty mask is not binary."""
+    values = np.unique(mask)
+    return values.size == 2 and values[0] == 0
+
+
+def instance_labels(
+    mask: np.ndarray, mask_kind: MaskKind = "auto", source: str | Path | None = None
+) -> tuple[np.ndarray, Literal["instance", "binary"]]:
+    """A 2D mask as uint16 instance labels, and how it was read (``instance`` | ``binary``).
+
+    ``instance``: the values are instance ids and are kept. ``binary``: every nonzero pixel is
+    foreground and objects are its 4-connected components, numbered 1..N in raster order;
+    objects touching only at a corner stay separate, but objects that share an edge become one
+    (a binary mask cannot tell them apart). ``auto``: binary when all nonzero pixels share one
+    value (:func:`is_binary_mask`), instance otherwise, so a mask with a single object read as
+    binary gives the same labels unless that object has disconnected parts.
+    """
+    from scipy import ndimage
+
+    mask = np.asarray(mask)
+    if mask.dtype == bool:
+        mask = mask.view(np.uint8)
+    if mask.ndim != 2 or not np.issubdtype(mask.dtype, np.integer):
+        raise DataFormatError(
+            f"expected a 2D integer mask, found {mask.dtype} {mask.shape}", source
+        )
+    if mask_kind not in ("instance", "binary", "auto"):
+        raise ConfigError(f"mask_kind must be instance, binary or auto, found {mask_kind!r}")
+    kind = mask_kind if mask_kind != "auto" else "binary" if is_binary_mask(mask) else "instance"
+    if kind == "instance":
+        if mask.min() < 0 or mask.max() > np.iinfo(np.uint16).max:
+            raise AnnotationError(
+                f"instance ids must lie in 0..65535, found {mask.min()}..{mask.max()}",
+                source,
+            )
+        return mask.astype(np.uint16), "instance"
+    labels, n = ndimage.label(mask != 0, structure=ndimage.generate_binary_structure(2, 1))
+    if n > np.iinfo(np.uint16).max:
+        raise AnnotationError(f"{n} connected components do not fit uint16", source)
+    log.debug("%s: binary mask -> %d connected components", source or "mask", n)
+    return labels.astype(np.uint16), "binary"
