@@ -88,6 +88,8 @@ def test_planned_keys_and_replanning_on_resume_are_refused(trained: Path, toy_ta
     family.check_train_keys(["plan.base_features", "lr", "dropout"])
     with pytest.raises(ConfigError, match=r"plan\.base_feature"):
         family.check_train_keys(["plan.base_feature"])
+    with pytest.raises(ConfigError, match="plans"):
+        family.check_train_keys(["model.features"])
 
 
 def test_a_unet_model_file_is_not_an_nnunet_one(tmp_path: Path):

@@ -12,14 +12,14 @@ plan saved in ``best.pt``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from microseg.errors import DataFormatError, MissingFileError
+from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.models import register_model
 from microseg.models.nnunet.fingerprint import (
     FINGERPRINT_NAME,
@@ -27,6 +27,7 @@ from microseg.models.nnunet.fingerprint import (
     compute_fingerprint,
 )
 from microseg.models.nnunet.planner import (
+    PLANNED,
     PLANS_NAME,
     Plan,
     PlannerConfig,
@@ -103,6 +104,15 @@ class NnunetSegmenter(UnetSegmenter):
         chosen = post if post is not None else infer.get("post", asdict(trained_post))
         icfg = InferConfig.from_mapping({**base, **infer, "post": chosen})
         return cls(net.to(model_device(net, icfg.device)), cfg, icfg, plan)
+
+    @classmethod
+    def check_train_keys(cls, keys: Iterable[str]) -> None:
+        """Also refuse the knobs the plan decides (a study or tuned file must use plan.*)."""
+        keys = list(keys)
+        planned = sorted(k for k in keys if k.partition(".")[0] in PLANNED)
+        if planned:
+            raise ConfigError(f"nnunet plans {planned} itself; steer it with plan.* knobs")
+        super().check_train_keys(keys)
 
     def save(self, path: str | Path) -> Path:
         extra = {"plan": self.plan.to_dict()} if self.plan is not None else None

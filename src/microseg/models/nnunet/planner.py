@@ -48,6 +48,8 @@ from microseg.models.unet.network import UnetConfig
 from microseg.utils.atomic import write_text
 from microseg.utils.fields import known_fields
 
+#: the unet training knobs a plan decides (a train section may not set them)
+PLANNED = ("model", "patch_size", "batch_size")
 PLANS_NAME = "plans.json"
 PLANS_FORMAT = "microseg.nnunet.plans/1"
 GIB = 1024**3

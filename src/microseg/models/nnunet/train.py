@@ -19,6 +19,7 @@ from typing import Any
 from microseg.errors import ConfigError
 from microseg.models.nnunet.fingerprint import FINGERPRINT_NAME, compute_fingerprint
 from microseg.models.nnunet.planner import (
+    PLANNED,
     PLANS_NAME,
     Plan,
     PlannerConfig,
@@ -38,9 +39,6 @@ from microseg.train.hooks import HookBase
 from microseg.utils.fields import known_fields
 
 log = logging.getLogger(__name__)
-
-#: UnetTrainConfig fields the planner sets (a train section may not)
-PLANNED = ("model", "patch_size", "batch_size")
 
 
 @dataclass
