@@ -10,7 +10,8 @@ with the weights, so a model file rebuilds its own network.
   CPU), ``depths``, ``num_heads``, ``window_size``, ``dropout_path_rate``, ``use_v2``,
   ``use_checkpoint``. ``features``/``num_res_units`` are not used. Inputs must be multiples
   of 32 pixels (``patch_size ** 5`` of its 2-pixel patch embedding), which
-  ``size_multiple`` tells the training config.
+  ``size_multiple`` tells the training config, and at least 64 (its 1/32 bottleneck is
+  instance-normalised), in training and as the sliding window.
 * ``sam`` -- the image encoder of Segment Anything (``segment_anything.modeling.
   ImageEncoderViT``), its weights read from a LOCAL checkpoint file (``checkpoint``; a full
   SAM state dict with ``image_encoder.`` keys or an encoder-only one; nothing is downloaded),
@@ -155,6 +156,18 @@ def _check_options(cfg: UnetConfig, known: tuple[str, ...]) -> None:
 
 
 # -- swinunetr --------------------------------------------------------------------------------
+class SwinUNETR2d(SwinUNETR):
+    """MONAI's SwinUNETR, refusing tiles its bottleneck cannot instance-normalise."""
+
+    def forward(self, x_in: torch.Tensor) -> torch.Tensor:
+        if min(x_in.shape[-2:]) < 64:
+            raise ConfigError(
+                f"swinunetr runs on tiles of at least 64 px (its 1/32 bottleneck is "
+                f"instance-normalised); found {tuple(x_in.shape[-2:])}: raise patch_size/roi"
+            )
+        return super().forward(x_in)
+
+
 @register_arch("swinunetr")
 def build_swinunetr(cfg: UnetConfig) -> nn.Module:
     """MONAI's SwinUNETR in 2D, from scratch (no ``img_size``: removed from MONAI 1.5)."""
@@ -171,7 +184,7 @@ def build_swinunetr(cfg: UnetConfig) -> nn.Module:
         raise ConfigError(
             f"swinunetr takes 4 stage depths and 4 head counts; found {depths}, {heads}"
         )
-    return SwinUNETR(
+    return SwinUNETR2d(
         in_channels=cfg.in_channels,
         out_channels=cfg.out_channels,
         spatial_dims=2,
