@@ -13,10 +13,17 @@ from microseg.models.sac.network import (
     SamSegNet,
     checkpoint_init,
     encoder_name,
+    load_sac_network,
     read_encoder_state,
     vit_dims,
 )
-from microseg.models.unet.network import UnetConfig, build_unet, model_in_channels
+from microseg.models.unet.network import (
+    UnetConfig,
+    build_unet,
+    load_unet,
+    model_in_channels,
+    save_unet,
+)
 from microseg.models.unet.train import UnetTrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -174,3 +181,20 @@ def test_encoder_name_says_which_encoder_runs(tiny_vit):
     assert encoder_name(UnetConfig(arch="swinunetr")) == "swinunetr"
     cfg = UnetConfig(arch="sam", options={"checkpoint": "/ckpt/sam_vit_b_01ec64.pth"})
     assert encoder_name(cfg) == "sam (sam_vit_b_01ec64.pth)"
+
+
+def test_a_saved_sam_model_loads_without_its_sam_checkpoint(tmp_path, sam_files, tiny_vit):
+    ckpt = tmp_path / "sam_copy.pth"
+    ckpt.write_bytes(sam_files["encoder_only"].read_bytes())
+    cfg = sam_cfg(ckpt, tiny_vit)
+    net = build_unet(cfg)
+    with torch.no_grad():
+        net.head.conv.conv.weight.add_(1.0)  # "trained": differs from any fresh build
+    save_unet(net, tmp_path / "best.pt", cfg)
+    ckpt.unlink()
+    loaded, loaded_cfg, _ = load_sac_network(tmp_path / "best.pt")
+    assert loaded_cfg == cfg
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(MissingFileError, match=r"sam_copy\.pth"):
+        load_unet(tmp_path / "best.pt")  # the generic loader initialises from it first

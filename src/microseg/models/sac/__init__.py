@@ -13,6 +13,9 @@ post-processing are the unet family's, reused by import. What this façade adds:
   is written after training; :meth:`SacSegmenter.describe` reads it back;
 * loading a trained ``sam`` model does not read the SAM checkpoint (the file's own weights
   replace it), so evaluation needs only ``best.pt``.
+
+Packages: ``einops`` (MONAI's SwinUNETR uses it) and, for ``sam`` only, ``segment-anything``
+(code only: the weights are always a local file, never downloaded).
 """
 
 from __future__ import annotations
