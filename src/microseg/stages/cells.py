@@ -89,6 +89,9 @@ def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
     seconds = float(out.get("seconds") or wall)
     n_params = count_parameters(out_dir / "best.pt")
     info = {"seconds": seconds, "n_params": n_params, "family": mc.family}
+    encoder = out_dir / "encoder.json"  # families that say which encoder ran (sac)
+    if encoder.is_file():
+        info |= {k: v for k, v in json.loads(encoder.read_text()).items() if k == "encoder"}
     write_json(out_dir / INFO_NAME, info | {"profile": params.profile})
     return out | {"seconds": seconds, "n_params": n_params}
 
