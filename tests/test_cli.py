@@ -81,7 +81,20 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         "num_threads": 1,
         "device": "cpu",
     }
-    params["tracking"]["seg"]["train"] = tiny_unet
+    params["tracking"]["segmenters"]["unet"]["train"] = tiny_unet
+    params["tracking"]["segmenters"]["lstmunet"]["train"] = {  # no frame-filling object
+        "model": {"features": [8, 16], "norm": "instance"},
+        "window": 3,
+        "patch_size": 32,
+        "batch_size": 2,
+        "epochs": 1,
+        "steps_per_epoch": 10,
+        "warmup_steps": 0,
+        "lr": 0.01,
+        "val_max_frames": 2,
+        "num_threads": 1,
+        "device": "cpu",
+    }
     params["cells"]["max_images"] = 3
     params["cells"]["post_grid"] = {"t_seed": [0.5, 0.7]}
     params["cells"]["models"] = {
@@ -109,7 +122,9 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     assert {"train_punet", "predict_punet", "uncertainty", "inter_rater"} <= stages
     assert {"train_tracking_seg", "track", "evaluate_tracking"} <= stages
     tracking = json.loads((repo_copy / "metrics" / "tracking.json").read_text())
-    assert tracking["masks"] == "model" and {"SEG", "DET", "TRA"} <= set(tracking["03"])
+    assert tracking["masks"] == "model"
+    for name in ("unet", "lstmunet"):  # one row per segmenter, on the same test sequence
+        assert {"SEG", "DET", "TRA"} <= set(tracking[name]["03"])
     assert {"prepare_targets", "train_cells", "evaluate_cells", "report"} <= stages
     for name in ("unet", "otsu"):
         cells = json.loads((repo_copy / "metrics" / "cells" / f"{name}.json").read_text())

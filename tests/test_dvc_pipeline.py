@@ -29,3 +29,18 @@ def test_promotion_runs_after_its_data_checks(graph: nx.DiGraph, register: str, 
 
 def test_batch_eval_runs_the_promoted_model(graph: nx.DiGraph):
     assert nx.has_path(graph, "batch_eval", "register_spines")
+
+
+def test_tracking_scores_every_segmenter_on_its_own_masks(graph: nx.DiGraph):
+    """One train_tracking_seg@/track@ pair per segmenter of params.yaml, all scored by the one
+    evaluate_tracking; a segmenter's tracks come from its own masks only."""
+    import yaml
+
+    names = list(yaml.safe_load((ROOT / "params.yaml").read_text())["tracking"]["segmenters"])
+    assert {"unet", "lstmunet"} <= set(names)
+    for name in names:
+        assert graph.has_edge("evaluate_tracking", f"track@{name}")
+        assert graph.has_edge(f"track@{name}", f"train_tracking_seg@{name}")
+        for other in set(names) - {name}:
+            assert not nx.has_path(graph, f"track@{name}", f"train_tracking_seg@{other}")
+    assert "train_tracking_seg" not in graph and "track" not in graph

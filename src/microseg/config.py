@@ -7,6 +7,7 @@ stages that read the changed keys.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -215,19 +216,54 @@ class PunetConfig(_Strict):
 
 
 class TrackingSegConfig(_Strict):
-    """The U-Net that segments tracking frames (``train_tracking_seg``)."""
+    """One segmenter of the tracking benchmark (``train_tracking_seg@<name>``): a registered
+    family that segments frames (``unet``) or whole sequences (``lstmunet``)."""
 
+    family: str = "unet"
+    description: str = ""
+    #: the family's training config keys (unet: ``UnetTrainConfig``, lstmunet:
+    #: ``LstmUnetTrainConfig``)
     train: dict[str, Any] = Field(default_factory=dict)
+    #: the family's inference keys (unet: ``InferConfig``, lstmunet: ``SequenceInferConfig``)
     infer: dict[str, Any] = Field(default_factory=dict)
 
 
+def _default_segmenters() -> dict[str, TrackingSegConfig]:
+    return {"unet": TrackingSegConfig()}
+
+
 class TrackingConfig(_Strict):
-    #: gt: link ground-truth masks with shuffled ids (tests the linker); model: the U-Net's
+    #: model: link the masks of every segmenter; gt: link ground-truth masks with shuffled
+    #: ids instead (tests the linker alone; every row then scores the same masks)
     masks: Literal["gt", "model"] = "gt"
     split: str = "test"
     #: fields of ``microseg.infer.tracking.LinkConfig``
     link: dict[str, Any] = Field(default_factory=dict)
-    seg: TrackingSegConfig = Field(default_factory=TrackingSegConfig)
+    #: the segmenters compared on the same sequences (``train_tracking_seg@``/``track@``
+    #: iterate over these keys; ``evaluate_tracking`` writes one row per key)
+    segmenters: dict[str, TrackingSegConfig] = Field(default_factory=_default_segmenters)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_single_seg(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "seg" in data:
+            raise ValueError(
+                "tracking.seg became tracking.segmenters.<name> (family, train, infer): "
+                "move it to tracking.segmenters.unet with family: unet"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _names(self) -> TrackingConfig:
+        if not self.segmenters:
+            raise ValueError("tracking.segmenters is empty: name at least one segmenter")
+        for name in self.segmenters:
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", name) or name == "masks":
+                raise ValueError(
+                    f"tracking segmenter name {name!r} must be letters, digits, _ or - (it "
+                    "names folders and DVC stages) and not 'masks'"
+                )
+        return self
 
 
 class FusionConfig(_Strict):
@@ -353,8 +389,8 @@ class Params(_Strict):
         """A copy whose every training and inference ``device`` is ``device`` (None: self).
 
         ``--device`` of ``train``, ``predict``, ``fuse``, ``evaluate`` and ``batch-eval``:
-        ``yolo.train``/``yolo.predict``, ``punet.train``/``punet.predict``,
-        ``tracking.seg.train``/``infer`` and ``train``/``infer`` of every learned model of
+        ``yolo.train``/``yolo.predict``, ``punet.train``/``punet.predict``, ``train``/``infer``
+        of every segmenter of ``tracking.segmenters`` and of every learned model of
         ``cells.models`` (classical ones run on the CPU and have no device).
         """
         if device is None:
@@ -365,7 +401,7 @@ class Params(_Strict):
         def put(section: dict[str, Any]) -> dict[str, Any]:
             return {**section, "device": device}
 
-        y, p, seg = self.yolo, self.punet, self.tracking.seg
+        y, p, tr = self.yolo, self.punet, self.tracking
         yolo = y.model_copy(
             update={
                 "train": y.train.model_copy(update={"device": yolo_device}),
@@ -380,7 +416,10 @@ class Params(_Strict):
                 "predict": p.predict.model_copy(update={"device": device}),
             }
         )
-        seg = seg.model_copy(update={"train": put(seg.train), "infer": put(seg.infer)})
+        segmenters = {
+            name: sc.model_copy(update={"train": put(sc.train), "infer": put(sc.infer)})
+            for name, sc in tr.segmenters.items()
+        }
         models = {
             name: mc
             if mc.family == "classical"
@@ -392,7 +431,7 @@ class Params(_Strict):
                 "engine": self.engine.model_copy(update={"device": device}),
                 "yolo": yolo,
                 "punet": punet,
-                "tracking": self.tracking.model_copy(update={"seg": seg}),
+                "tracking": tr.model_copy(update={"segmenters": segmenters}),
                 "cells": self.cells.model_copy(update={"models": models}),
             }
         )

@@ -21,7 +21,8 @@ def test_with_device_sets_every_training_and_inference_device() -> None:
     p = params.with_device("cuda:1")
     assert p.yolo.train.device == "cuda:1" and p.yolo.predict.device == "cuda:1"
     assert p.punet.train["device"] == "cuda:1" and p.punet.predict.device == "cuda:1"
-    assert p.tracking.seg.train["device"] == p.tracking.seg.infer["device"] == "cuda:1"
+    segs = p.tracking.segmenters.values()
+    assert segs and all(s.train["device"] == s.infer["device"] == "cuda:1" for s in segs)
     learned = {n: mc for n, mc in p.cells.models.items() if mc.family != "classical"}
     assert learned and all(
         mc.train["device"] == mc.infer["device"] == "cuda:1" for mc in learned.values()

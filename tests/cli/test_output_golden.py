@@ -75,13 +75,28 @@ def tiny_params() -> dict:
     )  # fmt: skip
     p["punet"]["predict"].update(n_samples=2, batch_planes=4)
     p["fusion"].update(n_trials=4)  # storage: sqlite:///optuna.db in the workdir
-    p["tracking"]["seg"]["train"] = {
+    segs = p["tracking"]["segmenters"]
+    segs["unet"]["train"] = {
         "model": {"arch": "unet", "features": [4, 8, 16]},
         "patch_size": 32,
         "batch_size": 2,
         "epochs": 1,
         "steps_per_epoch": 2,
         "val_max_images": 2,
+        "num_threads": 1,
+        "device": "cpu",
+        "progress": False,
+    }
+    segs["lstmunet"]["train"] = {  # enough steps that no object fills a frame (CTC refuses)
+        "model": {"features": [8, 16], "norm": "instance"},
+        "window": 3,
+        "patch_size": 32,
+        "batch_size": 2,
+        "epochs": 1,
+        "steps_per_epoch": 10,
+        "warmup_steps": 0,
+        "lr": 0.01,
+        "val_max_frames": 2,
         "num_threads": 1,
         "device": "cpu",
         "progress": False,
@@ -138,7 +153,8 @@ STEPS: list[Step] = [
         _visual_inputs,
     ),
     Step("visualize", ["visualize", "inputs/stack.tif", "inputs/boxes.csv", "--out", "vis"]),
-    Step("train_tracking_seg", ["train", "--model", "tracking_seg"]),
+    Step("train_tracking_seg", ["train", "--model", "tracking_seg@unet"]),
+    Step("train_tracking_seg_lstmunet", ["train", "--model", "tracking_seg@lstmunet"]),
     Step("track", ["track"]),
     Step("evaluate_tracking", ["evaluate", "--task", "tracking"]),
     Step("where", ["where"]),

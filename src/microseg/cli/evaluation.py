@@ -19,12 +19,23 @@ def report(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
     typer.echo(f"benchmark report: {result.out.resolve()}")
 
 
-def track(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) -> None:
+def track(
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model", "-m", help="a segmenter of params.yaml `tracking.segmenters` (default: all)"
+        ),
+    ] = None,
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
     """Link per-frame instance masks into tracks; write Cell Tracking Challenge results."""
     from microseg.stages import evaluation
 
-    result = evaluation.run_track(load(params_path, set_))
-    typer.echo(f"tracks of {sorted(result.metrics)} in {result.out}")
+    result = evaluation.run_track(load(params_path, set_), model)
+    assert result.out is not None
+    for name, summary in result.metrics.items():
+        typer.echo(f"{name}: tracks of {sorted(summary)} in {result.out / name}")
 
 
 def evaluate(
@@ -43,11 +54,11 @@ def evaluate(
     result = evaluation.run_evaluate(params, model, task)
     m, path = result.metrics, result.metrics_file
     if result.stage == "evaluate_tracking":
-        for seq, s in m.items():
-            if isinstance(s, dict):
+        for name, rows in m.items():
+            for seq, s in rows.items() if isinstance(rows, dict) else ():
                 typer.echo(
-                    f"sequence {seq}: SEG {s.get('SEG', float('nan')):.3f} DET {s['DET']:.3f} "
-                    f"TRA {s['TRA']:.3f}"
+                    f"{name} sequence {seq}: SEG {s.get('SEG', float('nan')):.3f} "
+                    f"DET {s['DET']:.3f} TRA {s['TRA']:.3f}"
                 )
     elif result.stage == "evaluate_cells":
         typer.echo(

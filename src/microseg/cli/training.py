@@ -16,7 +16,8 @@ def train(
         typer.Option(
             "--model",
             "-m",
-            help="yolo, punet, tracking_seg, or a model of params.yaml `cells.models`",
+            help="yolo, punet, tracking_seg@<segmenter of `tracking.segmenters`>, or a model "
+            "of params.yaml `cells.models`",
         ),
     ] = "yolo",
     params_path: ParamsOpt = Path("params.yaml"),

@@ -89,7 +89,7 @@ def run_evaluate_cells(params: Params, name: str) -> StageResult:
 
 
 def run_evaluate_tracking(params: Params) -> StageResult:
-    """CTC scores of the tracks -> ``metrics/tracking.json``."""
+    """CTC scores of every segmenter's tracks -> ``metrics/tracking.json`` (a row each)."""
     from microseg.stages import tracking
 
     path = metrics_file(params, "tracking")
@@ -114,17 +114,33 @@ def run_evaluate_tracking(params: Params) -> StageResult:
     )
 
 
-def run_track(params: Params) -> StageResult:
-    """Per-frame instance masks linked into tracks (Cell Tracking Challenge results)."""
+def run_track(params: Params, name: str | None = None) -> StageResult:
+    """Segmenter ``name``'s per-frame masks (every segmenter's when None, one run each)
+    linked into tracks (Cell Tracking Challenge results under ``reports/tracking/<name>``).
+    ``metrics``: ``{name: {seq: summary}}``; ``out``: ``reports/tracking``."""
     from microseg.stages import tracking
 
-    def link() -> StageResult:
-        summary = tracking.track(params)
-        return StageResult("track", summary, log_metrics=summary, out=tracking.RESULT_DIR)
+    summaries: dict[str, dict] = {}
+    for seg in tracking.segmenter_names(params, name):
 
-    return run_stage(
-        params, link, stage="track", task="tracking", dataset="tracking", section=params.tracking
-    )
+        def link(_seg: str = seg) -> StageResult:
+            summary = tracking.track(params, _seg)
+            return StageResult("track", summary, log_metrics=summary, out=tracking.RESULT_DIR)
+
+        section = params.tracking.model_copy(
+            update={"segmenters": {seg: params.tracking.segmenters[seg]}}
+        )
+        summaries[seg] = run_stage(
+            params,
+            link,
+            stage="track",
+            task="tracking",
+            dataset="tracking",
+            section=section,
+            run_name=f"track-{seg}",
+            tags={"microseg.model": seg},
+        ).metrics
+    return StageResult("track", summaries, out=tracking.RESULT_DIR)
 
 
 def run_fuse(params: Params) -> StageResult:

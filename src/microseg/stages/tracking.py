@@ -1,29 +1,55 @@
-"""Tracking stages: ``track`` (masks -> CTC result) and ``evaluate_tracking`` (CTC scores).
+"""Tracking stages: ``train_tracking_seg@<name>`` (a segmenter), ``track@<name>`` (its masks
+-> CTC result) and ``evaluate_tracking`` (CTC scores of every segmenter).
 
-``track`` links per-frame instance masks of the test sequences. The masks come from the
-segmentation model (``masks: model``) or, to test the linker alone, from the ground truth
-with every frame's ids shuffled (``masks: gt``).
+The segmenters of ``tracking.segmenters`` are registered families trained on the frames of
+the train/val sequences (one targets cache per segmenter, the same frames for all) and run on
+every frame of the test sequences: a family with ``predict_sequence`` (``lstmunet``) sees a
+whole sequence in order, any other (``unet``) one frame at a time. ``track@<name>`` links one
+segmenter's per-frame instance masks (``masks: model``), or, to test the linker alone, the
+ground truth with every frame's ids shuffled (``masks: gt``). ``evaluate_tracking`` scores
+every segmenter's tracks on the same sequences: ``metrics/tracking.json`` holds
+``{"masks": ..., "<name>": {"<seq>": {SEG, DET, TRA, ...}}}``.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from microseg.config import Params
-from microseg.errors import MissingFileError
+from microseg.config import Params, TrackingSegConfig
+from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.io import ctc, tiff
 from microseg.stages.common import metrics_file, samples, write_json
 
 log = logging.getLogger(__name__)
 
-RESULT_DIR = Path("reports/tracking")
-SEG_PRED_DIR = Path("reports/tracking_seg")
-SEG_MODEL_DIR = Path("models/tracking_seg")
-SEG_TARGETS = Path("data/targets/tracking")
+RESULT_DIR = Path("reports/tracking")  # <name>/<seq>_RES, montages, lineage plots
+SEG_PRED_DIR = Path("reports/tracking_seg")  # <name>/<seq>.tif
+SEG_MODEL_DIR = Path("models/tracking_seg")  # <name>/best.pt
+SEG_TARGETS = Path("data/targets/tracking")  # <name>/ (targets cache of the frames)
+INFO_NAME = "train_info.json"
+
+
+def segmenter(params: Params, name: str) -> TrackingSegConfig:
+    """The segmenter ``name`` of ``tracking.segmenters`` (a ConfigError naming the others)."""
+    segs = params.tracking.segmenters
+    if name not in segs:
+        raise ConfigError(
+            f"unknown tracking segmenter {name!r}; params.yaml defines {sorted(segs)}"
+        )
+    return segs[name]
+
+
+def segmenter_names(params: Params, name: str | None = None) -> list[str]:
+    """``[name]`` (checked), or every segmenter when None."""
+    if name is None:
+        return list(params.tracking.segmenters)
+    segmenter(params, name)
+    return [name]
 
 
 def _sequences(params: Params, split: str) -> list[str]:
@@ -52,37 +78,64 @@ def _frame_items(params: Params, splits: tuple[str, ...]):
                 )
 
 
-def train_tracking_seg(params: Params, hooks=None) -> dict[str, Any]:
-    """U-Net (the cells family) on the frames of the train/val sequences; then segment
-    every frame of the tracking split into ``reports/tracking_seg/<seq>.tif``."""
+def train_tracking_seg(params: Params, name: str, hooks=None) -> dict[str, Any]:
+    """Train segmenter ``name`` on the frames of the train/val sequences, then segment every
+    frame of the tracking split into ``reports/tracking_seg/<name>/<seq>.tif``."""
     from microseg.data.targets import WeightMapConfig, write_targets
-    from microseg.stages.cells import train_unet_model
+    from microseg.models import get_model
+    from microseg.stages.cells import count_parameters
 
+    sc = segmenter(params, name)
+    family = get_model(sc.family)
+    if not getattr(family, "trainable", True):
+        raise ConfigError(f"tracking segmenter {name!r} ({sc.family}) has nothing to train")
     t = params.cells.targets
     weights = WeightMapConfig(w0=t.w0, sigma=t.sigma, max_class_weight=t.max_class_weight)
+    targets = SEG_TARGETS / name
     index = write_targets(
-        _frame_items(params, ("train", "val")), SEG_TARGETS, weights, tuple(t.percentiles)
+        _frame_items(params, ("train", "val")), targets, weights, tuple(t.percentiles)
     )
-    train = params.engine.train_section(params.tracking.seg.train)
-    out = train_unet_model(train, SEG_TARGETS, SEG_MODEL_DIR, hooks)
-    out["n_frames_train"] = int((index["split"] == "train").sum())
-    out["n_frames_val"] = int((index["split"] == "val").sum())
-    out["segmented"] = segment_sequences(params)
-    return out
+    model_dir = SEG_MODEL_DIR / name
+    start = time.perf_counter()
+    result = family.train(targets, model_dir, params.engine.train_section(sc.train), hooks)
+    seconds = float(result.seconds or time.perf_counter() - start)
+    n_params = count_parameters(model_dir / "best.pt")
+    write_json(
+        model_dir / INFO_NAME, {"seconds": seconds, "n_params": n_params, "family": sc.family}
+    )
+    return {
+        "best": result.best,
+        "best_epoch": result.best_epoch,
+        "epochs": result.epochs_completed,
+        "seconds": seconds,
+        "n_params": n_params,
+        "n_frames_train": int((index["split"] == "train").sum()),
+        "n_frames_val": int((index["split"] == "val").sum()),
+        "segmented": segment_sequences(params, name),
+    }
 
 
-def segment_sequences(params: Params, out_dir: Path = SEG_PRED_DIR) -> dict[str, int]:
-    """Instance masks of every frame of the tracking split's sequences (TYX uint16)."""
+def segment_sequences(params: Params, name: str, out_dir: Path | None = None) -> dict[str, int]:
+    """Instance masks of every frame of the tracking split's sequences (TYX uint16) by
+    segmenter ``name``: whole sequences in order when its family has ``predict_sequence``,
+    else frame by frame; returns the number of objects per sequence."""
     from microseg.models import get_model
 
-    seg = params.tracking.seg
-    model = get_model("unet").load(SEG_MODEL_DIR / "best.pt", train=seg.train, infer=seg.infer)
-    predict = model.as_predictor()
+    sc = segmenter(params, name)
+    weights = SEG_MODEL_DIR / name / "best.pt"
+    model = get_model(sc.family).load(weights, train=sc.train, infer=sc.infer)
+    predict_sequence = getattr(model, "predict_sequence", None)
+    predict = None if predict_sequence is not None else model.as_predictor()
+    out_dir = SEG_PRED_DIR / name if out_dir is None else out_dir
     gt_root = Path(params.datasets["tracking"].source)
     counts = {}
     for seq in _sequences(params, params.tracking.split):
         frames = ctc.read_ctc_gt(gt_root, seq).frames
-        masks = np.stack([predict(f)[0] for f in frames]).astype(np.uint16)
+        if predict_sequence is not None:
+            masks = np.asarray(predict_sequence(frames)[0])
+        else:
+            masks = np.stack([predict(f)[0] for f in frames])
+        masks = masks.astype(np.uint16)
         tiff.write_stack(out_dir / f"{seq}.tif", masks)
         counts[seq] = int(sum(len(np.unique(m[m > 0])) for m in masks))
     return counts
@@ -100,11 +153,15 @@ def shuffled_ids(masks: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
-def track(params: Params, out_dir: Path = RESULT_DIR) -> dict[str, Any]:
+def track(params: Params, name: str, out_dir: Path | None = None) -> dict[str, Any]:
+    """Link segmenter ``name``'s masks (or shuffled ground truth, ``masks: gt``) of every
+    sequence of the tracking split into ``reports/tracking/<name>/`` (CTC results, figures)."""
     from microseg.infer.tracking import LinkConfig, link
     from microseg.report.tracking_figures import save_lineage_plot, save_track_montage
 
     cfg = params.tracking
+    segmenter(params, name)
+    out_dir = RESULT_DIR / name if out_dir is None else out_dir
     gt_root = Path(params.datasets["tracking"].source)
     link_cfg = LinkConfig(**cfg.link)
     summary = {}
@@ -113,14 +170,16 @@ def track(params: Params, out_dir: Path = RESULT_DIR) -> dict[str, Any]:
         if cfg.masks == "gt":
             masks = shuffled_ids(gt.tra, params.seed)
         else:
-            pred = SEG_PRED_DIR / f"{seq}.tif"
+            pred = SEG_PRED_DIR / name / f"{seq}.tif"
             if not pred.exists():
-                raise MissingFileError("segmentation of the sequence missing", pred)
+                raise MissingFileError(
+                    f"segmentation of the sequence missing; run train_tracking_seg@{name}", pred
+                )
             masks = tiff.read_stack(pred)
         tracked, tracks = link(masks, link_cfg)
         ctc.write_ctc_result(out_dir, seq, tracked, tracks)
         save_track_montage(tracked, out_dir / f"{seq}_montage.png", images=gt.frames)
-        save_lineage_plot(tracks, out_dir / f"{seq}_lineage.png", title=f"sequence {seq}")
+        save_lineage_plot(tracks, out_dir / f"{seq}_lineage.png", title=f"sequence {seq} ({name})")
         summary[seq] = {
             "n_tracks": len(tracks),
             "n_divisions": int((tracks["P"] > 0).sum() // 2),
@@ -128,19 +187,35 @@ def track(params: Params, out_dir: Path = RESULT_DIR) -> dict[str, Any]:
     return summary
 
 
-def evaluate_tracking(params: Params, res_dir: Path = RESULT_DIR) -> dict[str, Any]:
-    """CTC scores of the test sequences -> ``metrics/tracking.json``."""
+def evaluate_tracking(params: Params, res_root: Path = RESULT_DIR) -> dict[str, Any]:
+    """CTC scores of every segmenter's tracks on the test sequences -> one row per segmenter
+    and sequence in ``metrics/tracking.json``."""
     from microseg.evaluate.tracking import evaluate_ctc, per_frame_scores
 
     gt_root = Path(params.datasets["tracking"].source)
     out: dict[str, Any] = {"masks": params.tracking.masks}
-    for seq in _sequences(params, params.tracking.split):
-        scores = evaluate_ctc(gt_root, seq, res_dir)
-        gt = ctc.read_ctc_gt(gt_root, seq)
-        res = ctc.read_ctc_result(res_dir, seq)
-        frames = per_frame_scores(gt.tra, res.masks)
-        scores["mean_fg_iou"] = float(frames["fg_iou"].mean())
-        scores["mean_rand_error"] = float(frames["rand_error"].mean())
-        out[seq] = scores
+    seqs = _sequences(params, params.tracking.split)
+    for name in params.tracking.segmenters:
+        res_dir = res_root / name
+        rows = {}
+        for seq in seqs:
+            if not (res_dir / f"{seq}_RES").is_dir():
+                raise MissingFileError(f"no tracks of {name!r}; run track@{name}", res_dir)
+            gt = ctc.read_ctc_gt(gt_root, seq)
+            res = ctc.read_ctc_result(res_dir, seq)
+            full = [t for t, m in enumerate(res.masks) if m.min() > 0]
+            if full:  # py-ctcmetrics needs background in every frame; say why, not its error
+                raise DataFormatError(
+                    f"{name}: frames {full[:5]} of sequence {seq} have no background pixel "
+                    "(one object covers the field: an untrained segmenter?); the CTC scorer "
+                    "needs background in every frame",
+                    res_dir,
+                )
+            scores = evaluate_ctc(gt_root, seq, res_dir)
+            frames = per_frame_scores(gt.tra, res.masks)
+            scores["mean_fg_iou"] = float(frames["fg_iou"].mean())
+            scores["mean_rand_error"] = float(frames["rand_error"].mean())
+            rows[seq] = scores
+        out[name] = rows
     write_json(metrics_file(params, "tracking"), out)
     return out

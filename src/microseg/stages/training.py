@@ -39,12 +39,15 @@ class Trainer:
     out_dir: Path
     task: str
     dataset: str
-    #: the one family it trains (None: a stage of its own, e.g. ``tracking_seg``)
+    #: the one family it trains (None: a stage of its own, e.g. ``tracking_seg@<name>``)
     family: FamilyTraining | None = None
+    #: the MLflow stage tag (None: ``train_<model>``)
+    stage: str | None = None
 
 
 def trainers(params: Params) -> dict[str, Trainer]:
-    """``yolo``, ``punet``, ``tracking_seg`` and every learned model of ``cells.models``."""
+    """``yolo``, ``punet``, ``tracking_seg@<name>`` for every segmenter of
+    ``tracking.segmenters`` and every learned model of ``cells.models``."""
     from microseg.stages import cells, punet, spines, tracking
 
     out = {
@@ -68,14 +71,16 @@ def trainers(params: Params) -> dict[str, Trainer]:
                 "punet", lambda: punet.punet_data(params), lambda: punet.punet_section(params)
             ),
         ),
-        "tracking_seg": Trainer(
-            tracking.train_tracking_seg,
-            params.tracking.seg,
-            tracking.SEG_MODEL_DIR,
-            "tracking",
-            "tracking",
-        ),
     }
+    for name, sc in params.tracking.segmenters.items():
+        out[f"tracking_seg@{name}"] = Trainer(
+            lambda p, hooks=None, _n=name: tracking.train_tracking_seg(p, _n, hooks),
+            sc,
+            tracking.SEG_MODEL_DIR / name,
+            "tracking",
+            "tracking",
+            stage="train_tracking_seg",
+        )
     from microseg.models import get_model
 
     for name, mc in params.cells.models.items():
@@ -126,7 +131,7 @@ def run_train(params: Params, model: str) -> StageResult:
     return run_stage(
         params,
         fn,
-        stage=f"train_{model}" if t.task != "nuclei" else "train_cells",
+        stage=t.stage or (f"train_{model}" if t.task != "nuclei" else "train_cells"),
         task=t.task,
         dataset=t.dataset,
         section=t.section,
