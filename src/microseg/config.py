@@ -310,6 +310,8 @@ class CellsConfig(_Strict):
     #: U-Net watershed thresholds searched on the validation split before the test split is
     #: predicted (``PostprocessConfig`` keys -> candidate values); empty: the trained defaults
     post_grid: dict[str, list[Any]] = Field(default_factory=dict)
+    #: validation images the post-processing search runs on (stratified by modality); null: all
+    post_max_images: int | None = Field(None, ge=1)
     #: learned models (``train_cells@``/``evaluate_cells@`` iterate over these keys)
     models: dict[str, CellModelConfig] = Field(default_factory=dict)
     #: classical references, in every table (``evaluate_baseline@``)

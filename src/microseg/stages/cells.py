@@ -157,6 +157,8 @@ def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any]
     rows = m[(m["split"] == "val") & (m["label_kind"] == "instance")]
     if params.cells.max_images is not None:
         rows = rows.head(params.cells.max_images)
+    if params.cells.post_max_images is not None:
+        rows = stratified_head(rows, params.cells.post_max_images)
     probs = [model.probabilities(read_stack(prepared / r.image_path)) for r in rows.itertuples()]
     gts = [read_stack(prepared / r.label_path) for r in rows.itertuples()]
     chosen, table = search_postprocess(probs, gts, model.infer.post, params.cells.post_grid)
@@ -165,6 +167,16 @@ def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any]
     from dataclasses import asdict
 
     return asdict(chosen)
+
+
+def stratified_head(rows: pd.DataFrame, n: int, by: str = "modality") -> pd.DataFrame:
+    """At most ``n`` rows, each ``by`` group keeping its share (at least one row per group),
+    in manifest order within a group: a small search set that still sees every modality."""
+    if len(rows) <= n:
+        return rows
+    groups = rows.groupby(by, sort=True)
+    quota = {k: max(1, round(n * len(g) / len(rows))) for k, g in groups}
+    return pd.concat([g.head(quota[k]) for k, g in groups]).sort_index()
 
 
 def load_predictor(
