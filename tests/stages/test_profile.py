@@ -87,3 +87,31 @@ def test_repo_profiles_demo_is_params_yaml_and_full_is_valid(tmp_path):
     assert full.profile == "full"
     demo = read_profile("demo", root)["set"]["cells.models"]
     assert set(demo) <= set(full.cells.models)  # the full profile trains every demo model
+
+
+@pytest.mark.parametrize("name", ["demo", "full"])
+def test_repo_profiles_train_sections_are_valid_for_their_families(name):
+    """Every nuclei model of a profile names a registered family whose training config
+    accepts its train section (typos in a GPU-only profile fail here, not on the runner)."""
+    from microseg.models import get_model
+
+    models = read_profile(name, ROOT / "profiles")["set"]["cells.models"]
+    for key, entry in models.items():
+        family = get_model(entry["family"])
+        train = dict(entry.get("train") or {})
+        family.check_train_keys(_dotted(train))
+        config = family.train_config
+        module, _, cls = config.partition(":")
+        import importlib
+
+        getattr(importlib.import_module(module), cls).from_mapping(train), key
+
+
+def _dotted(d: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "plan", "post"):
+            out += _dotted(v, f"{prefix}{k}.")
+        else:
+            out.append(prefix + k)
+    return out

@@ -237,3 +237,29 @@ def test_family_trains_and_predicts_through_the_registry(toy_targets, tmp_path):
     labels, fg, scores = seg.as_predictor()(image)
     assert labels.shape == image.shape and fg.shape == image.shape
     assert set(scores) == set(np.unique(labels[labels > 0]).tolist())
+
+
+def test_modality_balance_weights_and_stratified_validation():
+    """0: every image equally likely; 1: every modality; the val subset keeps each modality."""
+    from microseg.data.targets import TargetSample
+    from microseg.models.unet.train import modality_weights, stratified_samples
+
+    mods = ["f"] * 301 + ["t"] * 63 + ["b"] * 10
+    p0 = modality_weights(mods, 0.0)
+    assert np.allclose(p0, 1 / len(mods))
+    p1 = modality_weights(mods, 1.0)
+    mass = {m: p1[np.asarray(mods) == m].sum() for m in "ftb"}
+    assert np.allclose(list(mass.values()), 1 / 3)
+    p5 = modality_weights(mods, 0.5)
+    half = {m: round(float(p5[np.asarray(mods) == m].sum()), 2) for m in "ftb"}
+    assert half == {"f": 0.61, "t": 0.28, "b": 0.11}
+
+    def sample(i, m):
+        z = np.zeros((1, 2, 2), np.float32)
+        return TargetSample(f"s{i}", "val", z, z[0].astype(np.uint8), z[0], z[0], m)
+
+    val = [sample(i, m) for i, m in enumerate(["f"] * 65 + ["t"] * 14 + ["b"] * 2)]
+    picked = stratified_samples(val, 16)
+    kinds = [s.modality for s in picked]
+    assert kinds.count("t") == 3 and kinds.count("b") == 1 and kinds.count("f") == 13
+    assert stratified_samples(val, None) == val

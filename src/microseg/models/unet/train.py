@@ -84,6 +84,10 @@ class UnetTrainConfig(EngineConfig):
     patch_size: int = 128
     batch_size: int = 8
     fg_fraction: float = 0.7
+    #: how training images are drawn: 0 each image equally often, 1 each modality equally
+    #: often (weight per image ``n_modality ** -modality_balance``); DSB 2018's 301
+    #: fluorescence / 63 tissue / 10 brightfield train images at 0.5 give 61 / 28 / 11 %
+    modality_balance: float = 0.0
     augment: bool = True
     elastic_prob: float = 0.2
     intensity_prob: float = 0.5
@@ -108,6 +112,7 @@ class UnetTrainConfig(EngineConfig):
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
             "fg_fraction": 0.0 <= self.fg_fraction <= 1.0,
+            "modality_balance": 0.0 <= self.modality_balance <= 1.0,
             "blend": self.blend in ("gaussian", "min"),
             "overlap": 0.0 <= self.overlap < 1.0,
         }
@@ -230,10 +235,17 @@ def _plain(t: Any) -> torch.Tensor:
 class PatchSampler:
     """Batches of augmented patches; :meth:`reseed` makes an epoch's stream reproducible."""
 
-    def __init__(self, items: list[dict[str, Any]], cfg: UnetTrainConfig) -> None:
+    def __init__(
+        self,
+        items: list[dict[str, Any]],
+        cfg: UnetTrainConfig,
+        modalities: Sequence[str] | None = None,
+    ) -> None:
         if not items:
             raise ConfigError("no training samples: the targets index has no 'train' rows")
         self.items, self.cfg = items, cfg
+        balance = getattr(cfg, "modality_balance", 0.0)
+        self.p = modality_weights(modalities, balance) if modalities and balance else None
         self.transforms = patch_transforms(cfg)
         #: indices of the samples drawn so far this epoch (DDP tests read the shards from it)
         self.drawn: list[int] = []
@@ -244,7 +256,10 @@ class PatchSampler:
         self.drawn = []
 
     def batch(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        picks = rng.integers(0, len(self.items), self.cfg.batch_size)
+        if self.p is None:
+            picks = rng.integers(0, len(self.items), self.cfg.batch_size)
+        else:
+            picks = rng.choice(len(self.items), size=self.cfg.batch_size, p=self.p)
         self.drawn.extend(int(i) for i in picks)
         out: dict[str, list[torch.Tensor]] = {k: [] for k in KEYS}
         track = get_track_meta()
@@ -260,6 +275,30 @@ class PatchSampler:
         batch = {k: torch.stack(v) for k, v in out.items()}
         batch["target"] = batch["target"].round().long()
         return batch
+
+
+def modality_weights(modalities: Sequence[str], balance: float) -> np.ndarray:
+    """Per-image draw probabilities ``n_modality ** -balance``, normalised."""
+    _names, inverse, counts = np.unique(
+        np.asarray(modalities), return_inverse=True, return_counts=True
+    )
+    w = counts[inverse].astype(np.float64) ** -float(balance)
+    return w / w.sum()
+
+
+def stratified_samples(samples: Sequence[TargetSample], n: int | None) -> list[TargetSample]:
+    """At most ``n`` samples with every modality keeping its share (at least one each), in
+    their cached order within a modality: a small validation set that still sees tissue."""
+    samples = list(samples)
+    if n is None or len(samples) <= n:
+        return samples
+    groups: dict[str, list[int]] = {}
+    for i, s in enumerate(samples):
+        groups.setdefault(s.modality, []).append(i)
+    keep: list[int] = []
+    for idx in groups.values():
+        keep += idx[: max(1, round(n * len(idx) / len(samples)))]
+    return [samples[i] for i in sorted(keep)]
 
 
 # -- the Lightning pieces ---------------------------------------------------------------------
@@ -278,11 +317,10 @@ class UnetDataModule(SampledDataModule):
         cfg = self.cfg
         train = load_targets(self.targets_dir, "train")
         self.val_samples = load_targets(self.targets_dir, "val")
-        if cfg.val_max_images is not None:
-            self.val_samples = self.val_samples[: cfg.val_max_images]
+        self.val_samples = stratified_samples(self.val_samples, cfg.val_max_images)
         if not self.val_samples:
             log.warning("%s: no 'val' samples; best.pt will be the last epoch", self.targets_dir)
-        self.sampler = PatchSampler(_train_items(train, cfg), cfg)
+        self.sampler = PatchSampler(_train_items(train, cfg), cfg, [s.modality for s in train])
         log.info(
             "unet training: %d train / %d val images, %s",
             len(train),
