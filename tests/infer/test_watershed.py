@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -161,6 +163,27 @@ def test_predicted_distance_floods_from_the_distance_seeds():
     assert labels.max() == 2 and np.array_equal(labels > 0, truth > 0)
     for i in (1, 2):
         assert max(iou(truth == i, labels == j) for j in (1, 2)) > 0.95
+
+
+def test_distance_peaks_seed_an_undershooting_regression():
+    """A blurred regression that peaks at 0.35: no region passes t_seed = 0.5, a low cut
+    joins the pair, its peaks (h-maxima) separate them; a small speck's peak is no seed."""
+    truth = two_touching_discs()
+    probs = np.eye(3, dtype=np.float32)[instances_to_classes(truth)].transpose(2, 0, 1)
+    four = with_distance(truth, probs)
+    four[3] = ndimage.gaussian_filter(four[3] * 0.45, 2)
+    four[3, 5:7, 5:7] = 0.3  # a 4-pixel speck above the cut, outside the mask
+    base = PostprocessConfig(seeds="distance", elevation="predicted_distance", min_size=5)
+    assert probs_to_instances(four, replace(base, t_seed=0.5)).max() == 1  # the unseeded mask
+    assert probs_to_instances(four, replace(base, t_seed=0.05)).max() == 1
+    cfg = replace(base, t_seed=0.05, peak_h=0.1, seed_min_size=5, min_size=1)
+    peaks = probs_to_instances(four, cfg)
+    assert peaks.max() == 2 and np.array_equal(peaks > 0, truth > 0)
+    assert probs_to_instances(four, replace(cfg, seed_min_size=1)).max() == 3  # + the speck
+    for i in (1, 2):
+        assert max(iou(truth == i, peaks == j) for j in (1, 2)) > 0.95
+    with pytest.raises(ConfigError, match="peak_h"):
+        PostprocessConfig(peak_h=-0.1)
 
 
 def test_distance_settings_need_the_fourth_channel():
