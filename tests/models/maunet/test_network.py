@@ -39,7 +39,16 @@ def test_backbones_keep_shape_and_give_probabilities(backbone, channels):
     assert len(raw) == 1 and raw[0].shape == (2, 4, 64, 96)
     assert probs.shape == (2, 4, 64, 96)
     assert torch.allclose(probs[:, :3].sum(1), torch.ones(2, 64, 96), atol=1e-5)
-    assert float(probs[:, 3].min()) > 0 and float(probs[:, 3].max()) < 1
+    assert float(probs[:, 3].min()) >= 0 and float(probs[:, 3].max()) <= 1
+
+
+def test_activation_is_softmax_and_a_clipped_distance():
+    raw = torch.zeros(1, 4, 1, 3)
+    raw[0, 0] = torch.tensor([2.0, 0.0, -1.0])
+    raw[0, 3] = torch.tensor([-0.5, 0.3, 1.7])
+    probs = activate(raw)
+    assert torch.allclose(probs[:, :3], torch.softmax(raw[:, :3], dim=1))
+    assert torch.allclose(probs[0, 3, 0], torch.tensor([0.0, 0.3, 1.0]))
 
 
 def test_backbones_differ_in_depth():

@@ -21,9 +21,14 @@ from microseg.models.unet.network import model_in_channels
 from microseg.models.unet.predict import MIRRORS, InferConfig, _min_blend, prepare_input
 from microseg.utils.devices import model_device
 
-#: maunet's default post-processing: seeds where the predicted distance exceeds ``t_seed``,
-#: grown over ``-distance`` inside the predicted foreground
-DEFAULT_POST = PostprocessConfig(seeds="distance", elevation="predicted_distance", t_seed=0.5)
+#: maunet's default post-processing: seeds at the peaks of the predicted distance (h-maxima of
+#: height 0.1 where it exceeds 0.1), grown over ``-distance`` inside the predicted foreground.
+#: Peaks, not a fixed cut: after 100-500 steps on DSB 2018 the regressed distance peaks at
+#: 0.2-0.45, and peak seeds gave val F1@0.5 0.742 against 0.712 for the best fixed cut (0.5)
+#: and 0.720 for the interior-probability seeds of the same network.
+DEFAULT_POST = PostprocessConfig(
+    seeds="distance", elevation="predicted_distance", t_seed=0.1, peak_h=0.1
+)
 
 __all__ = ["DEFAULT_POST", "InferConfig", "predict_instances", "predict_probs"]
 

@@ -11,10 +11,10 @@ intensity transforms leave it alone; :class:`DistanceSampler` splits it off agai
 
 Loss per member network: the 3-class loss of :mod:`microseg.train.softmax_losses` by name (the
 ``unet`` family's, with the weight map) + ``dist_weight`` x the regression loss (``mse`` or
-``smooth_l1``) between the sigmoid of the distance channel and its target, on every pixel; an
-ensemble (``model.backbones``) sums its members' losses, so the networks train side by side on
-the same batches. Optimiser, schedule, validation (``val_f1_50`` picks ``best.pt``) and the
-engine are as in :mod:`microseg.models.unet.train`.
+``smooth_l1``) between the distance channel (linear, see :mod:`~microseg.models.maunet.network`)
+and its target, on every pixel; an ensemble (``model.backbones``) sums its members' losses, so
+the networks train side by side on the same batches. Optimiser, schedule, validation
+(``val_f1_50`` picks ``best.pt``) and the engine are as in :mod:`microseg.models.unet.train`.
 """
 
 from __future__ import annotations
@@ -226,7 +226,7 @@ class MaunetDataModule(SampledDataModule):
 
 # -- the Lightning module ---------------------------------------------------------------------
 def distance_loss(name: str, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Regression of the normalised distance (``pred`` after its sigmoid), mean over pixels."""
+    """Regression of the normalised distance (``pred`` the raw channel), mean over pixels."""
     if name == "mse":
         return F.mse_loss(pred, target)
     return F.smooth_l1_loss(pred, target, beta=0.1)
@@ -254,7 +254,7 @@ class MaunetModule(FamilyModule):
         seg = dist = torch.zeros((), device=batch["image"].device)
         for out in self.net.raw(batch["image"]):
             seg = seg + self.loss_fn(out[:, :N_CLASSES], batch["target"], batch["weight"])
-            pred = torch.sigmoid(out[:, N_CLASSES:])
+            pred = out[:, N_CLASSES:]
             dist = dist + distance_loss(self.cfg.dist_loss, pred, batch["distance"])
         return seg, dist
 
