@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -11,6 +13,7 @@ from microseg.data.targets import instances_to_classes
 from microseg.errors import ConfigError, DataFormatError
 from microseg.infer.watershed import (
     PostprocessConfig,
+    needs_distance,
     probs_to_instances,
     remove_small_and_relabel,
     split_cores,
@@ -125,3 +128,75 @@ def test_split_h_must_be_non_negative():
         PostprocessConfig(split_h=-1)
     with pytest.raises(ConfigError, match="unknown"):
         PostprocessConfig.from_mapping({"t_seeds": 0.5})
+
+
+# -- a fourth channel: the predicted normalised distance (maunet) -------------------------------
+def with_distance(truth: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """``probs`` plus the true per-instance distance transform, each divided by its maximum."""
+    dist = np.zeros(truth.shape, np.float32)
+    for i in np.unique(truth[truth > 0]):
+        d = ndimage.distance_transform_edt(truth == i)
+        dist[truth == i] = d[truth == i] / d.max()
+    return np.concatenate([probs, dist[None]])
+
+
+def test_distance_seeds_split_what_the_interior_merges():
+    truth, probs = merged_core_probs()
+    four = with_distance(truth, probs)
+    interior = probs_to_instances(four, PostprocessConfig(min_size=5))
+    assert interior.max() == 1  # the 4th channel is ignored unless asked for
+    assert np.array_equal(interior, probs_to_instances(probs, PostprocessConfig(min_size=5)))
+    for elevation in ("predicted_distance", "prob", "distance"):
+        cfg = PostprocessConfig(seeds="distance", elevation=elevation, t_seed=0.5, min_size=5)
+        labels = probs_to_instances(four, cfg)
+        assert labels.max() == 2, elevation
+        for i in (1, 2):
+            assert max(iou(truth == i, labels == j) for j in (1, 2)) > 0.85, elevation
+
+
+def test_predicted_distance_floods_from_the_distance_seeds():
+    truth = two_touching_discs()
+    probs = np.eye(3, dtype=np.float32)[instances_to_classes(truth)].transpose(2, 0, 1)
+    four = with_distance(truth, probs)
+    cfg = PostprocessConfig(seeds="distance", elevation="predicted_distance", t_seed=0.6)
+    labels = probs_to_instances(four, cfg)
+    assert labels.max() == 2 and np.array_equal(labels > 0, truth > 0)
+    for i in (1, 2):
+        assert max(iou(truth == i, labels == j) for j in (1, 2)) > 0.95
+
+
+def test_distance_peaks_seed_an_undershooting_regression():
+    """A blurred regression that peaks at 0.35: no region passes t_seed = 0.5, a low cut
+    joins the pair, its peaks (h-maxima) separate them; a small speck's peak is no seed."""
+    truth = two_touching_discs()
+    probs = np.eye(3, dtype=np.float32)[instances_to_classes(truth)].transpose(2, 0, 1)
+    four = with_distance(truth, probs)
+    four[3] = ndimage.gaussian_filter(four[3] * 0.45, 2)
+    four[3, 5:7, 5:7] = 0.3  # a 4-pixel speck above the cut, outside the mask
+    base = PostprocessConfig(seeds="distance", elevation="predicted_distance", min_size=5)
+    assert probs_to_instances(four, replace(base, t_seed=0.5)).max() == 1  # the unseeded mask
+    assert probs_to_instances(four, replace(base, t_seed=0.05)).max() == 1
+    cfg = replace(base, t_seed=0.05, peak_h=0.1, seed_min_size=5, min_size=1)
+    peaks = probs_to_instances(four, cfg)
+    assert peaks.max() == 2 and np.array_equal(peaks > 0, truth > 0)
+    assert probs_to_instances(four, replace(cfg, seed_min_size=1)).max() == 3  # + the speck
+    for i in (1, 2):
+        assert max(iou(truth == i, peaks == j) for j in (1, 2)) > 0.95
+    with pytest.raises(ConfigError, match="peak_h"):
+        PostprocessConfig(peak_h=-0.1)
+
+
+def test_distance_settings_need_the_fourth_channel():
+    _, probs = merged_core_probs()
+    assert not needs_distance(PostprocessConfig(elevation="distance"))
+    for cfg in (PostprocessConfig(seeds="distance"),
+                PostprocessConfig(elevation="predicted_distance")):  # fmt: skip
+        assert needs_distance(cfg)
+        with pytest.raises(DataFormatError, match="4th"):
+            probs_to_instances(probs, cfg)
+    with pytest.raises(DataFormatError):
+        probs_to_instances(np.zeros((5, 8, 8), np.float32))
+    with pytest.raises(ConfigError, match="seeds"):
+        PostprocessConfig(seeds="peaks")
+    with pytest.raises(ConfigError, match="elevation"):
+        PostprocessConfig(elevation="height")

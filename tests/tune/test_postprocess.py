@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
-from microseg.errors import ConfigError
+from microseg.errors import ConfigError, DataFormatError
 from microseg.infer.watershed import PostprocessConfig
 from microseg.tune.postprocess import grid_points, search_postprocess
 
@@ -43,3 +44,36 @@ def test_ties_keep_the_base_config() -> None:
 def test_unknown_keys_are_refused() -> None:
     with pytest.raises(ConfigError, match="t_sed"):
         grid_points({"t_sed": [0.5]})
+
+
+def _with_distance(probs: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    dist = np.zeros(gt.shape, np.float32)
+    for i in (1, 2):
+        d = ndimage.distance_transform_edt(gt == i)
+        dist[gt == i] = d[gt == i] / d.max()
+    return np.concatenate([probs, dist[None]])
+
+
+def test_distance_points_are_searched_with_a_distance_channel() -> None:
+    probs, gt = _touching_pair()
+    base = PostprocessConfig(t_seed=0.5, min_size=5)
+    grid = {"seeds": ["interior", "distance"], "elevation": ["prob", "predicted_distance"]}
+    chosen, table = search_postprocess([_with_distance(probs, gt)], [gt], base, grid)
+    assert len(table) == 5
+    assert chosen.seeds == "distance" and chosen.t_seed == 0.5
+    assert table["f1"].max() == 1.0
+
+
+def test_distance_points_are_skipped_without_one() -> None:
+    """A 3-class model under a grid that names distance settings searches what it did."""
+    probs, gt = _touching_pair()
+    base = PostprocessConfig(t_seed=0.5, min_size=5)
+    plain = {"t_seed": [0.5, 0.7, 0.95]}
+    grid = {**plain, "seeds": ["interior", "distance"], "elevation": ["prob", "predicted_distance"]}
+    chosen, table = search_postprocess([probs], [gt], base, grid)
+    before, old = search_postprocess([probs], [gt], base, plain)
+    assert chosen == before
+    assert len(table) == len(old) == 4
+    assert set(table["seeds"]) == {"interior"} and set(table["elevation"]) == {"prob"}
+    with pytest.raises(DataFormatError, match="4th"):  # a distance base needs the channel
+        search_postprocess([probs], [gt], PostprocessConfig(seeds="distance"), plain)

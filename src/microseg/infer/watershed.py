@@ -1,7 +1,8 @@
 """3-class probabilities (background, interior, boundary) -> instance labels by seeded watershed.
 
-Used by every 3-class U-Net of :mod:`microseg.models.unet`; lives in ``infer/`` because it is
-inference, not the network: changing a threshold must not make DVC retrain a model.
+Used by every 3-class U-Net of :mod:`microseg.models.unet` and by :mod:`microseg.models.maunet`;
+lives in ``infer/`` because it is inference, not the network: changing a threshold must not make
+DVC retrain a model.
 
 Seeds are the connected components of ``P(interior) > t_seed`` (seeds smaller than
 ``seed_min_size`` dropped). Where touching nuclei share one interior component (the common
@@ -13,6 +14,19 @@ neck become two seeds while an elongated nucleus with a flat ridge stays one. Th
 ``-P(interior)`` (``"prob"``) or minus the distance transform of the mask (``"distance"``).
 Mask components without a seed become instances of their own (``keep_unseeded``). Objects
 smaller than ``min_size`` pixels are removed and the rest relabelled 1..N (uint16).
+
+Families with a distance head (``maunet``) append a fourth channel: the predicted per-instance
+normalised distance transform (1 at an instance's centre, falling towards its edge, 0 outside);
+``seeds="distance"`` thresholds that channel instead of ``P(interior)`` (``t_seed`` then cuts
+the distance, so touching nuclei separate where their distances dip towards 0) and
+``elevation="predicted_distance"`` floods ``-distance``. Both need the fourth channel;
+:func:`needs_distance` tells a caller (the validation grid search) which settings do.
+
+``peak_h > 0`` seeds from peaks instead of regions: the h-maxima of the seed map (maxima at
+least ``peak_h`` above the saddle towards any higher one) inside its regions above ``t_seed``
+of ``seed_min_size`` pixels or more. A
+regressed distance often peaks well below 1 (a blurred regression undershoots), so one fixed
+cut either merges touching nuclei or loses faint ones; its peaks separate them at any height.
 """
 
 from __future__ import annotations
@@ -29,6 +43,9 @@ from skimage.segmentation import relabel_sequential, watershed
 from microseg.errors import ConfigError, DataFormatError
 from microseg.utils.fields import known_fields
 
+ELEVATIONS = ("prob", "distance", "predicted_distance")
+SEEDS = ("interior", "distance")
+
 
 @dataclass(frozen=True)
 class PostprocessConfig:
@@ -36,20 +53,28 @@ class PostprocessConfig:
 
     t_seed: float = 0.5
     t_mask: float = 0.5
-    elevation: Literal["prob", "distance"] = "prob"
+    elevation: Literal["prob", "distance", "predicted_distance"] = "prob"
+    #: which map ``t_seed`` thresholds: P(interior), or the predicted distance (4th channel)
+    seeds: Literal["interior", "distance"] = "interior"
     seed_min_size: int = 4
     split_h: float = 0.0  # pixels; 0: seeds are the interior components as they are
+    #: > 0: seeds are the h-maxima of the seed map above t_seed (0: its regions above t_seed)
+    peak_h: float = 0.0
     min_size: int = 20  # DSB 2018: 1 % of true nuclei are smaller than 21 px
     keep_unseeded: bool = True
 
     def __post_init__(self) -> None:
-        if self.elevation not in ("prob", "distance"):
-            raise ConfigError(f"elevation must be 'prob' or 'distance'; found {self.elevation!r}")
+        if self.elevation not in ELEVATIONS:
+            raise ConfigError(f"elevation must be one of {ELEVATIONS}; found {self.elevation!r}")
+        if self.seeds not in SEEDS:
+            raise ConfigError(f"seeds must be one of {SEEDS}; found {self.seeds!r}")
         for name in ("t_seed", "t_mask"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"{name} must be in [0, 1]; found {getattr(self, name)}")
         if self.split_h < 0:
             raise ConfigError(f"split_h must be >= 0 pixels; found {self.split_h}")
+        if self.peak_h < 0:
+            raise ConfigError(f"peak_h must be >= 0; found {self.peak_h}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PostprocessConfig:
@@ -88,19 +113,41 @@ def split_cores(core: np.ndarray, h: float) -> np.ndarray:
     return label_rest(seeds, core).astype(np.int32)  # components too shallow for a maximum
 
 
+def needs_distance(cfg: PostprocessConfig) -> bool:
+    """Whether ``cfg`` reads the predicted-distance channel (only 4-channel inputs have it)."""
+    return cfg.seeds == "distance" or cfg.elevation == "predicted_distance"
+
+
 def probs_to_instances(probs: np.ndarray, cfg: PostprocessConfig | None = None) -> np.ndarray:
-    """Seeded watershed of a ``(3, H, W)`` softmax (background, interior, boundary) -> uint16."""
+    """Seeded watershed of a ``(3, H, W)`` softmax (background, interior, boundary), or of
+    ``(4, H, W)`` with the predicted normalised distance appended -> uint16 instances."""
     cfg = cfg or PostprocessConfig()
     probs = np.asarray(probs, np.float32)
-    if probs.ndim != 3 or probs.shape[0] != 3:
-        raise DataFormatError(f"expected (3, H, W) class probabilities; found {probs.shape}")
+    if probs.ndim != 3 or probs.shape[0] not in (3, 4):
+        raise DataFormatError(
+            f"expected (3, H, W) class probabilities (+ a distance channel); found {probs.shape}"
+        )
+    if needs_distance(cfg) and probs.shape[0] != 4:
+        raise DataFormatError(
+            f"seeds={cfg.seeds!r}, elevation={cfg.elevation!r} need a 4th (distance) channel; "
+            f"found {probs.shape[0]} channels"
+        )
     interior = probs[1]
-    seeds = split_cores(interior > cfg.t_seed, cfg.split_h)
-    if seeds.max() and cfg.seed_min_size > 1:
-        seeds = remove_small_and_relabel(seeds, cfg.seed_min_size).astype(np.int32)
+    seed_map = probs[3] if cfg.seeds == "distance" else interior
+    core = seed_map > cfg.t_seed
+    if cfg.peak_h > 0 and core.any():  # peaks are points: the size filter is the regions'
+        if cfg.seed_min_size > 1:
+            core = remove_small_and_relabel(ndimage.label(core)[0], cfg.seed_min_size) > 0
+        seeds = split_cores(core & h_maxima(seed_map, cfg.peak_h).astype(bool), cfg.split_h)
+    else:
+        seeds = split_cores(core, cfg.split_h)
+        if seeds.max() and cfg.seed_min_size > 1:
+            seeds = remove_small_and_relabel(seeds, cfg.seed_min_size).astype(np.int32)
     mask = (1.0 - probs[0] > cfg.t_mask) | (seeds > 0)
     if cfg.elevation == "prob":
         elevation = -interior
+    elif cfg.elevation == "predicted_distance":
+        elevation = -probs[3]
     else:
         elevation = -ndimage.distance_transform_edt(mask).astype(np.float32)
     labels = watershed(elevation, seeds, mask=mask) if seeds.max() > 0 else np.zeros_like(seeds)

@@ -1,11 +1,17 @@
 """Post-processing chosen on the validation split: the seeded-watershed thresholds of a 3-class
-U-Net (``t_seed``, ``t_mask``, ``elevation``, ``min_size``).
+U-Net (``t_seed``, ``t_mask``, ``elevation``, ``min_size``), or of a network with a distance
+head (``seeds``, ``elevation: predicted_distance``).
 
 nnU-Net decides its post-processing on validation folds and Cellpose exposes its flow and
 probability thresholds for the same reason: the network's probabilities are fixed after
 training, but where to cut them into instances depends on the data (on DSB 2018 the defaults
 merge touching nuclei). Probabilities are computed once per image; each grid point only reruns
 the watershed, so an exhaustive grid is cheap and needs no Optuna.
+
+One grid serves every family (``params.cells.post_grid``): points that read the predicted
+distance (:func:`~microseg.infer.watershed.needs_distance`) are skipped for models whose maps
+have no distance channel, so adding ``predicted_distance`` to the grid leaves a 3-class U-Net's
+search exactly as it was.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import pandas as pd
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import image_scores, threshold_key
 from microseg.evaluate.rates import prf
-from microseg.infer.watershed import PostprocessConfig, probs_to_instances
+from microseg.infer.watershed import PostprocessConfig, needs_distance, probs_to_instances
 from microseg.utils.convert import to_builtin
 
 log = logging.getLogger(__name__)
@@ -67,9 +73,12 @@ def search_postprocess(
     if len(probs) != len(gts) or not probs:
         raise ConfigError("post-processing search needs validation images with labels")
     points = [{}, *grid_points(grid)]
+    has_distance = all(np.shape(p)[0] == 4 for p in probs)
     rows = []
     for point in points:
         cfg = replace(base, **point)
+        if point and needs_distance(cfg) and not has_distance:
+            continue  # a distance setting for maps without a distance channel
         f1, tp, fp, fn = pooled_f1(probs, gts, cfg, threshold)
         rows.append({**asdict(cfg), "f1": f1, "tp": tp, "fp": fp, "fn": fn})
     table = pd.DataFrame(rows)
