@@ -17,6 +17,8 @@ COMMANDS_BEFORE_SPLIT = [
     "evaluate", "predict", "tune", "fuse", "compare-spines", "uncertainty", "inter-rater",
     "visualize", "register", "promote", "batch-eval", "where",
 ]  # fmt: skip
+#: commands added after the split (issue 15: pack-dsb, profile)
+COMMANDS_ADDED = ["pack-dsb", "profile"]
 
 
 def test_help_lists_the_commands_in_the_order_they_had() -> None:
@@ -25,7 +27,10 @@ def test_help_lists_the_commands_in_the_order_they_had() -> None:
     from microseg.cli import app
 
     group = typer.main.get_command(app)
-    assert group.list_commands(None) == COMMANDS_BEFORE_SPLIT
+    commands = group.list_commands(None)
+    # commands added since keep the old ones in their order
+    assert [c for c in commands if c in COMMANDS_BEFORE_SPLIT] == COMMANDS_BEFORE_SPLIT
+    assert set(commands) - set(COMMANDS_BEFORE_SPLIT) == set(COMMANDS_ADDED)
     out = CliRunner().invoke(app, ["--help"], terminal_width=200).output
     listed = [line.split()[1] for line in out.splitlines() if line.startswith("│ ") and
               line.split()[1] in COMMANDS_BEFORE_SPLIT]  # fmt: skip
