@@ -144,6 +144,11 @@ class YoloTrainConfig(_Strict):
     epochs: int = Field(40, ge=1)
     imgsz: int = 256
     batch: int = 16
+    #: Ultralytics' nominal batch: gradients accumulate over ``nbs / batch`` batches per
+    #: optimizer step (its default 64; a short CPU run wants ``nbs = batch``)
+    nbs: int = Field(64, ge=1)
+    warmup_epochs: float = Field(3.0, ge=0)
+    close_mosaic: int = Field(10, ge=0)  # last epochs without mosaic augmentation
     lr0: float = 1e-3
     lrf: float = 0.01
     optimizer: str = "AdamW"
@@ -310,6 +315,10 @@ class CellsConfig(_Strict):
     #: U-Net watershed thresholds searched on the validation split before the test split is
     #: predicted (``PostprocessConfig`` keys -> candidate values); empty: the trained defaults
     post_grid: dict[str, list[Any]] = Field(default_factory=dict)
+    #: the models of a family named here search its own grid instead (a distance-seeded
+    #: watershed has other knobs than an interior-seeded one); kept out of ``models`` so that
+    #: changing a search does not retrain a model
+    post_grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
     #: validation images the post-processing search runs on (stratified by modality); null: all
     post_max_images: int | None = Field(None, ge=1)
     #: learned models (``train_cells@``/``evaluate_cells@`` iterate over these keys)

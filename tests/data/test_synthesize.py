@@ -1,13 +1,12 @@
 import hashlib
+import time
 from pathlib import Path
 
 import flammkuchen as fl
-import numpy as np
 
 from microseg.config import SynthSpinesConfig
 from microseg.data.synthesize import write_spines
 from microseg.io import ctc, points, tiff
-from microseg.io.d3set import read_d3set
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -36,20 +35,12 @@ def test_spine_layout(tiny_spines_master: Path) -> None:
 def test_spine_files_are_byte_identical_for_a_seed(
     tiny_spines_master: Path, tiny_spines_cfg: SynthSpinesConfig, tmp_path: Path
 ) -> None:
-    """Same params, same data. TIFF/CSV files are byte-identical; HDF5 stores object
-    timestamps (PyTables' track_times, not reachable through flammkuchen), so d3sets are
-    compared by content."""
+    """Same params, same bytes: in another folder and at another time (HDF5 object times are
+    not written), so DVC hashes the same output on every machine."""
+    time.sleep(1.1)  # HDF5 stores times in seconds: a second later would show in the bytes
     again = write_spines(tiny_spines_cfg, tmp_path / "again")
-    a, b = _digest(again), _digest(tiny_spines_master)
-    assert {k: v for k, v in a.items() if not k.endswith(".d3set")} == {
-        k: v for k, v in b.items() if not k.endswith(".d3set")
-    }
-    for name in ("train.d3set", "val.d3set"):
-        x, y = read_d3set(again / name), read_d3set(tiny_spines_master / name)
-        assert x.meta.equals(y.meta)
-        for group in ("stacks", "dendrites", "spines"):
-            for key in getattr(x, group):
-                np.testing.assert_array_equal(getattr(x, group)[key], getattr(y, group)[key])
+    assert _digest(again) == _digest(tiny_spines_master)
+    assert any(k.endswith(".d3set") for k in _digest(again))
     other = write_spines(tiny_spines_cfg.model_copy(update={"seed": 8}), tmp_path / "other")
     assert _digest(other)["benchmark/stack.tif"] != _digest(again)["benchmark/stack.tif"]
 

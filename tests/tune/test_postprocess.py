@@ -77,3 +77,14 @@ def test_distance_points_are_skipped_without_one() -> None:
     assert set(table["seeds"]) == {"interior"} and set(table["elevation"]) == {"prob"}
     with pytest.raises(DataFormatError, match="4th"):  # a distance base needs the channel
         search_postprocess([probs], [gt], PostprocessConfig(seeds="distance"), plain)
+
+
+def test_parallel_search_gives_the_serial_table() -> None:
+    """Points scored in worker processes come back in grid order with the same scores."""
+    probs, gt = _touching_pair()
+    base = PostprocessConfig(t_seed=0.5, min_size=5)
+    grid = {"t_seed": [0.5, 0.6, 0.7, 0.95], "t_mask": [0.3, 0.5], "min_size": [5, 20]}
+    serial, t1 = search_postprocess([probs, probs], [gt, gt], base, grid, workers=1)
+    parallel, t2 = search_postprocess([probs, probs], [gt, gt], base, grid, workers=2)
+    assert serial == parallel
+    assert t1.equals(t2) and len(t1) == 17

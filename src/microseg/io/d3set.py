@@ -65,6 +65,45 @@ def _numpy2_aliases() -> Iterator[None]:
             delattr(np, name)
 
 
+#: PyTables creators of HDF5 datasets; each takes ``track_times`` (HDF5 object times)
+_LEAF_CREATORS = (
+    "create_array",
+    "create_carray",
+    "create_earray",
+    "create_table",
+    "create_vlarray",
+)
+
+
+@contextlib.contextmanager
+def _untimed_hdf5() -> Iterator[None]:
+    """Write HDF5 datasets without their creation/modification times.
+
+    HDF5 stamps every dataset's object header with the wall clock, so the same stacks saved
+    twice differ in bytes and DVC sees a new output. flammkuchen (and pandas' HDFStore, which
+    writes ``meta``) do not expose PyTables' ``track_times``; the default is switched off only
+    for the duration of the save and restored afterwards.
+    """
+    import tables
+
+    originals = {name: getattr(tables.File, name) for name in _LEAF_CREATORS}
+
+    def untimed(method: Any) -> Any:
+        def create(self: Any, *args: Any, **kwargs: Any) -> Any:
+            kwargs.setdefault("track_times", False)
+            return method(self, *args, **kwargs)
+
+        return create
+
+    try:
+        for name, method in originals.items():
+            setattr(tables.File, name, untimed(method))
+        yield
+    finally:
+        for name, method in originals.items():
+            setattr(tables.File, name, method)
+
+
 @dataclass
 class D3Set:
     """Stacks and their dendrite/spine masks keyed ``x0..x{N-1}``, one meta row per stack."""
@@ -211,7 +250,7 @@ def write_d3set(path: str | Path, d3set: D3Set) -> Path:
         "data": {g: {k: getattr(d3set, g)[k] for k in d3set.stack_keys()} for g in GROUPS},
         "meta": d3set.meta,
     }
-    with atomic_path(path) as tmp, _numpy2_aliases():
+    with atomic_path(path) as tmp, _numpy2_aliases(), _untimed_hdf5():
         fl.save(str(tmp), payload, compression="blosc")
     log.info("wrote %d stacks to %s", len(d3set), path)
     return path

@@ -145,7 +145,8 @@ def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any]
     from microseg.tune.postprocess import search_postprocess
 
     mc = model_config(params, name)
-    if not params.cells.post_grid:
+    grid = post_grid_for(params, mc.family)
+    if not grid:
         return None
     model = load_model(mc, MODELS_ROOT / name)
     if not hasattr(model, "probabilities"):
@@ -161,12 +162,24 @@ def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any]
         rows = stratified_head(rows, params.cells.post_max_images)
     probs = [model.probabilities(read_stack(prepared / r.image_path)) for r in rows.itertuples()]
     gts = [read_stack(prepared / r.label_path) for r in rows.itertuples()]
-    chosen, table = search_postprocess(probs, gts, model.infer.post, params.cells.post_grid)
+    chosen, table = search_postprocess(probs, gts, model.infer.post, grid)
     with atomic_path(out_dir / "postprocess_search.csv") as tmp:
         table.to_csv(tmp, index=False)
     from dataclasses import asdict
 
     return asdict(chosen)
+
+
+def post_grid_for(params: Params, family: str) -> dict[str, list[Any]]:
+    """``cells.post_grids[family]`` when the family has its own grid, else ``cells.post_grid``."""
+    from microseg.models import MODELS
+
+    unknown = sorted(set(params.cells.post_grids) - set(MODELS.names()))
+    if unknown:
+        raise ConfigError(
+            f"cells.post_grids names unknown families {unknown}; known: {sorted(MODELS.names())}"
+        )
+    return params.cells.post_grids.get(family, params.cells.post_grid)
 
 
 def stratified_head(rows: pd.DataFrame, n: int, by: str = "modality") -> pd.DataFrame:

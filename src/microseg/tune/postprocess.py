@@ -6,7 +6,9 @@ nnU-Net decides its post-processing on validation folds and Cellpose exposes its
 probability thresholds for the same reason: the network's probabilities are fixed after
 training, but where to cut them into instances depends on the data (on DSB 2018 the defaults
 merge touching nuclei). Probabilities are computed once per image; each grid point only reruns
-the watershed, so an exhaustive grid is cheap and needs no Optuna.
+the watershed, so an exhaustive grid is cheap and needs no Optuna. Grid points are scored in
+``workers`` processes (joblib/loky, which memory-maps the probability maps rather than copying
+them): the result does not depend on the number of workers.
 
 One grid serves every family (``params.cells.post_grid``): points that read the predicted
 distance (:func:`~microseg.infer.watershed.needs_distance`) are skipped for models whose maps
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, replace
 
@@ -61,26 +64,66 @@ def pooled_f1(
     return prf(tp, fp, fn, empty=0.0).f1, tp, fp, fn
 
 
+def _score_chunk(
+    probs: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    cfgs: Sequence[PostprocessConfig],
+    threshold: float,
+) -> list[tuple[float, int, int, int]]:
+    return [pooled_f1(probs, gts, cfg, threshold) for cfg in cfgs]
+
+
+def _score_all(
+    probs: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    cfgs: list[PostprocessConfig],
+    threshold: float,
+    workers: int,
+) -> list[tuple[float, int, int, int]]:
+    """Pooled F1 of every config, in order; chunks of configs go to ``workers`` processes."""
+    workers = max(1, min(workers, len(cfgs)))
+    if workers == 1:
+        return _score_chunk(probs, gts, cfgs, threshold)
+    from joblib import Parallel, delayed
+
+    n_chunks = min(len(cfgs), 4 * workers)
+    chunks = [cfgs[i::n_chunks] for i in range(n_chunks)]
+    parts = Parallel(n_jobs=workers, backend="loky")(
+        delayed(_score_chunk)(list(probs), list(gts), chunk, threshold) for chunk in chunks
+    )
+    scores: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)] * len(cfgs)
+    for i, part in enumerate(parts):
+        for j, score in enumerate(part):
+            scores[i + j * n_chunks] = score
+    return scores
+
+
 def search_postprocess(
     probs: Sequence[np.ndarray],
     gts: Sequence[np.ndarray],
     base: PostprocessConfig,
     grid: Mapping[str, Sequence],
     threshold: float = 0.5,
+    workers: int | None = None,
 ) -> tuple[PostprocessConfig, pd.DataFrame]:
     """The grid point with the best pooled F1 at ``threshold`` (ties: the earliest point, with
-    ``base`` itself first so an unhelpful grid changes nothing) and the table of all points."""
+    ``base`` itself first so an unhelpful grid changes nothing) and the table of all points.
+    ``workers`` processes score the points (default: every core)."""
     if len(probs) != len(gts) or not probs:
         raise ConfigError("post-processing search needs validation images with labels")
     points = [{}, *grid_points(grid)]
     has_distance = all(np.shape(p)[0] == 4 for p in probs)
-    rows = []
+    cfgs = []
     for point in points:
         cfg = replace(base, **point)
         if point and needs_distance(cfg) and not has_distance:
             continue  # a distance setting for maps without a distance channel
-        f1, tp, fp, fn = pooled_f1(probs, gts, cfg, threshold)
-        rows.append({**asdict(cfg), "f1": f1, "tp": tp, "fp": fp, "fn": fn})
+        cfgs.append(cfg)
+    scores = _score_all(probs, gts, cfgs, threshold, workers or os.cpu_count() or 1)
+    rows = [
+        {**asdict(cfg), "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+        for cfg, (f1, tp, fp, fn) in zip(cfgs, scores, strict=True)
+    ]
     table = pd.DataFrame(rows)
     best = int(np.argmax(table["f1"].to_numpy()))  # first maximum
     chosen = replace(base, **{k: table.iloc[best][k] for k in asdict(base)})
