@@ -252,13 +252,43 @@ def test_nuclei_config_reaches_post_processing_and_bad_input_is_named(nuclei_fil
     assert not read_stack(none["labels_path"].item()).any()
     m = loaded({})
     m.use_device("cpu")  # batch-eval --device
-    assert m.cfg.device == next(m.model.parameters()).device.type == "cpu"
+    assert m.device == next(m.model.network.parameters()).device.type == "cpu"
     with pytest.raises(ConfigError, match="out_dir"):
         m.predict(None, frame)
     with pytest.raises(MissingFileError):
         m.predict(None, pd.DataFrame({"path": [str(root / "none.png")]}), {"out_dir": tmp_path})
     with pytest.raises(DataFormatError, match="2D image"):
         m.predict(None, pd.DataFrame({"path": [str(root / "stack.tif")]}), {"out_dir": tmp_path})
+
+
+def test_any_family_is_logged_with_its_validation_post_processing(store, nuclei_files, tmp_path):
+    """A MAUNet (distance-seeded watershed) round-trips with the post-processing chosen on
+    validation, not the one saved with its weights: the served model predicts what
+    evaluate_cells scored."""
+    from microseg.models import get_model
+    from microseg.models.maunet.network import MaunetConfig, build_maunet, save_maunet
+
+    root, image = nuclei_files
+    torch.manual_seed(2)
+    cfg = MaunetConfig(features=(4, 8, 8, 16), decoder_channels=(8, 8, 4, 4, 4))
+    weights = save_maunet(build_maunet(cfg), tmp_path / "maunet.pt", cfg)
+    post = {"seeds": "distance", "elevation": "predicted_distance", "t_seed": 0.0, "t_mask": 0.0,
+            "min_size": 1}  # fmt: skip
+    with mlflow.start_run(experiment_id=store.experiment_id):
+        info = log_nuclei_model("m", weights, INFER, family="maunet", post=post)
+    assert info.metadata["model_family"] == "maunet"
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    frame = pd.DataFrame({"path": [str(root / "img.png")]})
+    out = model.predict(frame, params={"out_dir": str(tmp_path / "labels")})
+    family = get_model("maunet").load(weights, infer=INFER, post=post)
+    expected, _, _ = family.as_predictor()(image)
+    np.testing.assert_array_equal(read_stack(out["labels_path"].item()), expected)
+    assert family.infer.post.t_mask == 0.0 and expected.any()
+    with (
+        mlflow.start_run(experiment_id=store.experiment_id),
+        pytest.raises(MissingFileError, match="maunet"),
+    ):
+        log_nuclei_model("m", tmp_path / "none.pt", INFER, family="maunet")
 
 
 def test_log_needs_an_active_run_and_existing_files(store, spine_files):

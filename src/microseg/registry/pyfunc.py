@@ -204,36 +204,43 @@ def _read_2d(path: Path) -> np.ndarray:
 
 
 class NucleiModel(PythonModel):
-    """3-class U-Net + seeded watershed (:func:`microseg.infer.instances.predict_instances`).
+    """Any nuclei family of :data:`microseg.models.MODELS` behind one pyfunc: the family loads
+    its weights with the params sections it was trained and evaluated with, and its predictor
+    turns each image into instances.
 
-    Artifacts: ``unet`` (a :func:`microseg.models.unet.save_unet` file) and ``config`` (JSON of
-    :class:`~microseg.infer.instances.InferConfig`, post-processing included).
+    Artifacts: ``weights`` (the family's ``best.pt``) and ``config`` (JSON: ``family``,
+    ``train``, ``infer`` and ``post``, the post-processing chosen on validation). Models
+    logged before families existed (artifact ``unet``, config = the U-Net's ``InferConfig``)
+    load as the ``unet`` family.
     """
 
     def load_context(self, context: Any) -> None:
-        from microseg.models.unet import load_unet
-        from microseg.models.unet.predict import InferConfig
-
         art = context.artifacts
         raw = json.loads(Path(art["config"]).read_text())
-        device = raw.get("device", "auto")
-        device = _device() if device == "auto" else device
-        self.model, self.unet_config, post = load_unet(art["unet"], map_location=device)
-        raw.setdefault("post", dataclasses.asdict(post))
-        self.cfg = InferConfig.from_mapping(raw)
+        if "family" not in raw:  # a U-Net pyfunc of an earlier version
+            raw = {"family": "unet", "infer": raw, "post": raw.get("post")}
+        self.spec = raw
+        self.weights = Path(art["weights"] if "weights" in art else art["unet"])
+        self.use_device(raw.get("infer", {}).get("device", "auto"))
 
     def use_device(self, device: str) -> None:
         """Predict on ``device`` from now on (``batch-eval --device``)."""
-        device = _device() if device == "auto" else device
-        self.model.to(device)
-        self.cfg = dataclasses.replace(self.cfg, device=device)
+        from microseg.models import get_model
+
+        family = get_model(self.spec["family"])
+        infer = dict(self.spec.get("infer") or {})
+        if getattr(family, "trainable", True):  # a classical family runs where it runs
+            infer["device"] = _device() if device == "auto" else device
+        self.device = infer.get("device", "cpu")
+        train, post = self.spec.get("train") or {}, self.spec.get("post")
+        self.model = family.load(self.weights, train=train, infer=infer, post=post)
+        self.predictor = self.model.as_predictor()
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> pd.DataFrame:
         """Label images written to ``params["out_dir"]``; one summary row per input image."""
         from microseg.io.tiff import write_stack
-        from microseg.models.unet.predict import predict_instances
 
         frame = _frame(model_input, "nuclei")
         out_dir = (params or {}).get("out_dir")
@@ -247,7 +254,7 @@ class NucleiModel(PythonModel):
         for row in frame.to_dict("records"):
             path = _existing(row["path"], "nuclei")
             image = _read_2d(path)
-            labels, _ = predict_instances(self.model, image, self.cfg)
+            labels, _, _ = self.predictor(image)
             labels = np.asarray(labels, dtype=np.uint16)
             target = write_stack(out / f"{path.stem}_labels.tif", labels)
             rows.append(
@@ -366,34 +373,40 @@ def log_spine_model(
 
 def log_nuclei_model(
     name: str,
-    unet_weights: str | Path,
-    infer_config: Any = None,
+    weights: str | Path,
+    infer_config: Mapping[str, Any] | None = None,
     input_example_path: str | Path | None = None,
     registered_model_name: str | None = None,
+    *,
+    family: str = "unet",
+    train: Mapping[str, Any] | None = None,
+    post: Mapping[str, Any] | None = None,
 ) -> ModelInfo:
-    """Log the nuclei U-Net as a pyfunc model in the active run.
+    """Log a trained nuclei model of ``family`` as a pyfunc in the active run.
 
-    ``infer_config``: an :class:`~microseg.infer.instances.InferConfig`, its mapping, or None
-    (defaults); a mapping without ``post`` and None take the checkpoint's post-processing.
-    With ``input_example_path`` MLflow runs the model on it once, writing labels to a temporary
-    folder.
+    ``train``/``infer_config`` are its params sections (``cells.models.<name>``) and ``post``
+    the post-processing chosen on validation (None: the one saved with the weights), so the
+    registered model predicts what ``evaluate_cells`` scored. The model is loaded once here:
+    a bad file fails at logging, not at serving. With ``input_example_path`` MLflow runs it
+    on that image once, writing labels to a temporary folder.
     """
-    from microseg.models.unet import load_unet
-    from microseg.models.unet.predict import InferConfig
+    from microseg.models import get_model
 
     _require_run()
-    _, unet_cfg, post = load_unet(unet_weights)  # a bad file fails here, not at load time
-    if infer_config is None:
-        infer_config = InferConfig(post=post)
-    elif isinstance(infer_config, Mapping):
-        # post-processing not given: the checkpoint's (tuned with the network), not defaults
-        infer_config = InferConfig.from_mapping({"post": post, **infer_config})
-    raw = dataclasses.asdict(infer_config)
-    raw["percentiles"] = list(raw["percentiles"])
+    weights = Path(weights)
+    if not weights.is_file():
+        raise MissingFileError(f"no {family} weights to log", weights)
+    spec = {
+        "family": family,
+        "train": dict(train or {}),
+        "infer": dict(infer_config or {}),
+        "post": dict(post) if post is not None else None,
+    }
+    get_model(family).load(weights, train=spec["train"], infer=spec["infer"], post=spec["post"])
     with tempfile.TemporaryDirectory(prefix="microseg-pyfunc-") as tmp:
-        config = Path(tmp) / "nuclei_infer.json"
-        config.write_text(json.dumps(raw, indent=2) + "\n")
-        artifacts = _files({"unet": unet_weights, "config": config})
+        config = Path(tmp) / "nuclei_model.json"
+        config.write_text(json.dumps(spec, indent=2, default=str) + "\n")
+        artifacts = _files({"weights": weights, "config": config})
         example = None
         if input_example_path is not None:
             frame = pd.DataFrame({"path": [str(Path(input_example_path).resolve())]})
@@ -408,8 +421,7 @@ def log_nuclei_model(
             code_paths=[str(package_dir())],
             metadata={
                 "task": "nuclei",
-                "model_family": "unet",
-                "arch": unet_cfg.arch,
+                "model_family": family,
                 "output_columns": NUCLEI_OUTPUT_COLS,
             },
             registered_model_name=registered_model_name,

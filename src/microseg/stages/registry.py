@@ -89,17 +89,22 @@ def _log_nuclei(params: Params):
 
     name = params.registry.nuclei_model
     mc = cells.model_config(params, name)
-    if mc.family != "unet":
-        raise ConfigError(f"registry.nuclei_model {name!r} must be a unet-family model")
     prepared = params.paths.prepared / params.cells.dataset
     from microseg.stages.common import samples
 
+    # the post-processing evaluate_cells chose on validation: the registered model then
+    # predicts what its metrics measured
+    chosen = cells.REPORTS_ROOT / name / "postprocess.json"
+    post = json.loads(chosen.read_text()) if chosen.is_file() else None
     test = samples(prepared, params.cells.split)
     info = log_nuclei_model(
         "model",
         cells.MODELS_ROOT / name / "best.pt",
         mc.infer,
         input_example_path=test[0].image_path if test else None,
+        family=mc.family,
+        train=mc.train,
+        post=post,
     )
     metrics = _metrics(params.paths.metrics / "cells" / f"{name}.json")
     return info, metrics, mc, params.cells.dataset
