@@ -110,6 +110,7 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     params["cells"]["models"] = {
         "unet": {"family": "unet", "description": "tiny", "train": tiny_unet | {"patch_size": 64}}
     }
+    params["registry"]["nuclei_model"] = "unet"
     (repo_copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _run([str(BIN / "dvc"), "pull", "-q", "data.dvc"], repo_copy)
     _trim_dsb(repo_copy / "data" / "raw" / "dsb2018", keep_every=18)
