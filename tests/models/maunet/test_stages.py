@@ -50,6 +50,7 @@ def toy_params(params):
         "elevation": ["prob", "predicted_distance"],
         "min_size": [5],
     }
+    params.cells.post_grids = {}  # the shared grid above, not params.yaml's MAUNet grid
     train = {"model": {**TINY, "backbones": ["resnet18", "resnet10"]}, "patch_size": 32}
     params.cells.models = {
         "maunet_ensemble": CellModelConfig(
