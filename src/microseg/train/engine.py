@@ -290,6 +290,8 @@ class RunCallback(Callback):
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:
+        # Lightning's weights_only here means "drop the optimizer": a resumable checkpoint
+        # keeps it. Loading it back is torch.load(weights_only=True) (see ``fit`` below).
         trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
         if trainer.is_global_zero:
             self.state.write(self.out_dir / STATE)

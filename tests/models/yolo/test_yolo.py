@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from microseg.errors import ConfigError, MissingFileError, ShapeMismatchError
+from microseg.errors import ConfigError, DataFormatError, MissingFileError, ShapeMismatchError
 from microseg.models import MODELS, ModelFamily, get_model, register_model
 from microseg.models.yolo import (
     YoloSpineDetector,
@@ -18,6 +18,7 @@ from microseg.models.yolo import (
     offline_guards,
     run_state,
 )
+from microseg.models.yolo.runs import network_classes
 from microseg.train.hooks import EarlyStopping, HookBase
 
 
@@ -163,6 +164,26 @@ def test_save_load_round_trip_keeps_weights_and_meta(untrained, tmp_path):
     np.testing.assert_allclose(a, b, atol=1e-2)  # saved in fp16
     with pytest.raises(MissingFileError):
         YoloSpineDetector.load(tmp_path / "none.pt")
+
+
+class _Payload:
+    """Unpickling this calls os.system: what a hostile .pt would do."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_a_checkpoint_naming_other_code_is_refused_before_it_runs(untrained, tmp_path):
+    good = untrained.save(tmp_path / "model.pt")
+    assert {c.__name__ for c in network_classes(good)} >= {"DetectionModel", "Conv2d"}
+    bad = tmp_path / "bad.pt"
+    torch.save({"model": _Payload(), "epoch": 3, "optimizer": {}}, bad)
+    with pytest.raises(DataFormatError, match=r"(os|posix)\.system"):
+        YoloSpineDetector.load(bad)
+    assert run_state(bad) == "unreadable"  # a resume check never runs it either
+    assert not (tmp_path / "pwned").exists() and not Path("pwned").exists()
 
 
 def test_channels_reach_ultralytics_in_bgr_order():

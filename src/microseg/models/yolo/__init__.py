@@ -36,6 +36,7 @@ from microseg.models.yolo.runs import (
     TrainResult,
     _load_ckpt,
     is_resumable,
+    network_classes,
     offline_guards,
     run_state,
     ultralytics_args,
@@ -52,6 +53,7 @@ __all__ = [
     "YoloSpineDetector",
     "is_resumable",
     "native_imgsz",
+    "network_classes",
     "offline_guards",
     "run_state",
     "ultralytics_args",
@@ -139,6 +141,7 @@ class YoloSpineDetector:
         path = Path(weights_path)
         if not path.is_file():
             raise MissingFileError("expected YOLO weights (.pt), found nothing", path)
+        network_classes(path)  # Ultralytics unpickles it: vetted first (see runs.py)
         yolo = YOLO(str(path), task="detect")
         stored = (getattr(yolo, "ckpt", None) or {}).get("microseg") or {}
         return cls(yolo, {**stored, **meta})
@@ -322,8 +325,8 @@ class YoloSpineDetector:
         from microseg.models.yolo.callbacks import val_metrics
 
         weights = best if best.exists() else last
+        ckpt = _load_ckpt(weights)  # vetted before Ultralytics unpickles it
         self.yolo = YOLO(str(weights), task="detect")
-        ckpt = _load_ckpt(weights)
         metrics = val_metrics(ckpt.get("train_metrics"))
         return TrainResult(
             save_dir, best if best.exists() else None, last, metrics, already_finished=True

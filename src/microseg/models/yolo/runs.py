@@ -9,6 +9,13 @@ Offline: Ultralytics would download a font while checking the dataset, the AMP-c
 on CUDA and ask PyPI for updates. :func:`offline_guards` turns these into no-ops while we
 train (plots are off, so no font is needed; AMP is trusted on CUDA and off elsewhere, as
 Ultralytics decides it).
+
+Safety: Ultralytics pickles its whole network into a ``.pt``, and loads it with
+``weights_only=False``. :func:`network_classes` vets a file first with torch's own scanner
+(``get_unsafe_globals_in_checkpoint``): beyond what ``weights_only`` loading allows, it may
+name only ``nn.Module`` classes of torch or Ultralytics (and its argument namespace); nothing
+of it runs while checking. We then load it ourselves with ``weights_only=True`` and those
+classes allowed.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from microseg.errors import ConfigError
+from microseg.errors import ConfigError, DataFormatError
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +60,53 @@ def ultralytics_args() -> set[str]:
     return set(DEFAULT_CFG_DICT)
 
 
+#: where the classes an Ultralytics checkpoint may name live (its network's layers)
+NETWORK_MODULES = ("torch.nn.modules.", "ultralytics.nn.")
+#: plain data containers an interrupted run also pickles (its training arguments)
+DATA_CLASSES = frozenset({"ultralytics.utils.IterableSimpleNamespace"})
+
+
+def network_classes(path: str | Path) -> list[type]:
+    """The network classes ``path`` pickles, after refusing any other global it names.
+
+    Raises :class:`DataFormatError` for a file that is no PyTorch checkpoint or that would
+    call anything beyond torch's ``weights_only`` set, torch/Ultralytics module classes and
+    :data:`DATA_CLASSES`.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as exc:  # not a zip, truncated, not a pickle: several exception types
+        msg = f"not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})"
+        raise DataFormatError(msg, path) from exc
+    classes, refused = [], []
+    for name in sorted(names):
+        module, _, attr = name.rpartition(".")
+        obj = None
+        if name.startswith(NETWORK_MODULES) or name in DATA_CLASSES:
+            with contextlib.suppress(ImportError, AttributeError):
+                obj = getattr(importlib.import_module(module), attr)
+        module_class = isinstance(obj, type) and issubclass(obj, torch.nn.Module)
+        if module_class or (isinstance(obj, type) and name in DATA_CLASSES):
+            classes.append(obj)
+        else:
+            refused.append(name)
+    if refused:
+        raise DataFormatError(
+            "refusing to load: the checkpoint names code beyond a network's layers "
+            f"({', '.join(refused[:5])}); only torch/Ultralytics nn.Module classes are allowed",
+            path,
+        )
+    return classes
+
+
 def _load_ckpt(path: Path) -> dict[str, Any]:
     import torch
 
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(network_classes(path)):
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(ckpt, dict):
         raise ConfigError(
             f"expected an Ultralytics checkpoint dict, found {type(ckpt).__name__}", path
