@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 TARGETS_ROOT = Path("data/targets")
 MODELS_ROOT = Path("models/cells")
 REPORTS_ROOT = Path("reports/cells")
+#: the post-processing ``evaluate_cells`` chose on validation, in ``REPORTS_ROOT/<name>/``
+POSTPROCESS_FILE = "postprocess.json"
 BENCHMARK_DIR = Path("reports/benchmark")
 INFO_NAME = "train_info.json"
 
@@ -170,6 +172,13 @@ def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any]
     return asdict(chosen)
 
 
+def chosen_postprocess(name: str) -> dict[str, Any] | None:
+    """What :func:`tune_postprocess` chose for model ``name`` (None before its evaluation, or
+    for a family without a search): what a packaged model must predict with."""
+    path = REPORTS_ROOT / name / POSTPROCESS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def post_grid_for(params: Params, family: str) -> dict[str, list[Any]]:
     """``cells.post_grids[family]`` when the family has its own grid, else ``cells.post_grid``."""
     from microseg.models import MODELS
@@ -244,7 +253,7 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
         metrics = {**evaluation.summary, **coco_metrics(coco)}
         metrics["predict_seconds_per_image"] = seconds / len(samples)
         if post is not None:
-            (tmp / "postprocess.json").write_text(json.dumps(post, indent=2))
+            (tmp / POSTPROCESS_FILE).write_text(json.dumps(post, indent=2))
         errors = error_table(
             [(s.image_id, s.gt, s.pred) for s in samples],
             threshold=params.cells.iou_thresholds[0],

@@ -92,10 +92,6 @@ def _log_nuclei(params: Params):
     prepared = params.paths.prepared / params.cells.dataset
     from microseg.stages.common import samples
 
-    # the post-processing evaluate_cells chose on validation: the registered model then
-    # predicts what its metrics measured
-    chosen = cells.REPORTS_ROOT / name / "postprocess.json"
-    post = json.loads(chosen.read_text()) if chosen.is_file() else None
     test = samples(prepared, params.cells.split)
     info = log_nuclei_model(
         "model",
@@ -104,7 +100,7 @@ def _log_nuclei(params: Params):
         input_example_path=test[0].image_path if test else None,
         family=mc.family,
         train=mc.train,
-        post=post,
+        post=cells.chosen_postprocess(name),  # predicts what its metrics measured
     )
     metrics = _metrics(params.paths.metrics / "cells" / f"{name}.json")
     return info, metrics, mc, params.cells.dataset

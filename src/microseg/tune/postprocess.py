@@ -86,16 +86,12 @@ def _score_all(
         return _score_chunk(probs, gts, cfgs, threshold)
     from joblib import Parallel, delayed
 
-    n_chunks = min(len(cfgs), 4 * workers)
-    chunks = [cfgs[i::n_chunks] for i in range(n_chunks)]
+    size = -(-len(cfgs) // (4 * workers))  # about 4 chunks per worker, in grid order
+    chunks = [cfgs[i : i + size] for i in range(0, len(cfgs), size)]
     parts = Parallel(n_jobs=workers, backend="loky")(
         delayed(_score_chunk)(list(probs), list(gts), chunk, threshold) for chunk in chunks
     )
-    scores: list[tuple[float, int, int, int]] = [(0.0, 0, 0, 0)] * len(cfgs)
-    for i, part in enumerate(parts):
-        for j, score in enumerate(part):
-            scores[i + j * n_chunks] = score
-    return scores
+    return [score for part in parts for score in part]  # joblib keeps the order
 
 
 def search_postprocess(
