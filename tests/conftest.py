@@ -28,6 +28,38 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
+def _tensors(obj: object, prefix: str = "") -> dict[str, object]:
+    """Every tensor of a nested checkpoint (dicts, lists), keyed by its path."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    if not isinstance(obj, dict | list | tuple):
+        return {}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+    out: dict[str, object] = {}
+    for k, v in items:
+        out |= _tensors(v, f"{prefix}/{k}")
+    return out
+
+
+@pytest.fixture()
+def same_weights():
+    """``check(a, b)``: two weight files hold the same tensors, bit for bit (issue 16's
+    "same machine, same inputs, same weights"); returns how many tensors were compared."""
+    import torch
+
+    def check(a: Path, b: Path) -> int:
+        ta = _tensors(torch.load(a, map_location="cpu", weights_only=True))
+        tb = _tensors(torch.load(b, map_location="cpu", weights_only=True))
+        assert ta and ta.keys() == tb.keys()
+        differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not differ, f"{len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
+        return len(ta)
+
+    return check
+
+
 @pytest.fixture()
 def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Repo params with every output path and the MLflow store inside ``tmp_path``."""

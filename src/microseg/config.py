@@ -366,6 +366,8 @@ class EngineParams(_Strict):
     strategy: str = "auto"
     #: auto: bf16-mixed on a GPU that has it, 16-mixed on older GPUs, 32-true on CPU/MPS
     precision: str = "auto"
+    #: torch's deterministic algorithms: warn (use them, warn where an op has none) | true | false
+    deterministic: bool | Literal["warn"] = "warn"
 
     def train_section(self, section: dict[str, Any]) -> dict[str, Any]:
         """A family's ``train`` section with these keys as defaults."""

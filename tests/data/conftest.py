@@ -27,6 +27,11 @@ def tiny_spines_cfg() -> SynthSpinesConfig:
 
 
 @pytest.fixture(scope="session")
+def tiny_tracking_cfg() -> SynthTrackingConfig:
+    return TINY_TRACKING
+
+
+@pytest.fixture(scope="session")
 def tiny_spines_master(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_spines(TINY_SPINES, tmp_path_factory.mktemp("synth") / "spines")
 

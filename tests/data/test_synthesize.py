@@ -4,8 +4,8 @@ from pathlib import Path
 
 import flammkuchen as fl
 
-from microseg.config import SynthSpinesConfig
-from microseg.data.synthesize import write_spines
+from microseg.config import SynthSpinesConfig, SynthTrackingConfig
+from microseg.data.synthesize import write_spines, write_tracking
 from microseg.io import ctc, points, tiff
 
 
@@ -57,3 +57,16 @@ def test_tracking_layout(tiny_tracking_master: Path) -> None:
         "03",
         "03_GT",
     ]
+
+
+def test_tracking_files_are_byte_identical_for_a_seed(
+    tiny_tracking_master: Path, tiny_tracking_cfg: SynthTrackingConfig, tmp_path: Path
+) -> None:
+    """The CTC sequences (TIFFs and track files) are the same bytes in another folder and a
+    second later; another seed changes them."""
+    time.sleep(1.1)
+    again = write_tracking(tiny_tracking_cfg, tmp_path / "again")
+    assert _digest(again) == _digest(tiny_tracking_master)
+    assert any(k.endswith(".tif") for k in _digest(again))
+    other = write_tracking(tiny_tracking_cfg.model_copy(update={"seed": 12}), tmp_path / "other")
+    assert _digest(other) != _digest(again)

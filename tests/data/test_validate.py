@@ -6,8 +6,11 @@ validation on a copy of one shared, hand-made 150-row manifest.
 
 from __future__ import annotations
 
+import datetime
+import hashlib
 import json
 import socket
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -135,6 +138,32 @@ def test_good_manifest_passes_and_writes_json_and_data_docs(
     assert (report_dir / DOCS_DIR / "static" / "images" / "favicon.ico").is_file()
     # atomic write: only the finished report folder is left, no temporary siblings
     assert sorted(p.name for p in report_dir.parent.iterdir()) == ["toy"]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_same_manifest_same_report_bytes(good: pd.DataFrame, tmp_path: Path) -> None:
+    """Another folder, another second: the same files, byte for byte (no GE run time, load
+    time or uuid4 left), so DVC hashes one report on every machine."""
+    first = validate_manifest(good, CFG, SPLIT, tmp_path / "a" / "toy", "toy")
+    time.sleep(1.1)
+    second = validate_manifest(good, CFG, SPLIT, tmp_path / "b" / "toy", "toy")
+    digest = _digest(tmp_path / "a" / "toy")
+    assert digest == _digest(tmp_path / "b" / "toy")
+    assert len(digest) >= 4 and first.seconds > 0 and second.seconds > 0
+    text = first.json_path.read_text() + first.html_path.read_text()
+    assert str(datetime.date.today().year) not in text.replace("2000-01-01", "")
+    # a different manifest is a different report
+    other = good.copy()
+    other.loc[3, "intensity_max"] = 999.0
+    validate_manifest(other, CFG, SPLIT, tmp_path / "c" / "toy", "toy")
+    assert _digest(tmp_path / "c" / "toy") != digest
 
 
 def test_validate_dataset_reads_the_prepared_manifest(good: pd.DataFrame, tmp_path: Path) -> None:

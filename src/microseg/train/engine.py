@@ -82,6 +82,9 @@ class EngineConfig:
     strategy: str = "auto"
     #: auto: bf16-mixed on a GPU that supports it, 16-mixed on other GPUs, 32-true elsewhere
     precision: str = "auto"
+    #: torch's deterministic algorithms (Lightning's ``deterministic``): ``warn`` uses them and
+    #: warns where an op has none (some CUDA kernels); False lets cuDNN pick the fastest
+    deterministic: bool | str = "warn"
     num_threads: int | None = None
     progress: bool = True
 
@@ -95,6 +98,7 @@ class EngineConfig:
             "num_nodes": self.num_nodes >= 1,
             "precision": str(self.precision) in PRECISIONS,
             "devices": self.devices == "auto" or int(self.devices) >= 1,
+            "deterministic": self.deterministic in (True, False, "warn"),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -348,6 +352,7 @@ def build_trainer(
         num_nodes=cfg.num_nodes,
         strategy=cfg.strategy,
         precision=resolve_precision(cfg.precision, accelerator),
+        deterministic=cfg.deterministic,
         max_epochs=cfg.epochs,
         limit_train_batches=cfg.steps_per_epoch,
         check_val_every_n_epoch=cfg.val_every,

@@ -133,3 +133,19 @@ def test_facade_train_section(tmp_path: Path, tiny_targets: Path) -> None:
     }
     result = get_model("lstmunet").train(tiny_targets, tmp_path / "f", section)
     assert result.epochs_completed == 1 and (tmp_path / "f" / "best.pt").is_file()
+
+
+def test_same_seed_same_weights(tmp_path: Path, tiny_targets: Path, same_weights) -> None:
+    """Two runs on the same sequences and config end with the same tensors (issue 16)."""
+    section = {
+        "model": {"features": [8, 16]},
+        "window": 2,
+        "patch_size": 32,
+        "batch_size": 2,
+        "epochs": 2,
+        "steps_per_epoch": 2,
+        "device": "cpu",
+    }
+    a = get_model("lstmunet").train(tiny_targets, tmp_path / "a", section)
+    b = get_model("lstmunet").train(tiny_targets, tmp_path / "b", section)
+    assert same_weights(a.best_path, b.best_path) > 10

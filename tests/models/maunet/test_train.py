@@ -234,3 +234,12 @@ def test_family_trains_an_ensemble_and_predicts_through_the_registry(toy_targets
     changed = [k for k, v in fresh.state_dict().items() if not torch.equal(v, trained[k])]
     assert any(k.startswith("members.0.") for k in changed)
     assert any(k.startswith("members.1.") for k in changed)
+
+
+def test_same_seed_same_weights(toy_targets, tmp_path, same_weights):
+    """Two runs on the same data and config end with the same tensors (issue 16)."""
+    train = {"model": TINY_MODEL, "patch_size": 32, "batch_size": 2, "epochs": 2}
+    train["steps_per_epoch"] = 3
+    a = get_model("maunet").train(toy_targets, tmp_path / "a", train)
+    b = get_model("maunet").train(toy_targets, tmp_path / "b", train)
+    assert same_weights(a.best_path, b.best_path) > 10

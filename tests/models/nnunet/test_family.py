@@ -98,3 +98,9 @@ def test_a_unet_model_file_is_not_an_nnunet_one(tmp_path: Path):
     with pytest.raises(DataFormatError, match="no nnunet plan"):
         NnunetSegmenter.load(path)
     assert torch.load(path, weights_only=True)["format"] == "microseg.unet/1"
+
+
+def test_same_seed_same_weights(trained: Path, toy_targets: Path, tmp_path, same_weights):
+    """A second run of the same plan and config ends with the module fixture's tensors."""
+    again = get_model("nnunet").train(toy_targets, tmp_path / "again", TINY)
+    assert same_weights(trained / "best.pt", again.best_path) > 10

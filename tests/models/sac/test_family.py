@@ -139,3 +139,11 @@ def test_train_keys_are_checked_like_the_unet_family():
     SacSegmenter.check_train_keys(["lr", "model.options", "patch_size"])
     with pytest.raises(ConfigError, match="unknown SacSegmenter training knob"):
         SacSegmenter.check_train_keys(["model.encoder_depth"])
+
+
+def test_same_seed_same_weights(toy_targets, tmp_path, same_weights):
+    """Two SwinUNETR runs on the same data and config end with the same tensors (issue 16)."""
+    section = train_section(TINY_SWIN, patch_size=64, epochs=1)
+    a = SacSegmenter.train(toy_targets, tmp_path / "a", section)
+    b = SacSegmenter.train(toy_targets, tmp_path / "b", section)
+    assert same_weights(a.best_path, b.best_path) > 10

@@ -309,3 +309,15 @@ def test_train_rejects_unknown_and_managed_arguments(tmp_path):
         det.fit(data, tmp_path, extra={"project": "x"}, **TINY)
     with pytest.raises(MissingFileError):
         det.fit(tmp_path / "none.yaml", tmp_path, **TINY)
+
+
+def test_same_seed_same_weights(trained, tmp_path):
+    """A second run of the same data and arguments ends with the same tensors (issue 16):
+    Ultralytics seeds torch, NumPy and random and runs deterministic algorithms (its
+    ``deterministic=True``), and our loader has one worker."""
+    _, result, _, data, _ = trained
+    again = YoloSpineDetector.build("n").fit(data, tmp_path / "runs", epochs=2, patience=50, **TINY)
+    a = YoloSpineDetector.load(result.last).yolo.model.state_dict()
+    b = YoloSpineDetector.load(again.last).yolo.model.state_dict()
+    assert a.keys() == b.keys() and len(a) > 100
+    assert all(torch.equal(a[k], b[k]) for k in a)
