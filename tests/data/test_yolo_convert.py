@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -130,7 +131,12 @@ def test_convert_writes_an_ultralytics_dataset(d3_pair, tmp_path):
     data_yaml = convert_d3set_to_yolo(*d3_pair, out, min_box_px=5, box="component")
     assert data_yaml == out / DATA_YAML
     spec = yaml.safe_load(data_yaml.read_text())
-    assert spec["path"] == str(out.resolve())  # the final folder, not the temporary one
+    assert "path" not in spec  # the same bytes wherever the folder is
+    from ultralytics.data.utils import check_det_dataset
+
+    resolved = check_det_dataset(str(data_yaml.resolve()), autodownload=False)
+    assert Path(resolved["path"]) == out.resolve()  # Ultralytics roots it at the yaml's folder
+    assert Path(resolved["train"]) == out.resolve() / "images" / "train"
     assert (spec["train"], spec["val"], spec["names"]) == (
         "images/train",
         "images/val",

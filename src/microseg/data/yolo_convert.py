@@ -4,7 +4,7 @@ Layout written (the whole folder atomically: built in a temporary sibling, then 
 
     <out_dir>/images/{train,val}/<stack>_z<zzz>.png   uint8, per-stack percentile normalised
     <out_dir>/labels/{train,val}/<stack>_z<zzz>.txt   one "0 cx cy w h" line per spine box
-    <out_dir>/spine_detection.yaml                    absolute ``path``, train/val, names
+    <out_dir>/spine_detection.yaml                    train/val, names (root: its folder)
     <out_dir>/convert_summary.json                    options and per-split statistics
 
 ``<stack>`` is the d3set key (``x0``, ``x1``, ...). ``channels="single"`` writes greyscale
@@ -262,11 +262,15 @@ def _convert_split(
             )
 
 
-def data_yaml_text(root: Path) -> str:
-    """The Ultralytics dataset file for a converted folder at ``root`` (absolute path)."""
+def data_yaml_text() -> str:
+    """The Ultralytics dataset file for a converted folder at ``root``.
+
+    No ``path:`` key: Ultralytics then takes the folder of the yaml (given as an absolute
+    path) as the root, so the file's bytes -- a DVC output -- are the same on every machine.
+    """
     return (
         "# Ultralytics detection dataset written by microseg.data.yolo_convert\n"
-        f"path: {Path(root).resolve()}\n"
+        "# root: the folder of this file (pass its absolute path to Ultralytics)\n"
         "train: images/train\n"
         "val: images/val\n"
         "nc: 1\n"
@@ -332,7 +336,7 @@ def convert_d3set_to_yolo(
                 box=box,
                 rng=rng,
             )
-        (tmp / DATA_YAML).write_text(data_yaml_text(out_dir))
+        (tmp / DATA_YAML).write_text(data_yaml_text())
         summary = {
             "train_d3set": str(Path(train_d3set).resolve()),
             "val_d3set": str(Path(val_d3set).resolve()),

@@ -40,6 +40,8 @@ REPORTS_ROOT = Path("reports/cells")
 POSTPROCESS_FILE = "postprocess.json"
 BENCHMARK_DIR = Path("reports/benchmark")
 INFO_NAME = "train_info.json"
+#: what evaluation measures in seconds: logged to MLflow, kept out of the DVC metrics file
+TIMED = ("predict_seconds_per_image",)
 
 
 def targets_dir(params: Params) -> Path:
@@ -90,7 +92,8 @@ def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
     # the run's own training time (a resumed run adds up its pieces) when the loop reports it
     seconds = float(out.get("seconds") or wall)
     n_params = count_parameters(out_dir / "best.pt")
-    info = {"seconds": seconds, "n_params": n_params, "family": mc.family}
+    # no seconds here: train_info.json is hashed by DVC (times: timing.json and MLflow)
+    info: dict[str, Any] = {"n_params": n_params, "family": mc.family}
     encoder = out_dir / "encoder.json"  # families that say which encoder ran (sac)
     if encoder.is_file():
         info |= {k: v for k, v in json.loads(encoder.read_text()).items() if k == "encoder"}
@@ -109,6 +112,17 @@ def train_unet_model(
         "epochs": result.epochs_completed,
         "seconds": result.seconds,
     }
+
+
+def train_seconds(model_dir: Path) -> float | None:
+    """The training time the engine recorded in ``model_dir/timing.json`` (None without)."""
+    from microseg.train.engine import TIMING
+
+    path = model_dir / TIMING
+    try:
+        return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def count_parameters(weights: Path) -> int | None:
@@ -277,7 +291,10 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
         write_coco(tmp / "coco_gt.json", data.gt)
         write_coco(tmp / "coco_results.json", data.results)
     out = {k: _num(v) for k, v in metrics.items()} | {"profile": params.profile}
-    write_json(metrics_file(params, f"cells/{name}"), out)
+    # the DVC metrics file holds scores only: a time would differ on every run (MLflow has it)
+    write_json(
+        metrics_file(params, f"cells/{name}"), {k: v for k, v in out.items() if k not in TIMED}
+    )
     return out
 
 
@@ -312,6 +329,7 @@ def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Pa
         rel = folder / "reliability.csv"
         info_path = MODELS_ROOT / name / INFO_NAME
         info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+        info["seconds"] = train_seconds(MODELS_ROOT / name)
         evaluation = InstanceEvaluation(
             per_image,
             metrics,

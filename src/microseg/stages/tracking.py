@@ -100,9 +100,8 @@ def train_tracking_seg(params: Params, name: str, hooks=None) -> dict[str, Any]:
     result = family.train(targets, model_dir, params.engine.train_section(sc.train), hooks)
     seconds = float(result.seconds or time.perf_counter() - start)
     n_params = count_parameters(model_dir / "best.pt")
-    write_json(
-        model_dir / INFO_NAME, {"seconds": seconds, "n_params": n_params, "family": sc.family}
-    )
+    # no seconds in the hashed info file (times: timing.json and the MLflow run)
+    write_json(model_dir / INFO_NAME, {"n_params": n_params, "family": sc.family})
     return {
         "best": result.best,
         "best_epoch": result.best_epoch,

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from microseg.errors import DataFormatError
-from microseg.utils.atomic import atomic_path
+from microseg.utils.atomic import write_torch
 
 
 def load_checkpoint(path: Path, fmt: str, key: str = "format") -> dict[str, Any]:
@@ -35,5 +35,4 @@ def load_checkpoint(path: Path, fmt: str, key: str = "format") -> dict[str, Any]
 
 
 def save_checkpoint(path: Path, payload: Mapping[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(dict(payload), tmp)
+    write_torch(path, dict(payload))

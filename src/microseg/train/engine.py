@@ -46,7 +46,7 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
 from microseg.errors import ConfigError
 from microseg.train.family import FamilyModule
 from microseg.train.hooks import HookBase, should_stop
-from microseg.utils.atomic import atomic_path
+from microseg.utils.atomic import atomic_path, write_torch
 from microseg.utils.devices import auto_device, check_device, lightning_devices
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ warnings.filterwarnings(
 LAST = "last.ckpt"
 BEST = "best.pt"
 STATE = "train_state.json"
+#: wall-clock times of a run (total, per epoch); ``.dvcignore`` keeps them out of DVC hashes
+TIMING = "timing.json"
+_TIME_SUFFIX = "_seconds"
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
@@ -147,8 +150,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None
     ) -> None:
-        with atomic_path(Path(path)) as tmp:
-            torch.save(checkpoint, tmp)
+        write_torch(path, checkpoint)
 
 
 @dataclass
@@ -186,14 +188,44 @@ class TrainState:
             return None
         try:
             data = json.loads(path.read_text())
-            return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+            state = cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except (ValueError, TypeError) as exc:
             msg = f"unreadable training state ({exc}); delete it to start over"
             raise ConfigError(msg, path) from exc
+        state.add_timing(path.parent / TIMING)
+        return state
+
+    def timeless(self) -> dict[str, Any]:
+        """The state without wall-clock times: what ``train_state.json`` and ``last.ckpt``
+        hold, so the same training writes the same bytes (times: ``timing.json``, MLflow)."""
+        data = asdict(self)
+        data.pop("seconds")
+        data["history"] = [
+            {k: v for k, v in h.items() if not k.endswith(_TIME_SUFFIX)} for h in self.history
+        ]
+        return data
+
+    def add_timing(self, path: Path) -> None:
+        """Put the times of ``timing.json`` (when there is one) back into the history."""
+        try:
+            timing = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            timing = {}  # times are a record, not state: an unreadable file costs nothing
+        self.seconds = float(timing.get("seconds", self.seconds))
+        epochs = {int(e.get("epoch", -1)): e for e in timing.get("epochs", [])}
+        for h in self.history:
+            times = epochs.get(int(h.get("epoch", -1)), {})
+            h.update({k: float(v) for k, v in times.items() if k.endswith(_TIME_SUFFIX)})
 
     def write(self, path: Path) -> None:
         with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(asdict(self), indent=1, default=float))
+            Path(tmp).write_text(json.dumps(self.timeless(), indent=1, default=float))
+        epochs = [
+            {"epoch": h.get("epoch"), **{k: v for k, v in h.items() if k.endswith(_TIME_SUFFIX)}}
+            for h in self.history
+        ]
+        with atomic_path(path.parent / TIMING) as tmp:
+            Path(tmp).write_text(json.dumps({"seconds": self.seconds, "epochs": epochs}, indent=1))
 
 
 def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
@@ -219,11 +251,12 @@ class RunCallback(Callback):
 
     # -- Lightning's callback state travels inside last.ckpt ----------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"state": json.dumps(asdict(self.state), default=float)}
+        return {"state": json.dumps(self.state.timeless(), default=float)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         data = json.loads(state_dict["state"])
         self.state = TrainState(**data)
+        self.state.add_timing(self.out_dir / TIMING)
         self._seconds_before = self.state.seconds
 
     # -- events ------------------------------------------------------------------------
@@ -413,7 +446,7 @@ def fit(
     config = dict(model_config or {})
     state = TrainState.read(out_dir / STATE) if resume and last.is_file() else None
     if not resume:
-        for name in (LAST, STATE, BEST):
+        for name in (LAST, STATE, BEST, TIMING):
             (out_dir / name).unlink(missing_ok=True)
     if state is not None:
         if state.model_config and config and state.model_config != config:

@@ -20,7 +20,7 @@ import torch
 
 from microseg.errors import ConfigError, DataFormatError
 from microseg.train.schedules import warmup_cosine
-from microseg.utils.atomic import atomic_path
+from microseg.utils.atomic import write_torch
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -96,8 +96,7 @@ class FamilyModule(L.LightningModule):
             "model": self.state_dict(),
             "metrics": {k: float(v) for k, v in metrics.items()},
         }
-        with atomic_path(Path(path)) as tmp:
-            torch.save(payload, tmp)
+        write_torch(path, payload)
 
     def flat_config(self) -> dict[str, Any]:
         """The flat training config, for ``HookBase.before_train`` (logged as params)."""

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -51,3 +52,19 @@ def write_bytes(path: str | Path, data: bytes) -> None:
     """Atomically write a binary file."""
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+def write_torch(path: str | Path, obj: Any) -> None:
+    """``torch.save(obj)`` to ``path`` atomically, with the same bytes for the same ``obj``.
+
+    torch names the folder inside its zip archive after the file it writes to; saving to the
+    temporary file of :func:`atomic_path` would put that random name into the bytes (and into
+    every DVC hash). Serialised in memory the archive is always named ``archive``.
+    """
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())

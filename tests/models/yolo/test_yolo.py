@@ -225,7 +225,7 @@ def trained(tmp_path_factory):
 
 
 def test_training_writes_checkpoints_and_drives_hooks(trained):
-    det, result, rec, _, root = trained
+    det, result, rec, data, root = trained
     assert result.save_dir == (root / "runs" / "train").resolve()
     assert result.last.is_file() and result.best is not None and result.best.is_file()
     assert not is_resumable(result.last)  # finished: optimizer stripped
@@ -244,6 +244,7 @@ def test_training_writes_checkpoints_and_drives_hooks(trained):
     best, best_path = rec.named("after_train")[0][1:]
     assert best_path == result.best and "fitness" in best and best["best_epoch"] in (0.0, 1.0)
     assert det.yolo.trainer.amp is False  # no autocast on CPU (Ultralytics' own rule)
+    assert not list(data.parent.rglob("*.cache"))  # the dataset is left as it was
     # the detector now holds the trained weights
     out = det.predict([np.zeros((64, 64), np.uint8)], conf=0.01)
     assert len(out) == 1

@@ -33,7 +33,7 @@ from torch import nn
 
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.infer.watershed import PostprocessConfig
-from microseg.utils.atomic import atomic_path
+from microseg.utils.atomic import write_torch
 from microseg.utils.fields import known_fields
 
 MODEL_FORMAT = "microseg.lstmunet/1"
@@ -204,8 +204,7 @@ def save_lstmunet(
         "model": model.state_dict(),
         **dict(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
     return Path(path)
 
 

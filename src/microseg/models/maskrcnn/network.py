@@ -41,7 +41,7 @@ from microseg.models.maskrcnn.config import (
     detectron2_available,
     resolve_engine,
 )
-from microseg.utils.atomic import atomic_path
+from microseg.utils.atomic import write_torch
 from microseg.utils.devices import resolve_device
 
 log = logging.getLogger(__name__)
@@ -255,8 +255,7 @@ def save_maskrcnn(
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         **dict(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
     return Path(path)
 
 

@@ -41,7 +41,7 @@ from torch import nn
 from torch.distributions import Independent, Normal, kl_divergence
 
 from microseg.errors import DataFormatError, MissingFileError
-from microseg.utils.atomic import atomic_path
+from microseg.utils.atomic import write_torch
 
 log = logging.getLogger(__name__)
 
@@ -381,8 +381,7 @@ def save_punet(model: ProbUNet, path: str | Path, extra: Mapping[str, Any] | Non
         "model": model.state_dict(),
         **dict(extra or {}),
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    write_torch(path, payload)
     return path
 
 

@@ -297,8 +297,13 @@ class YoloSpineDetector:
         disable_ultralytics_mlflow(model)
         if hooks is not None:
             attach_hooks(model, hooks)
-        with offline_guards():
-            model.train(**args)
+        caches_before = set(data_yaml.parent.rglob("*.cache"))
+        try:
+            with offline_guards():
+                model.train(**args)
+        finally:  # Ultralytics caches its label scan inside the dataset (a DVC output)
+            for cache in set(data_yaml.parent.rglob("*.cache")) - caches_before:
+                cache.unlink(missing_ok=True)
         self.yolo = model
         metrics = {}
         trainer = getattr(model, "trainer", None)
