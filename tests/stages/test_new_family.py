@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import ndimage
@@ -200,3 +201,34 @@ def test_a_registered_family_is_a_training_study_target(toy_dataset, tmp_path):
     for n in (0, 1):
         assert (tuning.WORK_DIR / "toy" / f"trial_{n}" / "best.pt").is_file()
     assert tuning.metrics_path(params, "toy").is_file()
+
+
+def test_the_seed_spread_trains_other_seeds_and_reads_the_demo_one(toy_dataset):
+    """``microseg seeds``: the demo's seed read from its evaluation, the others trained into
+    models/seeds and scored the same way; the spread and the paired differences summed up."""
+    from microseg.stages import seeds
+
+    params = toy_dataset
+    params.seeds = {"models": ["toy"], "seeds": [1, 5], "baseline": "otsu"}
+    cells.prepare_targets_stage(params)
+    cells.train_cell_model(params, "toy")
+    demo = cells.evaluate_cell_model(params, "toy")
+    cells.evaluate_cell_model(params, "otsu")
+    result = seeds.run_seeds(params, jobs=1)
+    row = result.metrics["models"]["toy"]
+    assert row["seeds"] == [1, 5]
+    assert not (seeds.SEEDS_MODELS / "toy" / "seed1").exists()  # the demo's run, not retrained
+    assert (seeds.SEEDS_MODELS / "toy" / "seed5" / "best.pt").is_file()
+    per_image = seeds.SEEDS_REPORTS / "toy" / "seed5" / "per_image.csv"
+    assert per_image.is_file()
+    demo_rows = pd.read_csv(cells.REPORTS_ROOT / "toy" / "per_image.csv")
+    assert row["groups"]["all"]["per_seed"][0] == round(demo_rows["f1_50"].mean(), 4)
+    assert demo["n_images"] == 2
+    a = row["groups"]["all"]
+    assert len(a["per_seed"]) == 2 and a["sd"] >= 0
+    assert a["mean"] == pytest.approx(sum(a["per_seed"]) / 2, abs=1e-4)
+    assert (params.paths.metrics / seeds.METRICS_NAME).is_file()
+    # a second call reads what is there: nothing is trained again
+    before = (seeds.SEEDS_MODELS / "toy" / "seed5" / "best.pt").stat().st_mtime_ns
+    assert seeds.run_seeds(params, jobs=1).metrics["models"] == result.metrics["models"]
+    assert (seeds.SEEDS_MODELS / "toy" / "seed5" / "best.pt").stat().st_mtime_ns == before

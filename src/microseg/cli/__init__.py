@@ -43,6 +43,7 @@ COMMANDS = (
     ("compare-spines", evaluation.compare_spines),
     ("uncertainty", evaluation.uncertainty),
     ("inter-rater", evaluation.inter_rater),
+    ("seeds", evaluation.seeds),
     ("visualize", prediction.visualize),
     ("register", registry.register),
     ("promote", registry.promote),

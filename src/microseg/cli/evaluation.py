@@ -1,5 +1,5 @@
 """Evaluation commands: ``report``, ``track``, ``evaluate``, ``compare-spines``,
-``uncertainty`` and ``inter-rater``."""
+``uncertainty``, ``inter-rater`` and ``seeds``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,24 @@ def report(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 
     result = evaluation.run_report(load(params_path, set_))
     typer.echo(f"benchmark report: {result.out.resolve()}")
+
+
+def seeds(
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="runs at a time (1 core each)")] = 2,
+) -> None:
+    """Seed spread of the nuclei models (params `seeds`): train and score each seed like
+    evaluate_cells; metrics/seeds.json (mean and sd of F1@0.5 over seeds)."""
+    from microseg.stages import seeds as stage
+
+    result = stage.run_seeds(load(params_path, set_), jobs=jobs)
+    for name, row in result.metrics["models"].items():
+        a, d = row["groups"]["all"], row["diff_to_baseline"]
+        typer.echo(
+            f"{name:<10} F1@0.5 {a['mean']:.3f} ± {a['sd']:.3f} over seeds {row['seeds']}; "
+            f"minus {result.metrics['baseline']} {d['mean']:+.3f} ± {d['sd']:.3f}"
+        )
 
 
 def track(

@@ -72,13 +72,16 @@ def prepare_targets_stage(params: Params, out_dir: Path | None = None) -> dict[s
 
 
 # ------------------------------------------------------------------------------- training
-def train_cell_model(params: Params, name: str, hooks=None) -> dict[str, Any]:
-    """Train one model of ``cells.models`` through its registered family."""
+def train_cell_model(
+    params: Params, name: str, hooks=None, out_dir: Path | None = None
+) -> dict[str, Any]:
+    """Train one model of ``cells.models`` through its registered family (into
+    ``models/cells/<name>`` unless ``out_dir`` says otherwise, e.g. a seed-spread run)."""
     mc = model_config(params, name)
     family = get_model(mc.family)
     if not getattr(family, "trainable", True):
         raise ConfigError(f"cells model {name!r} ({mc.family}) has nothing to train")
-    out_dir = MODELS_ROOT / name
+    out_dir = out_dir or MODELS_ROOT / name
     start = time.perf_counter()
     train = params.engine.train_section(mc.train)
     result = family.train(targets_dir(params), out_dir, train, hooks)
@@ -154,7 +157,9 @@ def load_model(
     return family.load(weights, train=mc.train, infer=mc.infer, post=post)
 
 
-def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any] | None:
+def tune_postprocess(
+    params: Params, name: str, out_dir: Path, model_dir: Path | None = None
+) -> dict[str, Any] | None:
     """Post-processing thresholds chosen on the validation split (``cells.post_grid``), for
     families that expose probabilities; the table goes to ``out_dir/postprocess_search.csv``.
     None when the grid is empty or the family has no probability map to search on."""
@@ -164,7 +169,7 @@ def tune_postprocess(params: Params, name: str, out_dir: Path) -> dict[str, Any]
     grid = post_grid_for(params, mc.family)
     if not grid:
         return None
-    model = load_model(mc, MODELS_ROOT / name)
+    model = load_model(mc, model_dir or MODELS_ROOT / name)
     if not hasattr(model, "probabilities"):
         return None
     prepared = params.paths.prepared / params.cells.dataset
@@ -234,9 +239,16 @@ def _rows(params: Params) -> pd.DataFrame:
     return rows if params.cells.max_images is None else rows.head(params.cells.max_images)
 
 
-def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) -> dict[str, Any]:
+def evaluate_cell_model(
+    params: Params,
+    name: str,
+    out_dir: Path | None = None,
+    model_dir: Path | None = None,
+    write_metrics: bool = True,
+) -> dict[str, Any]:
     """Predict the held-out split with one model; write predictions, tables and metrics
-    (``metrics/cells/<name>.json``)."""
+    (``metrics/cells/<name>.json`` unless ``write_metrics`` is False). ``model_dir``: weights
+    other than ``models/cells/<name>`` (a seed-spread run)."""
     from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
     from microseg.evaluate.errors_analysis import error_table
     from microseg.evaluate.instances import InstanceSample, evaluate_instances
@@ -249,8 +261,9 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
     samples, objects, seconds = [], [], 0.0
     rows = _rows(params)
     with atomic_path(out_dir) as tmp:
-        post = tune_postprocess(params, name, tmp)
-        predictor = load_predictor(mc, MODELS_ROOT / name, post=post)
+        model_dir = model_dir or MODELS_ROOT / name
+        post = tune_postprocess(params, name, tmp, model_dir)
+        predictor = load_predictor(mc, model_dir, post=post)
         for row in tqdm(rows.itertuples(), total=len(rows), desc=f"evaluate {name}"):
             sid = str(row.sample_id)
             image = read_stack(prepared / row.image_path)
@@ -292,9 +305,9 @@ def evaluate_cell_model(params: Params, name: str, out_dir: Path | None = None) 
         write_coco(tmp / "coco_results.json", data.results)
     out = {k: _num(v) for k, v in metrics.items()} | {"profile": params.profile}
     # the DVC metrics file holds scores only: a time would differ on every run (MLflow has it)
-    write_json(
-        metrics_file(params, f"cells/{name}"), {k: v for k, v in out.items() if k not in TIMED}
-    )
+    if write_metrics:
+        scores = {k: v for k, v in out.items() if k not in TIMED}
+        write_json(metrics_file(params, f"cells/{name}"), scores)
     return out
 
 
