@@ -213,6 +213,27 @@ def test_strict_run_exits_non_zero_and_stale_outputs_go(env, spine_dir, tmp_path
     assert not (out / "b").exists() and (out / "a" / "predictions.csv").is_file()
 
 
+def test_the_same_run_writes_the_same_bytes(env, spine_dir, tmp_path) -> None:
+    """The report folder is a DVC output: a second run of the same model on the same files,
+    a second later, writes the same bytes (no seconds, GE's ids and times made stable)."""
+    import hashlib
+    import time
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
+
+    first = batch_eval(env["models"]["good"], spine_dir, tmp_path / "a", progress=False)
+    time.sleep(1.1)
+    batch_eval(env["models"]["good"], spine_dir, tmp_path / "b", progress=False)
+    assert "seconds" in first.summary  # measured, and logged to MLflow
+    assert digest(tmp_path / "a") == digest(tmp_path / "b")
+    assert '"seconds"' not in (tmp_path / "a" / "batch_eval.json").read_text()
+
+
 def test_output_check_catches_a_box_outside_the_image(env, spine_dir, tmp_path) -> None:
     res = batch_eval(
         env["models"]["overshoot"], spine_dir, tmp_path / "out", progress=False, strict=True

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,6 +126,27 @@ def ephemeral_context(docs_dir: Path) -> EphemeralDataContext:
 #: the run time every report carries: the report is a DVC output, so it holds no wall clock
 #: (the stage's MLflow run records when it ran)
 FIXED_RUN_TIME = "2000-01-01T00:00:00+00:00"
+
+
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_TIMES = (  # GE's batch load time and any clock time that escaped the fixed run id
+    (re.compile(r"\d{8}T\d{6}\.\d{6}Z"), "20000101T000000.000000Z"),
+    (re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(\+00:00|Z)?"), FIXED_RUN_TIME),
+)
+
+
+def scrub_text(text: str, ids: dict[str, str]) -> str:
+    """GE's output without its clock and random ids: uuid4s become ids numbered in the order
+    they first appear (``ids`` carries the numbering across the files of one report), times
+    become :data:`FIXED_RUN_TIME`. Reports are DVC outputs; MLflow keeps when they ran."""
+
+    def stable(m: re.Match[str]) -> str:
+        return ids.setdefault(m.group(0), str(uuid.uuid5(uuid.NAMESPACE_OID, str(len(ids)))))
+
+    text = _UUID.sub(stable, text)
+    for pattern, fixed in _TIMES:
+        text = pattern.sub(fixed, text)
+    return text
 
 
 def fixed_run_id() -> Any:

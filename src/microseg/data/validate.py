@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,13 +26,13 @@ import pandas as pd
 from microseg.config import SplitConfig, ValidateConfig
 from microseg.data.expectations import (
     DOCS_SITE,
-    FIXED_RUN_TIME,
     INTEGER_DTYPE,
     Failure,
     ephemeral_context,
     failures_of,
     import_gx,
     run_batch,
+    scrub_text,
 )
 from microseg.data.manifest import COLUMNS, MANIFEST_NAME, read_manifest
 from microseg.errors import ValidationFailed
@@ -180,29 +178,15 @@ def _prune_static(docs_dir: Path) -> None:
             path.unlink()
 
 
-_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
-_TIMES = (  # GE's batch load time and any clock time that escaped the fixed run id
-    (re.compile(r"\d{8}T\d{6}\.\d{6}Z"), "20000101T000000.000000Z"),
-    (re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(\+00:00|Z)?"), FIXED_RUN_TIME),
-)
-
-
 def _scrub(report_dir: Path) -> None:
     """No wall clock and no random id in the report's bytes: the same manifest gives the same
-    report on any machine, so DVC hashes it once (issue 16). GE's uuid4s become ids numbered
-    in the order they first appear; times become the fixed run time."""
+    report on any machine, so DVC hashes it once (issue 16)."""
     ids: dict[str, str] = {}
-
-    def stable(m: re.Match[str]) -> str:
-        return ids.setdefault(m.group(0), str(uuid.uuid5(uuid.NAMESPACE_OID, str(len(ids)))))
-
     for path in sorted(report_dir.rglob("*")):
         if path.suffix not in (".json", ".html") or not path.is_file():
             continue
         text = path.read_text()
-        new = _UUID.sub(stable, text)
-        for pattern, fixed in _TIMES:
-            new = pattern.sub(fixed, new)
+        new = scrub_text(text, ids)
         if new != text:
             path.write_text(new)
 

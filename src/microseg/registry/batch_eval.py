@@ -44,7 +44,7 @@ import mlflow
 import pandas as pd
 
 from microseg.config import Params, SpinesEvalConfig, ValidateConfig, check_device
-from microseg.data.expectations import Failure
+from microseg.data.expectations import Failure, scrub_text
 from microseg.registry import runs
 from microseg.registry.batch_inputs import input_expectations, input_table, list_inputs
 from microseg.registry.batch_predict import (
@@ -244,17 +244,16 @@ def _write_reports(
         "files": table.to_dict(orient="records"),
         "great_expectations": in_json,
     }
-    write_text(
-        result.out_dir / RESULT_NAME, json.dumps(jsonable(report, default=str), indent=2) + "\n"
-    )
-    write_text(
-        result.out_dir / INPUT_RESULT_NAME,
-        json.dumps(jsonable(inputs, default=str), indent=2) + "\n",
-    )
-    write_text(
-        result.out_dir / METRICS_NAME,
-        json.dumps(jsonable(result.summary, default=str), indent=2) + "\n",
-    )
+    # the folder is a DVC output: no clock (seconds: MLflow) and GE's ids and times made stable
+    ids: dict[str, str] = {}
+    summary = {k: v for k, v in result.summary.items() if k != "seconds"}
+    for name, obj in (
+        (RESULT_NAME, {**report, "summary": summary}),
+        (INPUT_RESULT_NAME, inputs),
+        (METRICS_NAME, summary),
+    ):
+        text = json.dumps(jsonable(obj, default=str), indent=2) + "\n"
+        write_text(result.out_dir / name, scrub_text(text, ids))
 
 
 def _log_run(result: BatchEvalResult, params: Params | None, input_dir: Path) -> str:
