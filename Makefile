@@ -70,7 +70,7 @@ benchmark: env
 	dvc repro
 	microseg where
 
-# The demo's nuclei models retrained with two more seeds (~12 min on 2 cores after make demo):
+# The demo's nuclei models retrained with two more seeds (16 min on 2 cores after make demo):
 # metrics/seeds.json, the spread the README states beside the demo's one seed.
 seeds: env
 	microseg seeds --jobs 2

@@ -138,13 +138,20 @@ def run_seeds(params: Params, jobs: int = 1) -> StageResult:
     def fn() -> StageResult:
         from joblib import Parallel, delayed
 
-        pairs = [(name, s) for name in models for s in seeds]
-        frames = Parallel(n_jobs=max(1, jobs), backend="loky")(
-            delayed(per_image_of)(params, name, s) for name, s in pairs
-        )
         runs: dict[str, dict[int, pd.DataFrame]] = {name: {} for name in models}
-        for (name, s), df in zip(pairs, frames, strict=True):
+        todo = []
+        for name in models:
+            for s in seeds:
+                if s == demo_seed(params, name):  # read, not trained: not worth a worker
+                    runs[name][s] = per_image_of(params, name, s)
+                else:
+                    todo.append((name, s))
+        frames = Parallel(n_jobs=max(1, jobs), backend="loky")(
+            delayed(per_image_of)(params, name, s) for name, s in todo
+        )
+        for (name, s), df in zip(todo, frames, strict=True):
             runs[name][s] = df
+        runs = {name: dict(sorted(by_seed.items())) for name, by_seed in runs.items()}
         base_path = cells.REPORTS_ROOT / baseline / "per_image.csv"
         if not base_path.is_file():
             raise MissingFileError(f"run evaluate_baseline@{baseline} first", base_path)
