@@ -17,8 +17,8 @@ COMMANDS_BEFORE_SPLIT = [
     "evaluate", "predict", "tune", "fuse", "compare-spines", "uncertainty", "inter-rater",
     "visualize", "register", "promote", "batch-eval", "where",
 ]  # fmt: skip
-#: commands added after the split (issue 15: pack-dsb, profile)
-COMMANDS_ADDED = ["pack-dsb", "profile"]
+#: commands added after the split (issue 15: pack-dsb, profile; issue 16: seeds)
+COMMANDS_ADDED = ["pack-dsb", "profile", "seeds"]
 
 
 def test_help_lists_the_commands_in_the_order_they_had() -> None:
