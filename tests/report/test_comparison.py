@@ -118,6 +118,42 @@ def test_comparison_table_claims_only_intervals_excluding_zero(results, tmp_path
     assert "differences" not in summary["models"]["otsu"]
 
 
+def test_a_claim_the_training_seeds_do_not_back_is_seed_dependent(results, tmp_path):
+    """Issue 16: an image-level "better" stands only when every seed's mean difference has
+    its sign and their mean exceeds their sd; the report says which seeds disagreed."""
+    seed_diffs = {
+        ("unet", "otsu", "all"): [0.09, -0.002, 0.11],  # one seed ties: not backed
+        ("unet", "otsu", "fluorescence"): [0.08, 0.10, 0.12],  # backed
+        ("sac", "otsu", "all"): [-0.1, -0.12],  # a "worse" that the seeds back
+    }
+    folder = build_report(results, tmp_path / "b", n_resamples=1000, seed_diffs=seed_diffs).parent
+    table = pd.read_csv(folder / "comparison.csv").set_index(["model", "group"])
+    assert table.loc[("unet", "all"), "verdict"] == "seed-dependent"
+    assert not table.loc[("unet", "all"), "claimed"]
+    assert table.loc[("unet", "all"), "n_seeds"] == 3
+    assert table.loc[("unet", "all"), "seed_min_diff"] == pytest.approx(-0.002)
+    assert table.loc[("unet", "fluorescence"), "verdict"] == "better"
+    assert table.loc[("sac", "all"), "verdict"] == "worse"
+    assert table.loc[("maunet", "all"), "n_seeds"] == 0  # no spread: the image rule alone
+    md = (folder / "index.md").read_text()
+    assert "seed-dependent (seeds -0.002 to +0.110)" in md
+    assert (
+        "every training seed's mean difference"
+        in json.loads((folder / "comparison.json").read_text())["rule"]
+    )
+
+
+def test_seed_verdict_rule():
+    from microseg.report.benchmark import SEED_DEPENDENT, seed_verdict
+
+    assert seed_verdict("better", 0.04, [0.04, 0.03, 0.05]) == "better"
+    assert seed_verdict("better", 0.04, [0.04, -0.001, 0.05]) == SEED_DEPENDENT
+    assert seed_verdict("better", 0.04, [0.01, 0.2]) == SEED_DEPENDENT  # mean < sd
+    assert seed_verdict("worse", -0.05, [-0.04, -0.06]) == "worse"
+    assert seed_verdict("no claim", 0.01, [0.5, 0.6]) == "no claim"  # seeds never add a claim
+    assert seed_verdict("better", 0.04, [0.04]) == "better"  # one seed: no spread to hold to
+
+
 def test_error_table_sums_counts_per_model(results, tmp_path):
     folder = build_report(results, tmp_path / "bench", n_resamples=200).parent
     errors = pd.read_csv(folder / "errors.csv")
@@ -261,3 +297,22 @@ def test_build_benchmark_stage_reads_folders_and_train_info(params):
     assert summary["primary_baseline"] == "otsu"
     assert summary["models"]["unet"]["differences"]["otsu"]["all"]["verdict"] == "better"
     assert summary["models"]["sac"]["details"] == {"encoder": "mobilesam", "profile": "demo"}
+    # a seed spread of this dataset and split holds the claims to it; another one is not used
+    spread = {
+        "baseline": "otsu",
+        "dataset": "other",
+        "split": "test",
+        "models": {
+            "unet": {"seeds": [1, 2], "groups": {"all": {"diff": {"per_seed": [0.1, -0.01]}}}}
+        },
+    }
+    seeds_json = params.paths.metrics / "seeds.json"
+    seeds_json.write_text(json.dumps(spread))
+    index = cells.build_benchmark(params)
+    summary = json.loads(index.with_name("comparison.json").read_text())
+    assert summary["models"]["unet"]["differences"]["otsu"]["all"]["verdict"] == "better"
+    seeds_json.write_text(json.dumps(spread | {"dataset": "toyds"}))
+    index = cells.build_benchmark(params)
+    summary = json.loads(index.with_name("comparison.json").read_text())
+    assert summary["models"]["unet"]["differences"]["otsu"]["all"]["verdict"] == "seed-dependent"
+    assert "seeds.json, seeds 1, 2" in index.with_name("index.md").read_text()

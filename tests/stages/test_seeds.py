@@ -33,6 +33,11 @@ def test_summary_means_sd_and_paired_differences_by_hand():
     assert out["groups"]["tissue"]["mean"] == pytest.approx(0.5)
     assert out["diff_to_baseline"]["per_seed"] == [0.1, 0.2, 0.3]
     assert out["diff_to_baseline"]["min"] == pytest.approx(0.1)
+    # per group: tissue 0.4 / 0.5 / 0.6 against the baseline's 0.5
+    assert out["groups"]["tissue"]["diff"]["per_seed"] == [-0.1, 0.0, 0.1]
+    assert out["groups"]["fluorescence"]["diff"]["mean"] == pytest.approx(0.3)
+    spread = {"baseline": "b", "models": {"m": out}}
+    assert seeds.seed_differences(spread)[("m", "b", "tissue")] == [-0.1, 0.0, 0.1]
 
 
 def test_with_seed_changes_one_model_only(params):

@@ -126,8 +126,11 @@ ERROR_COUNTS: tuple[tuple[str, str], ...] = (
 COMPARISON_COLUMNS = (
     "model", "baseline", "primary", "metric", "group", "n_images", "mean_model",
     "mean_baseline", "mean_diff", "low", "high", "excludes_zero", "claimed", "verdict",
-    "confidence_level", "method", "n_resamples", "seed",
+    "confidence_level", "method", "n_resamples", "seed", "n_seeds", "seed_mean_diff",
+    "seed_sd_diff", "seed_min_diff", "seed_max_diff",
 )  # fmt: skip
+#: the verdict of an image-level claim that other training seeds do not back
+SEED_DEPENDENT = "seed-dependent"
 
 #: Fewest images in a group for a difference to be claimed. A percentile bootstrap of a mean
 #: is narrower than the Student-t interval by about z * sqrt((n - 1) / n) / t_{n-1}: 0.53 at
@@ -348,13 +351,16 @@ def build_report(
     seed: int = 0,
     bootstrap_method: str = "percentile",
     min_claim_images: int = MIN_CLAIM_IMAGES,
+    seed_diffs: Mapping[tuple[str, str, str], Sequence[float]] | None = None,
 ) -> Path:
     """Write the benchmark folder (see the module notes); returns ``out_dir/index.html``.
 
     ``context`` (dataset, split, commit, ...) is shown as given, in order. ``manifest`` gives
     each image's modality (``sample_id``, ``modality``) when per-image tables lack one.
     ``compare_metric`` (a per-image column), ``n_resamples``, ``confidence_level``, ``seed``,
-    ``bootstrap_method`` and ``min_claim_images`` set the paired comparison to the baselines.
+    ``bootstrap_method`` and ``min_claim_images`` set the paired comparison to the baselines;
+    ``seed_diffs`` (``(model, baseline, group) -> per-seed mean differences``, from
+    ``metrics/seeds.json``) holds a claim to the training-seed spread as well.
     """
     results = list(results)
     _check_results(results, require_baseline)
@@ -417,6 +423,7 @@ def build_report(
             seed=seed,
             method=bootstrap_method,
             min_claim_images=min_claim_images,
+            seed_diffs=seed_diffs,
         )
         errors = error_counts(results, manifest)
         _comparison_section(doc, comparison, results, header, tmp, min_claim_images)
@@ -543,6 +550,17 @@ def _verdict(d: PairedDifference, higher_is_better: bool, min_images: int) -> st
     return "better" if (d.low > 0) == higher_is_better else "worse"
 
 
+def seed_verdict(verdict: str, mean_diff: float, seed_diffs: Sequence[float] | None) -> str:
+    """An image-level claim stands only if training seeds agree: every seed's mean difference
+    on the same images has the sign of the claimed ``mean_diff``, and their mean exceeds their
+    sd (issue 16); otherwise :data:`SEED_DEPENDENT`. Fewer than 2 seeds: it stands as is."""
+    if verdict not in ("better", "worse") or seed_diffs is None or len(seed_diffs) < 2:
+        return verdict
+    d = np.asarray(seed_diffs, dtype=float) * (1.0 if mean_diff > 0 else -1.0)
+    agree = bool(np.all(d > 0)) and float(d.mean()) > float(d.std(ddof=1))
+    return verdict if agree else SEED_DEPENDENT
+
+
 def compare_to_baselines(
     results: Sequence[ModelResult],
     metric: str = "f1_50",
@@ -554,13 +572,16 @@ def compare_to_baselines(
     seed: int = 0,
     method: str = "percentile",
     min_claim_images: int = MIN_CLAIM_IMAGES,
+    seed_diffs: Mapping[tuple[str, str, str], Sequence[float]] | None = None,
 ) -> pd.DataFrame:
     """Paired per-image difference ``model - baseline`` of ``metric`` for every non-baseline
     model against every baseline (the first is the primary), over all images and per modality.
 
     One row per (model, baseline, group) with :data:`COMPARISON_COLUMNS`. ``claimed`` when the
     interval excludes 0 and the group holds at least ``min_claim_images`` images; ``verdict``
-    then says "better" or "worse", else "no claim" (interval holds 0) or "too few images".
+    then says "better" or "worse", else "no claim" (interval holds 0) or "too few images";
+    with a seed spread for the row (``seed_diffs``) a claim the seeds do not back is
+    "seed-dependent" (:func:`seed_verdict`).
     Models without per-image scores are left out (logged); different image sets are refused
     (:func:`microseg.evaluate.paired.paired_values`).
     """
@@ -592,7 +613,10 @@ def compare_to_baselines(
                 names=(r.name, b.name),
             )
             for d in diffs:
+                spread = (seed_diffs or {}).get((r.name, b.name, d.group))
                 verdict = _verdict(d, higher_is_better, min_claim_images)
+                verdict = seed_verdict(verdict, d.mean_diff, spread)
+                sd = np.asarray(spread if spread else [np.nan], dtype=float)
                 rows.append(
                     {
                         "model": r.name,
@@ -613,6 +637,11 @@ def compare_to_baselines(
                         "method": method,
                         "n_resamples": n_resamples,
                         "seed": seed,
+                        "n_seeds": len(spread) if spread else 0,
+                        "seed_mean_diff": float(np.mean(sd)),
+                        "seed_sd_diff": float(np.std(sd, ddof=1)) if len(sd) > 1 else np.nan,
+                        "seed_min_diff": float(np.min(sd)),
+                        "seed_max_diff": float(np.max(sd)),
                     }
                 )
     return pd.DataFrame(rows, columns=list(COMPARISON_COLUMNS))
@@ -677,7 +706,9 @@ def comparison_summary(
         "difference": f"mean over images of per-image {metric}, model minus baseline",
         "rule": (
             "a difference is claimed only when its bootstrap interval excludes 0 and its group "
-            f"holds at least {min_claim_images} images"
+            f"holds at least {min_claim_images} images, and, where a seed spread exists "
+            "(metrics/seeds.json), every training seed's mean difference has its sign and "
+            "their mean exceeds their sd (else: seed-dependent)"
         ),
         "min_claim_images": min_claim_images,
         "confidence_level": confidence_level,
@@ -687,7 +718,10 @@ def comparison_summary(
         "baselines": bases,
         "primary_baseline": bases[0] if bases else None,
     }
-    keep = ("n_images", "mean_model", "mean_baseline", "mean_diff", "low", "high")
+    keep = (
+        "n_images", "mean_model", "mean_baseline", "mean_diff", "low", "high", "n_seeds",
+        "seed_mean_diff", "seed_sd_diff", "seed_min_diff", "seed_max_diff",
+    )  # fmt: skip
     models: dict[str, object] = {}
     for r in results:
         entry: dict[str, object] = {
@@ -744,7 +778,10 @@ def _comparison_section(
         "micro score of the models table. A difference is claimed only when its "
         f"{level}% bootstrap interval excludes 0 and its column holds at least "
         f"{min_claim_images} images (on fewer, a bootstrap interval is too narrow to trust): "
-        "such cells are bold and say better or worse; the others are no evidence either way."
+        "such cells are bold and say better or worse; the others are no evidence either way. "
+        "Where the model was also trained with other seeds (metrics/seeds.json, make seeds), "
+        "a claim also needs every seed's mean difference to have its sign and their mean to "
+        "exceed their sd; a cell the seeds do not back says seed-dependent."
     )
     bases = list(dict.fromkeys(comparison["baseline"]))
     for k, b in enumerate(bases):
@@ -770,6 +807,11 @@ def _comparison_section(
                     text += f" {row['verdict']}"
                 elif row["verdict"] == "too few images":
                     text += f" (n < {min_claim_images}: no claim)"
+                elif row["verdict"] == SEED_DEPENDENT:
+                    text += (
+                        f" seed-dependent (seeds {_signed(row['seed_min_diff'])} to "
+                        f"{_signed(row['seed_max_diff'])})"
+                    )
                 cells.append((text, None, claimed))
             rows.append(cells)
         doc.table(Table(head, rows, ["" for _ in rows]))

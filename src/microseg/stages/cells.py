@@ -371,7 +371,20 @@ def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Pa
         "split": params.cells.split,
         "images": str(int((manifest["split"] == params.cells.split).sum())),
     }
-    return build_report(results, BENCHMARK_DIR, context=context, manifest=manifest)
+    from microseg.stages.seeds import METRICS_NAME, read_spread, seed_differences
+
+    spread = read_spread(params.paths.metrics / METRICS_NAME)
+    here = (params.cells.dataset, params.cells.split)
+    if spread and (spread.get("dataset"), spread.get("split")) != here:
+        log.warning("%s is of another dataset or split than %s: not used", METRICS_NAME, here)
+        spread = None
+    seed_diffs = seed_differences(spread) if spread else None
+    if spread:
+        seeds = sorted({s for row in spread.get("models", {}).values() for s in row["seeds"]})
+        context["seed spread"] = f"{METRICS_NAME}, seeds {', '.join(map(str, seeds))}"
+    return build_report(
+        results, BENCHMARK_DIR, context=context, manifest=manifest, seed_diffs=seed_diffs
+    )
 
 
 def _write_overlays(samples, prepared, rows, per_image, folder: Path, name: str, k: int) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,37 +96,52 @@ def _group_means(per_image: pd.DataFrame, value: str = "f1_50") -> dict[str, flo
     return out
 
 
+def _stats(values: np.ndarray) -> dict[str, Any]:
+    return {
+        "per_seed": [round(float(v), 4) for v in values],
+        "mean": float(values.mean()),
+        "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        "min": float(values.min()),
+        "max": float(values.max()),
+    }
+
+
 def summarise(
     runs: dict[str, dict[int, pd.DataFrame]], baseline: pd.DataFrame, value: str = "f1_50"
 ) -> dict[str, Any]:
-    """Per model: per-seed group means of ``value``, their mean and sd over seeds, and each
-    seed's mean paired difference to ``baseline`` (same images)."""
+    """Per model and group (all images, each modality): the per-seed means of ``value``, and
+    of its paired difference to ``baseline`` on the same images, with mean and sd over seeds
+    (``diff_to_baseline`` repeats the ``all`` group's difference)."""
     base = baseline.set_index("image_id")[value]
     out: dict[str, Any] = {}
     for name, by_seed in runs.items():
-        per_seed = {s: _group_means(df, value) for s, df in by_seed.items()}
-        groups = sorted({g for m in per_seed.values() for g in m})
+        seeds = sorted(by_seed)
+        means = {s: _group_means(by_seed[s], value) for s in seeds}
         diffs = {}
-        for s, df in by_seed.items():
-            d = df.set_index("image_id")[value] - base.reindex(df["image_id"]).to_numpy()
-            diffs[s] = float(np.nanmean(d.to_numpy()))
-        row: dict[str, Any] = {"seeds": sorted(by_seed), "groups": {}}
-        for g in groups:
-            values = np.array([per_seed[s][g] for s in sorted(by_seed) if g in per_seed[s]])
-            row["groups"][g] = {
-                "per_seed": [round(float(v), 4) for v in values],
-                "mean": float(values.mean()),
-                "sd": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+        for s in seeds:
+            df = by_seed[s].assign(diff=lambda d: d[value] - base.reindex(d["image_id"]).to_numpy())
+            diffs[s] = _group_means(df, "diff")
+        row: dict[str, Any] = {"seeds": seeds, "groups": {}}
+        for g in sorted({g for m in means.values() for g in m}):
+            have = [s for s in seeds if g in means[s]]
+            row["groups"][g] = _stats(np.array([means[s][g] for s in have])) | {
+                "diff": _stats(np.array([diffs[s][g] for s in have]))
             }
-        d = np.array([diffs[s] for s in sorted(by_seed)])
-        row["diff_to_baseline"] = {
-            "per_seed": [round(float(v), 4) for v in d],
-            "mean": float(d.mean()),
-            "sd": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-            "min": float(d.min()),
-        }
+        row["diff_to_baseline"] = row["groups"]["all"]["diff"]
         out[name] = row
     return out
+
+
+def seed_differences(spread: Mapping[str, Any]) -> dict[tuple[str, str, str], list[float]]:
+    """``(model, baseline, group) -> per-seed mean differences`` of a ``metrics/seeds.json``,
+    what the benchmark report needs to hold a claim to the seed spread."""
+    baseline = str(spread.get("baseline", ""))
+    return {
+        (model, baseline, group): [float(v) for v in stats["diff"]["per_seed"]]
+        for model, row in spread.get("models", {}).items()
+        for group, stats in row.get("groups", {}).items()
+        if "diff" in stats
+    }
 
 
 def run_seeds(params: Params, jobs: int = 1) -> StageResult:
@@ -160,6 +176,8 @@ def run_seeds(params: Params, jobs: int = 1) -> StageResult:
             "what": "mean over test images of per-image F1@0.5, per training seed; "
             "mean and sample sd over seeds",
             "baseline": baseline,
+            "dataset": params.cells.dataset,
+            "split": params.cells.split,
             "profile": params.profile,
             "models": summarise(runs, pd.read_csv(base_path)),
         }
