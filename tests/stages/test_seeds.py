@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from microseg.errors import ConfigError
+from microseg.report.seed_spread import seed_differences
 from microseg.stages import seeds
 
 
@@ -37,7 +38,7 @@ def test_summary_means_sd_and_paired_differences_by_hand():
     assert out["groups"]["tissue"]["diff"]["per_seed"] == [-0.1, 0.0, 0.1]
     assert out["groups"]["fluorescence"]["diff"]["mean"] == pytest.approx(0.3)
     spread = {"baseline": "b", "models": {"m": out}}
-    assert seeds.seed_differences(spread)[("m", "b", "tissue")] == [-0.1, 0.0, 0.1]
+    assert seed_differences(spread)[("m", "b", "tissue")] == [-0.1, 0.0, 0.1]
 
 
 def test_with_seed_changes_one_model_only(params):

@@ -371,7 +371,7 @@ def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Pa
         "split": params.cells.split,
         "images": str(int((manifest["split"] == params.cells.split).sum())),
     }
-    from microseg.stages.seeds import METRICS_NAME, read_spread, seed_differences
+    from microseg.report.seed_spread import METRICS_NAME, read_spread, seed_differences
 
     spread = read_spread(params.paths.metrics / METRICS_NAME)
     here = (params.cells.dataset, params.cells.split)

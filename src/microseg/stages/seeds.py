@@ -13,9 +13,7 @@ few demo budgets, so the demo shows the committed spread beside its one seed.
 
 from __future__ import annotations
 
-import json
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import pandas as pd
 
 from microseg.config import Params
 from microseg.errors import ConfigError, MissingFileError
+from microseg.report.seed_spread import METRICS_NAME
 from microseg.stages import cells
 from microseg.stages.common import write_json
 from microseg.stages.result import StageResult, run_stage
@@ -32,7 +31,6 @@ log = logging.getLogger(__name__)
 
 SEEDS_MODELS = Path("models/seeds")
 SEEDS_REPORTS = Path("reports/seeds")
-METRICS_NAME = "seeds.json"
 DEFAULT_SEED = 42  # EngineConfig's: what the demo trained with when a section sets none
 
 
@@ -132,18 +130,6 @@ def summarise(
     return out
 
 
-def seed_differences(spread: Mapping[str, Any]) -> dict[tuple[str, str, str], list[float]]:
-    """``(model, baseline, group) -> per-seed mean differences`` of a ``metrics/seeds.json``,
-    what the benchmark report needs to hold a claim to the seed spread."""
-    baseline = str(spread.get("baseline", ""))
-    return {
-        (model, baseline, group): [float(v) for v in stats["diff"]["per_seed"]]
-        for model, row in spread.get("models", {}).items()
-        for group, stats in row.get("groups", {}).items()
-        if "diff" in stats
-    }
-
-
 def run_seeds(params: Params, jobs: int = 1) -> StageResult:
     """Train and score every (model, seed) of the spread, ``jobs`` runs at a time (each on
     one core: two small trainings in two processes take the time of one, threads do not);
@@ -200,8 +186,3 @@ def run_seeds(params: Params, jobs: int = 1) -> StageResult:
         section={"models": models, "seeds": seeds, "baseline": baseline},
         run_name="seed-spread",
     )
-
-
-def read_spread(path: Path) -> dict[str, Any] | None:
-    """The committed ``metrics/seeds.json`` (None when there is none)."""
-    return json.loads(path.read_text()) if path.is_file() else None
