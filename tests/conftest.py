@@ -61,6 +61,18 @@ def same_weights():
 
 
 @pytest.fixture()
+def train_twice(tmp_path: Path):
+    """``train_twice(family, data, section)``: the registered family trained twice on the same
+    data and section, into ``tmp_path/a`` and ``tmp_path/b``; returns both results."""
+    from microseg.models import get_model
+
+    def run(family: str, data: object, section: dict) -> tuple:
+        return tuple(get_model(family).train(data, tmp_path / k, section) for k in "ab")
+
+    return run
+
+
+@pytest.fixture()
 def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Repo params with every output path and the MLflow store inside ``tmp_path``."""
     from microseg.config import load_params

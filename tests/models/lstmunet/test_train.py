@@ -121,31 +121,25 @@ def test_train_save_load_predict(tmp_path: Path, tiny_targets: Path, tiny_sequen
     assert np.isfinite(probs).all()
 
 
+#: a params-style train section, as the stages hand it to the family
+FACADE_SECTION = {
+    "model": {"features": [8, 16]},
+    "window": 2,
+    "patch_size": 32,
+    "batch_size": 1,
+    "epochs": 1,
+    "steps_per_epoch": 1,
+    "device": "cpu",
+}
+
+
 def test_facade_train_section(tmp_path: Path, tiny_targets: Path) -> None:
-    section = {
-        "model": {"features": [8, 16]},
-        "window": 2,
-        "patch_size": 32,
-        "batch_size": 1,
-        "epochs": 1,
-        "steps_per_epoch": 1,
-        "device": "cpu",
-    }
-    result = get_model("lstmunet").train(tiny_targets, tmp_path / "f", section)
+    result = get_model("lstmunet").train(tiny_targets, tmp_path / "f", FACADE_SECTION)
     assert result.epochs_completed == 1 and (tmp_path / "f" / "best.pt").is_file()
 
 
-def test_same_seed_same_weights(tmp_path: Path, tiny_targets: Path, same_weights) -> None:
+def test_same_seed_same_weights(tiny_targets: Path, train_twice, same_weights) -> None:
     """Two runs on the same sequences and config end with the same tensors (issue 16)."""
-    section = {
-        "model": {"features": [8, 16]},
-        "window": 2,
-        "patch_size": 32,
-        "batch_size": 2,
-        "epochs": 2,
-        "steps_per_epoch": 2,
-        "device": "cpu",
-    }
-    a = get_model("lstmunet").train(tiny_targets, tmp_path / "a", section)
-    b = get_model("lstmunet").train(tiny_targets, tmp_path / "b", section)
+    section = {**FACADE_SECTION, "batch_size": 2, "epochs": 2, "steps_per_epoch": 2}
+    a, b = train_twice("lstmunet", tiny_targets, section)
     assert same_weights(a.best_path, b.best_path) > 10

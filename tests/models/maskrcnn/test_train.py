@@ -361,12 +361,8 @@ def test_detectron2_engine_trains_evaluates_and_resumes(tmp_path):
     assert mcfg.engine == "detectron2"
 
 
-def test_same_seed_same_weights(toy_targets, tmp_path, same_weights):
+def test_same_seed_same_weights(toy_targets, train_twice, same_weights):
     """Two runs on the same data and config end with the same tensors (issue 16)."""
-    from microseg.models import get_model
-
     train = {"model": TINY_MODEL, "patch_size": 64, "batch_size": 1, "warmup_steps": 0}
-    train |= {"epochs": 1, "steps_per_epoch": 2}
-    a = get_model("maskrcnn").train(toy_targets, tmp_path / "a", train)
-    b = get_model("maskrcnn").train(toy_targets, tmp_path / "b", train)
+    a, b = train_twice("maskrcnn", toy_targets, {**train, "epochs": 1, "steps_per_epoch": 2})
     assert same_weights(a.best_path, b.best_path) > 10

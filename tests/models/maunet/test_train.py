@@ -236,10 +236,8 @@ def test_family_trains_an_ensemble_and_predicts_through_the_registry(toy_targets
     assert any(k.startswith("members.1.") for k in changed)
 
 
-def test_same_seed_same_weights(toy_targets, tmp_path, same_weights):
+def test_same_seed_same_weights(toy_targets, train_twice, same_weights):
     """Two runs on the same data and config end with the same tensors (issue 16)."""
     train = {"model": TINY_MODEL, "patch_size": 32, "batch_size": 2, "epochs": 2}
-    train["steps_per_epoch"] = 3
-    a = get_model("maunet").train(toy_targets, tmp_path / "a", train)
-    b = get_model("maunet").train(toy_targets, tmp_path / "b", train)
+    a, b = train_twice("maunet", toy_targets, {**train, "steps_per_epoch": 3})
     assert same_weights(a.best_path, b.best_path) > 10

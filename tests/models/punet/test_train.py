@@ -309,15 +309,13 @@ def test_family_trains_through_the_registry(tmp_path: Path) -> None:
     assert again.history == result.history  # finished: returned as it is
 
 
-def test_same_seed_same_weights(tmp_path: Path, same_weights) -> None:
+def test_same_seed_same_weights(tmp_path: Path, train_twice, same_weights) -> None:
     """Two runs on the same d3sets and config end with the same tensors (issue 16)."""
     from microseg.io.d3set import write_d3set
-    from microseg.models import get_model
 
     for split, seed in (("train", 0), ("val", 1)):
         write_d3set(tmp_path / f"{split}.d3set", toy_d3set(1, shape=(2, 32, 32), seed=seed))
     section = {k: v for k, v in tiny_cfg().as_dict().items() if k != "progress"}
     section.update(epochs=2, steps_per_epoch=2, batch_size=2)
-    a = get_model("punet").train(tmp_path, tmp_path / "a", section)
-    b = get_model("punet").train(tmp_path, tmp_path / "b", section)
+    a, b = train_twice("punet", tmp_path, section)
     assert same_weights(a.best_path, b.best_path) > 10

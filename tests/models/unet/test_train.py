@@ -265,13 +265,9 @@ def test_modality_balance_weights_and_stratified_validation():
     assert stratified_samples(val, None) == val
 
 
-def test_same_seed_same_weights(toy_targets, tmp_path, same_weights):
+def test_same_seed_same_weights(toy_targets, train_twice, same_weights):
     """Two runs on the same data and config end with the same tensors (issue 16)."""
-    from microseg.models import get_model
-
     train = {"model": TINY_MODEL, "patch_size": 32, "batch_size": 2, "epochs": 2}
-    train["steps_per_epoch"] = 3
-    a = get_model("unet").train(toy_targets, tmp_path / "a", train)
-    b = get_model("unet").train(toy_targets, tmp_path / "b", train)
+    a, b = train_twice("unet", toy_targets, {**train, "steps_per_epoch": 3})
     assert same_weights(a.best_path, b.best_path) > 10
     assert same_weights(a.last_path, b.last_path) > 10  # the optimizer state too
