@@ -119,13 +119,10 @@ def train_unet_model(
 
 def train_seconds(model_dir: Path) -> float | None:
     """The training time the engine recorded in ``model_dir/timing.json`` (None without)."""
-    from microseg.train.engine import TIMING
+    from microseg.train.engine import read_timing
 
-    path = model_dir / TIMING
-    try:
-        return float(json.loads(path.read_text())["seconds"]) if path.is_file() else None
-    except (ValueError, KeyError, TypeError):
-        return None
+    seconds = read_timing(model_dir).get("seconds")
+    return float(seconds) if isinstance(seconds, int | float) else None
 
 
 def count_parameters(weights: Path) -> int | None:

@@ -26,12 +26,14 @@ from microseg.report.seed_spread import METRICS_NAME
 from microseg.stages import cells
 from microseg.stages.common import write_json
 from microseg.stages.result import StageResult, run_stage
+from microseg.train.engine import EngineConfig
 
 log = logging.getLogger(__name__)
 
 SEEDS_MODELS = Path("models/seeds")
 SEEDS_REPORTS = Path("reports/seeds")
-DEFAULT_SEED = 42  # EngineConfig's: what the demo trained with when a section sets none
+#: what a train section without ``seed`` trains with (the engine's default)
+DEFAULT_SEED = EngineConfig.seed
 
 
 def spread_config(params: Params) -> tuple[list[str], list[int], str]:

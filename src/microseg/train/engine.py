@@ -207,10 +207,7 @@ class TrainState:
 
     def add_timing(self, path: Path) -> None:
         """Put the times of ``timing.json`` (when there is one) back into the history."""
-        try:
-            timing = json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError:
-            timing = {}  # times are a record, not state: an unreadable file costs nothing
+        timing = read_timing(path.parent)
         self.seconds = float(timing.get("seconds", self.seconds))
         epochs = {int(e.get("epoch", -1)): e for e in timing.get("epochs", [])}
         for h in self.history:
@@ -226,6 +223,17 @@ class TrainState:
         ]
         with atomic_path(path.parent / TIMING) as tmp:
             Path(tmp).write_text(json.dumps({"seconds": self.seconds, "epochs": epochs}, indent=1))
+
+
+def read_timing(out_dir: Path) -> dict[str, Any]:
+    """``out_dir/timing.json`` ({} when it is missing or unreadable: times are a record of
+    the run, not its state, so a lost file costs nothing)."""
+    path = Path(out_dir) / TIMING
+    try:
+        timing = json.loads(path.read_text()) if path.is_file() else {}
+    except ValueError:
+        return {}
+    return timing if isinstance(timing, dict) else {}
 
 
 def _floats(metrics: Mapping[str, Any]) -> dict[str, float]:
