@@ -27,7 +27,7 @@ NPM_INSTALL := npm install --prefix $(TOOLS) --save-exact --no-audit --no-fund -
 help:
 	@echo "make demo   - create .venv from uv.lock, pull data, run the whole pipeline (dvc repro)"
 	@echo "make benchmark - the full training profile (GPU runner): microseg profile full + dvc repro"
-	@echo "make seeds  - after make demo: the nuclei models retrained per seed -> metrics/seeds.json"
+	@echo "make seeds  - after make demo: models retrained per seed -> metrics/seeds*.json"
 	@echo "make test   - lint and run the fast test suite (no GPU, no slow tests)"
 	@echo "make ui     - open the MLflow UI on the demo's runs"
 	@echo "make test-ui - the MLflow UI browser test (screenshots in reports/ui/)"
@@ -70,10 +70,11 @@ benchmark: env
 	dvc repro
 	microseg where
 
-# The demo's nuclei models retrained with two more seeds (16 min on 2 cores after make demo):
-# metrics/seeds.json, the spread the README states beside the demo's one seed.
+# The demo's models retrained with two more seeds (after make demo, on 2 cores: nuclei 16 min,
+# spines and tracking as DVC experiments ~20 min): metrics/seeds*.json, the spread the README
+# states beside the demo's one seed.
 seeds: env
-	microseg seeds --jobs 2
+	microseg seeds --task all --jobs 2
 
 test: env tools lint
 	dvc pull --quiet data.dvc

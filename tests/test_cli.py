@@ -150,8 +150,12 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
 
     client = MlflowClient()
     for task, name in (("spines", "microseg-spines"), ("nuclei", "microseg-nuclei")):
-        record = json.loads((repo_copy / "reports" / "registry" / f"{task}.json").read_text())
+        folder = repo_copy / "reports" / "registry"
+        record = json.loads((folder / f"{task}.mlflow.json").read_text())
         assert record["promotion"]["promoted"] is True, record
+        what = json.loads((folder / f"{task}.json").read_text())  # the DVC output: no ids
+        assert what["validated"] is True and what["sources"], what
+        assert not {"version", "model_uri", "promotion"} & set(what), what
         assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     batch = json.loads(
         (repo_copy / "reports" / "batch_eval" / "spines" / "batch_eval.json").read_text()

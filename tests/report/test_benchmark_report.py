@@ -136,7 +136,10 @@ def test_report_is_self_contained_and_complete(results, tmp_path):
         assert not re.match(r"^[a-z]+:|^/", src), src  # relative, no scheme
         path = folder / src
         assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert refs.href == ["http://mlflow.local/#/runs/0123"] * 2  # table cell + run link
+    assert refs.href == ["runs.mlflow.html"]  # times and runs: beside, outside the DVC hash
+    runs = (folder / "runs.mlflow.html").read_text()
+    assert 'href="http://mlflow.local/#/runs/0123"' in runs and "1 h 02 min" in runs
+    assert pd.read_csv(folder / "runs.mlflow.csv")["train_seconds"].tolist()[1] == 3725.0
     for name in (
         *("models.csv", "per_image.csv", "per_modality.csv", "hardest.csv", "index.md"),
         *("comparison.csv", "comparison.json", "errors.csv"),
@@ -166,7 +169,8 @@ def test_baseline_marked_and_best_in_bold(results, tmp_path):
     assert f1["unet"] != f1["baseline"]
     cells = re.findall(r"<td>(.*?)</td>", base if best == "baseline" else unet)
     assert cells[1] == f"<strong>{f1[best]:.3f}</strong>"
-    assert "1 h 02 min" in unet and "1.94 M" in unet and "—" in base  # time, params, no run
+    assert "1.94 M" in unet and "—" in base  # params; the baseline has none
+    assert "1 h 02 min" not in text and "0123456789abcdef" not in text  # see runs.mlflow.html
 
 
 def test_deterministic_bytes(results, tmp_path):

@@ -33,8 +33,8 @@ def test_metrics_on_the_run_and_the_logged_model(tmp_path: Path, monkeypatch: py
 
 
 def test_only_the_stage_records_a_promotion_in_its_output(params, tmp_path: Path):
-    """By hand (`microseg promote`, no --record) the decision lives in the MLflow tag trail;
-    rewriting reports/registry/<task>.json made DVC re-register on the next repro."""
+    """By hand (`microseg promote`, no --record) the decision lives in the MLflow tag trail
+    only; the stage's record of MLflow's side (<task>.mlflow.json) is the stage's."""
     import json
 
     from typer.testing import CliRunner
@@ -42,7 +42,7 @@ def test_only_the_stage_records_a_promotion_in_its_output(params, tmp_path: Path
     from microseg.cli import app
     from microseg.registry.promotion import CHAMPION, register_version
     from microseg.stages.common import write_json
-    from microseg.stages.registry import REGISTRY_DIR
+    from microseg.stages.registry import mlflow_record
 
     uri = params.mlflow.tracking_uri
     client = MlflowClient(uri)
@@ -51,7 +51,7 @@ def test_only_the_stage_records_a_promotion_in_its_output(params, tmp_path: Path
     name = params.registry.nuclei.name
     for f1 in (0.8, 0.7):
         register_version(f"runs:/{rid}/model", name, {"f1_50": f1}, {}, True, client=client)
-    out = REGISTRY_DIR / "nuclei.json"  # relative: the fixture works in tmp_path
+    out = mlflow_record("nuclei")  # relative: the fixture works in tmp_path
     write_json(out, {"name": name, "version": 2})
     before = out.read_text()
     repo_params = Path(__file__).resolve().parents[2] / "params.yaml"

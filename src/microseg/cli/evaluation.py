@@ -22,19 +22,41 @@ def report(params_path: ParamsOpt = Path("params.yaml"), set_: SetOpt = None) ->
 def seeds(
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
+    task: Annotated[
+        str,
+        typer.Option(
+            "--task",
+            "-t",
+            help="nuclei (models retrained per seed) | spines | tracking "
+            "(the pipeline rerun per seed as DVC experiments) | all",
+        ),
+    ] = "all",
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="runs at a time (1 core each)")] = 2,
 ) -> None:
-    """Seed spread of the nuclei models (params `seeds`): train and score each seed like
-    evaluate_cells; metrics/seeds.json (mean and sd of F1@0.5 over seeds)."""
+    """Seed spread (params `seeds`): metrics/seeds.json (nuclei: F1@0.5 per seed against the
+    baseline) and metrics/seeds_<task>.json (spines, tracking: their measures per seed)."""
+    from microseg.errors import ConfigError
+    from microseg.stages import seed_experiments
     from microseg.stages import seeds as stage
 
-    result = stage.run_seeds(load(params_path, set_), jobs=jobs)
-    for name, row in result.metrics["models"].items():
-        a, d = row["groups"]["all"], row["diff_to_baseline"]
-        typer.echo(
-            f"{name:<10} F1@0.5 {a['mean']:.3f} ± {a['sd']:.3f} over seeds {row['seeds']}; "
-            f"minus {result.metrics['baseline']} {d['mean']:+.3f} ± {d['sd']:.3f}"
-        )
+    tasks = ["nuclei", *seed_experiments.TASKS] if task == "all" else [task]
+    if not set(tasks) <= {"nuclei", *seed_experiments.TASKS}:
+        raise ConfigError(f"unknown --task {task!r}; expected nuclei, spines, tracking or all")
+    params = load(params_path, set_)
+    if "nuclei" in tasks:
+        result = stage.run_seeds(params, jobs=jobs)
+        for name, row in result.metrics["models"].items():
+            a, d = row["groups"]["all"], row["diff_to_baseline"]
+            typer.echo(
+                f"{name:<10} F1@0.5 {a['mean']:.3f} ± {a['sd']:.3f} over seeds {row['seeds']}; "
+                f"minus {result.metrics['baseline']} {d['mean']:+.3f} ± {d['sd']:.3f}"
+            )
+    for t in tasks:
+        if t == "nuclei":
+            continue
+        summary = seed_experiments.run_pipeline_seeds(params, t)
+        for key, st in summary["measures"].items():
+            typer.echo(f"{t:<9} {key:<28} {st['mean']:.3f} ± {st['sd']:.3f} {st['per_seed']}")
 
 
 def track(

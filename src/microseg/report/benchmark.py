@@ -11,9 +11,10 @@
     figures/differences_<baseline>.png  the paired differences with their intervals
     figures/reliability_<model>.png reliability diagram per model
     overlays/<model>_<kind>_<k>.png best and worst images per model (copied in)
+    runs.mlflow.html  runs.mlflow.csv   this build's training times and MLflow run links
 
 Tables: all models x metrics (F1 at IoU 0.5/0.7/0.9, COCO mask AP/AP50/AP75, DSB score, Dice,
-adapted Rand error, VOI, ECE), training time, parameter count and a link to the MLflow run; a
+adapted Rand error, VOI, ECE) and parameter count; a
 per-modality table (micro F1 from summed counts); the images hardest across models. The best
 value of each column is bold; the classical baseline row is marked, and a report without one
 is refused unless ``require_baseline=False``: a learnt model's number means little without
@@ -32,8 +33,12 @@ the model table.
 
 The folder is self-contained (relative paths, inline CSS, no script, nothing fetched) and
 deterministic: no timestamps, models in the order given, files named from model names, so the
-same inputs give byte-identical files. It is built in a temporary sibling folder and renamed
-into place, so a killed report stage leaves the previous report, never half of a new one.
+same inputs give byte-identical files. What differs from build to build by nature, training
+wall times and MLflow run ids, goes to ``runs.mlflow.html``/``.csv`` beside the report (linked
+from it): ``.dvcignore`` leaves ``*.mlflow.*`` out of the folder's DVC hash, so a rebuild from
+the same inputs keeps the hash and the runs stay where they belong, in MLflow. It is built in
+a temporary sibling folder and renamed into place, so a killed report stage leaves the
+previous report, never half of a new one.
 
 Overlays come from :mod:`microseg.report.instance_overlays`; the HTML/Markdown rendering
 from :mod:`microseg.report.document`.
@@ -72,7 +77,7 @@ from microseg.report.instance_overlays import Overlay, slug
 from microseg.report.instance_overlays import (
     best_worst_overlays as best_worst_overlays,  # re-export
 )
-from microseg.utils.atomic import atomic_path
+from microseg.utils.atomic import atomic_path, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +245,7 @@ def _descriptions_table(results: Sequence[ModelResult]) -> Table | None:
 def _models_table(results: Sequence[ModelResult], columns: Sequence[Column]) -> Table:
     best = {c.key: best_value([r.metrics.get(c.key) for r in results], c.higher_is_better)
             for c in columns}  # fmt: skip
-    header = ["model", *(c.header for c in columns), "train time", "params", "MLflow run"]
+    header = ["model", *(c.header for c in columns), "params"]
     rows = []
     for r in results:
         cells: list[tuple[str, str | None, bool]] = [(_model_label(r), None, False)]
@@ -248,12 +253,58 @@ def _models_table(results: Sequence[ModelResult], columns: Sequence[Column]) -> 
             v = r.metrics.get(c.key)
             bold = best[c.key] is not None and not is_missing(v) and float(v) == best[c.key]
             cells.append((format_number(v, c.digits), None, bold))
-        cells.append((fmt_seconds(r.train_seconds), None, False))
         cells.append((fmt_params(r.n_params), None, False))
-        run = r.mlflow_run_id[:12] if r.mlflow_run_id else ("run" if r.mlflow_url else "—")
-        cells.append((run, r.mlflow_url, False))
         rows.append(cells)
     return Table(header, rows, ["baseline" if r.baseline else "" for r in results])
+
+
+#: this build's training times and MLflow runs (``*.mlflow.*``: outside the DVC hash)
+RUNS_PAGE = "runs.mlflow.html"
+RUNS_CSV = "runs.mlflow.csv"
+
+
+def _has_runs(results: Sequence[ModelResult]) -> bool:
+    return any(r.train_seconds is not None or r.mlflow_run_id or r.mlflow_url for r in results)
+
+
+def _write_runs(results: Sequence[ModelResult], out_dir: Path, title: str) -> None:
+    """``runs.mlflow.html``/``.csv``: per model its training time and MLflow run (linked)."""
+    rows, table_rows = [], []
+    for r in results:
+        run = r.mlflow_run_id or ("run" if r.mlflow_url else "—")
+        table_rows.append(
+            [
+                (_model_label(r), None, False),
+                (fmt_seconds(r.train_seconds), None, False),
+                (run, r.mlflow_url, False),
+            ]
+        )
+        rows.append(
+            {
+                "model": r.name,
+                "train_seconds": r.train_seconds,
+                "mlflow_run_id": r.mlflow_run_id,
+                "mlflow_url": r.mlflow_url,
+            }
+        )
+    doc = Doc()
+    doc.html.append(f"<h1>{html.escape(title)}: runs of this build</h1>")
+    doc.para(
+        "Training wall time and MLflow run of each model, as this build found them. They "
+        "differ from build to build, so they are kept out of the report's DVC hash.",
+        "legend",
+    )
+    classes = ["baseline" if r.baseline else "" for r in results]
+    doc.table(Table(["model", "train time", "MLflow run"], table_rows, classes))
+    doc.links([("the report", "index.html")])
+    body = "\n".join(doc.html)
+    write_text(
+        out_dir / RUNS_PAGE,
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        f"<title>{html.escape(title)}: runs</title>\n<style>\n{CSS}\n</style>\n</head>\n"
+        f"<body>\n{body}\n</body>\n</html>\n",
+    )
+    write_text(out_dir / RUNS_CSV, pd.DataFrame(rows).to_csv(index=False))
 
 
 def _frame_table(
@@ -388,6 +439,8 @@ def build_report(
             + ". Best per column in bold; lower is better for ARE, VOI and ECE.",
             "legend",
         )
+        if _has_runs(results):
+            doc.links([("training times and MLflow runs of this build", RUNS_PAGE)])
         described = _descriptions_table(results)
         if described is not None:
             doc.table(described)
@@ -400,10 +453,7 @@ def build_report(
                     "description": r.description,
                     **{f"detail_{k}": v for k, v in r.details.items()},
                     **{k: r.metrics[k] for k in sorted(r.metrics)},
-                    "train_seconds": r.train_seconds,
                     "n_params": r.n_params,
-                    "mlflow_run_id": r.mlflow_run_id,
-                    "mlflow_url": r.mlflow_url,
                 }
             )
         pd.DataFrame(rows).to_csv(tmp / "models.csv", index=False)
@@ -488,7 +538,7 @@ def build_report(
             doc.heading("Curves")
             doc.figures(figs)
 
-        # per model: overlays, run link, per-image table
+        # per model: overlays, per-image table
         if any(r.overlays for r in results):
             (tmp / "overlays").mkdir()
         doc.heading("Models one by one")
@@ -498,13 +548,6 @@ def build_report(
                 doc.para(r.description)
             if r.details:
                 doc.para(_details_text(r), "legend")
-            links = []
-            if r.mlflow_url:
-                links.append((f"MLflow run {r.mlflow_run_id or ''}".strip(), r.mlflow_url))
-            if links:
-                doc.links(links)
-            elif r.mlflow_run_id:
-                doc.para(f"MLflow run id: {r.mlflow_run_id}")
             items = []
             seen: dict[str, int] = {}
             for o in r.overlays:
@@ -525,6 +568,8 @@ def build_report(
         )
         (tmp / "index.html").write_text(page, encoding="utf-8")
         (tmp / "index.md").write_text("\n".join(doc.md), encoding="utf-8")
+    if _has_runs(results):
+        _write_runs(results, out_dir, title)
     logger.info("benchmark report of %d models written to %s", len(results), out_dir)
     return out_dir / "index.html"
 

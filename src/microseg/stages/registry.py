@@ -3,12 +3,20 @@
 ``register`` logs the pyfunc into the active stage run and registers it as a new version of
 ``registry.<task>.name`` with its evaluation metrics, lineage tags and the alias
 ``challenger``; ``promote`` moves ``champion`` to the challenger only when the policy
-(``metric``, ``min_delta``, validation passed) says so, or when a person forces it. Both write
-``reports/registry/<task>.json`` so DVC sees what happened and ``batch_eval`` reruns after it.
+(``metric``, ``min_delta``, validation passed) says so, or when a person forces it.
+
+Two records per task: ``reports/registry/<task>.json``, the stage's DVC output, says *what*
+was registered (model name, metric and value, whether the data checks passed, the md5 of every
+file the packaged model is built from): the same models give the same bytes, so a clone that
+pulls them finds the stage up to date, and ``batch_eval`` reruns when the model changes.
+``reports/registry/<task>.mlflow.json`` says what MLflow made of it (version, model URI,
+promotion decision with its time and actor): store state, outside the DVC hash
+(``.dvcignore``), and always also in MLflow itself.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -39,6 +47,34 @@ def _metrics(path: Path) -> dict[str, Any]:
         raise MissingFileError("evaluation metrics missing; run the evaluation stage first", path)
     flat = flatten(json.loads(path.read_text()))
     return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def mlflow_record(task: str) -> Path:
+    """Where the register and promote stages record MLflow's side (version, URI, decision)."""
+    return REGISTRY_DIR / f"{task}.mlflow.json"
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sources(params: Params, task: str) -> dict[str, str]:
+    """``{path: md5}`` of the files the task's packaged model is built from."""
+    from microseg.stages import cells, fusion, punet, spines
+
+    if task == "spines":
+        paths = [spines.YOLO_MODEL_DIR / "best.pt", punet.MODEL_DIR / "best.pt", fusion.TUNED]
+    else:
+        folder = cells.MODELS_ROOT / params.registry.nuclei_model
+        paths = [folder / "best.pt"]
+        chosen = cells.REPORTS_ROOT / params.registry.nuclei_model / cells.POSTPROCESS_FILE
+        if chosen.is_file():
+            paths.append(chosen)
+    return {Path(p).as_posix(): _md5(Path(p)) for p in paths if Path(p).is_file()}
 
 
 def _validation_passed(params: Params, dataset: str) -> bool:
@@ -114,6 +150,7 @@ def register_stage(params: Params, task: str) -> dict[str, Any]:
     info, metrics, section, dataset = (_log_spines if task == "spines" else _log_nuclei)(params)
     log_eval_metrics(metrics, info.model_id)
     cfg = getattr(params.registry, task)
+    validated = _validation_passed(params, dataset)
     version = register_version(
         info.model_uri,
         cfg.name,
@@ -123,17 +160,21 @@ def register_stage(params: Params, task: str) -> dict[str, Any]:
             "dataset_md5": data_md5(),
             "params_hash": params_hash(section),
         },
-        _validation_passed(params, dataset),
+        validated,
     )
     out = {
         "name": cfg.name,
-        "version": int(version.version),
-        "model_uri": info.model_uri,
         "metric": cfg.metric,
         "value": metrics.get(cfg.metric),
+        "validated": validated,
+        "sources": _sources(params, task),
     }
     write_json(REGISTRY_DIR / f"{task}.json", out)
-    return out
+    write_json(
+        mlflow_record(task),
+        {"name": cfg.name, "version": int(version.version), "model_uri": info.model_uri},
+    )
+    return out | {"version": int(version.version), "model_uri": info.model_uri}
 
 
 def run_register(params: Params, task: str) -> StageResult:
@@ -166,9 +207,8 @@ def promote_stage(
 ) -> dict[str, Any]:
     """Apply the promotion policy of ``registry.<task>`` to the challenger (or ``version``).
 
-    ``record``: add the decision to ``reports/registry/<task>.json``. Only the register stage
-    should: a promotion by hand that rewrote that output made DVC re-run the registration
-    (a duplicate version) on the next ``dvc repro``."""
+    ``record``: add the decision to ``reports/registry/<task>.mlflow.json`` (see the module
+    notes). Only the register stage should: the record is of what that stage did."""
     from microseg.registry.promotion import promote
 
     _task(task)
@@ -185,7 +225,7 @@ def promote_stage(
         version=None if version is None else str(version),
     )
     if record:
-        path = REGISTRY_DIR / f"{task}.json"
+        path = mlflow_record(task)
         entry = json.loads(path.read_text()) if path.is_file() else {}
         entry["promotion"] = decision.as_dict()
         write_json(path, entry)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from microseg.models.yolo import (
     offline_guards,
     run_state,
 )
-from microseg.models.yolo.runs import network_classes
+from microseg.models.yolo.runs import FIXED_DATE, _load_ckpt, network_classes
 from microseg.train.hooks import EarlyStopping, HookBase
 
 
@@ -278,6 +280,8 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
     last = tmp_path / "runs" / "train" / "weights" / "last.pt"
     assert is_resumable(last)
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 0
+    # not normalised while resumable: Ultralytics resumes from these paths
+    assert str(tmp_path) in (last.parent.parent / "args.yaml").read_text()
     rec = Recorder()
     result = YoloSpineDetector.build("n").fit(data, tmp_path / "runs", epochs=3, hooks=rec, **TINY)
     assert result.resumed and not is_resumable(result.last)
@@ -285,6 +289,8 @@ def test_interrupted_run_resumes_from_last_checkpoint(tmp_path):
     assert rec.named("before_train")[0][1]["start_epoch"] == 1
     rows = (result.save_dir / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + 3  # header + every epoch once
+    assert "time" not in rows[0].split(",") and (result.save_dir / "timing.json").is_file()
+    assert str(tmp_path) not in (result.save_dir / "args.yaml").read_text()
 
 
 def test_a_hook_can_stop_training_early(tmp_path):
@@ -322,3 +328,43 @@ def test_same_seed_same_weights(trained, tmp_path):
     b = YoloSpineDetector.load(again.last).yolo.model.state_dict()
     assert a.keys() == b.keys() and len(a) > 100
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _md5s(folder: Path) -> dict[str, str]:
+    """md5 of every file under ``folder`` (but ``timing.json``: DVC ignores it), by path."""
+    return {
+        f.relative_to(folder).as_posix(): hashlib.md5(f.read_bytes()).hexdigest()
+        for f in sorted(folder.rglob("*"))
+        if f.is_file() and f.name != "timing.json"
+    }
+
+
+def test_same_training_twice_writes_the_same_bytes(tmp_path, train_twice):
+    """The run folder is a DVC output: trained again elsewhere and later, with the same seed,
+    every file has the same bytes (no absolute paths, dates, git record or wall-clock times),
+    and the normalised checkpoints still load, predict and tell a finished run."""
+    data = _blob_dataset(tmp_path / "data")
+    a, b = train_twice("yolo", data, {"epochs": 2, "patience": 50, **TINY})
+    assert a.save_dir != b.save_dir
+    md5 = _md5s(a.save_dir.parent)
+    expected = {"args.yaml", "results.csv", "weights/last.pt", "weights/best.pt"}
+    assert {f"train/{f}" for f in expected} <= md5.keys()
+    assert md5 == _md5s(b.save_dir.parent)
+
+    assert str(tmp_path) not in (a.save_dir / "args.yaml").read_text()
+    ckpt = _load_ckpt(a.best)
+    assert ckpt["date"] == FIXED_DATE and "git" not in ckpt
+    assert "time" not in ckpt["train_results"]
+    assert str(tmp_path) not in repr(ckpt["train_args"]) + repr(ckpt["model"].args)
+    assert ckpt["train_args"]["data"] == "../data/data.yaml"
+    assert "time" not in (a.save_dir / "results.csv").read_text().splitlines()[0].split(",")
+    timing = json.loads((a.save_dir / "timing.json").read_text())
+    assert [e["epoch"] for e in timing["epochs"]] == [1, 2] and timing["seconds"] > 0
+
+    assert run_state(a.last) == "finished" and not is_resumable(a.best)
+    det = YoloSpineDetector.load(a.best)
+    assert len(det.predict([np.zeros((64, 64), np.uint8)], conf=0.01)) == 1
+    again = YoloSpineDetector.build("n").fit(data, tmp_path / "a", epochs=2, patience=50, **TINY)
+    assert again.already_finished and again.best == a.best
+    assert _md5s(a.save_dir.parent) == md5  # a finished run is left as it is
+    assert len(again.metrics) > 0  # read back from the normalised checkpoint

@@ -11,7 +11,9 @@ No MLflow and no CLI here: logging reaches training through ``hooks``
 Resume: a run lives in ``<out_dir>/<name>/``; an interrupted one (:func:`.runs.run_state`)
 is continued by :meth:`YoloSpineDetector.fit` with Ultralytics' ``resume`` (same arguments,
 from the next epoch); a finished run is not trained again; anything else starts fresh.
-Ultralytics is kept offline while it trains (:func:`.runs.offline_guards`).
+Ultralytics is kept offline while it trains (:func:`.runs.offline_guards`). A run that
+finishes is normalised (:func:`.runs.normalise_run`: no absolute paths, dates or wall-clock
+times in its files), so the same training leaves the same bytes.
 
 Channels: images are uint8 ``HxW`` (greyscale, replicated to three channels) or ``HxWx3``
 with channels in dataset order (for 2.5D: planes ``z-1, z, z+1``, as written to the PNGs).
@@ -37,6 +39,7 @@ from microseg.models.yolo.runs import (
     _load_ckpt,
     is_resumable,
     network_classes,
+    normalise_run,
     offline_guards,
     run_state,
     ultralytics_args,
@@ -54,6 +57,7 @@ __all__ = [
     "is_resumable",
     "native_imgsz",
     "network_classes",
+    "normalise_run",
     "offline_guards",
     "run_state",
     "ultralytics_args",
@@ -304,6 +308,8 @@ class YoloSpineDetector:
         finally:  # Ultralytics caches its label scan inside the dataset (a DVC output)
             for cache in set(data_yaml.parent.rglob("*.cache")) - caches_before:
                 cache.unlink(missing_ok=True)
+        if run_state(last) == "finished":  # an interrupted run keeps what resume needs
+            normalise_run(save_dir)
         self.yolo = model
         metrics = {}
         trainer = getattr(model, "trainer", None)

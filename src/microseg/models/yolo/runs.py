@@ -16,19 +16,30 @@ Safety: Ultralytics pickles its whole network into a ``.pt``, and loads it with
 name only ``nn.Module`` classes of torch or Ultralytics (and its argument namespace); nothing
 of it runs while checking. We then load it ourselves with ``weights_only=True`` and those
 classes allowed.
+
+Same bytes: a finished run is rewritten in place by :func:`normalise_run` so that the same
+training, run again elsewhere or later, leaves the same files (the run folder is a DVC
+output): absolute paths in ``args.yaml`` and in the checkpoints become relative to the run
+folder's parent, the checkpoints' ``date`` is fixed and their ``git`` record dropped, and the
+wall-clock ``time`` column of ``results.csv`` moves to ``timing.json`` (ignored by DVC).
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import importlib.util
+import io
+import json
 import logging
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from microseg.errors import ConfigError, DataFormatError
+from microseg.utils.atomic import write_text, write_torch
 
 log = logging.getLogger(__name__)
 
@@ -164,3 +175,92 @@ def offline_guards() -> Iterator[None]:
     finally:
         for mod, name, old in saved:
             setattr(mod, name, old)
+
+
+#: the ``date`` of a normalised checkpoint (Ultralytics stamps the moment it saved)
+FIXED_DATE = "1970-01-01T00:00:00+00:00"
+#: checkpoint keys that record the host rather than the run (``git``: the checkout's root
+#: folder, branch and commit), dropped by :func:`normalise_run`
+HOST_KEYS = ("git",)
+#: the wall-clock column of Ultralytics' ``results.csv`` (seconds since training started)
+TIME_COLUMN = "time"
+#: where :func:`normalise_run` keeps those times (ignored by DVC, as the engine's)
+TIMING = "timing.json"
+
+
+def _relative(value: Any, base: Path) -> Any:
+    """``value`` relative to ``base`` when it is an absolute path string, else unchanged."""
+    if not isinstance(value, str) or not os.path.isabs(value):
+        return value
+    try:
+        return Path(os.path.relpath(value, base)).as_posix()
+    except ValueError:  # another drive (Windows): no relative path, keep the name only
+        return Path(value).name
+
+
+def _relative_args(args: Any, base: Path) -> Any:
+    """Training arguments (a dict or Ultralytics' namespace) with paths relative to ``base``."""
+    if isinstance(args, dict):
+        return {k: _relative(v, base) for k, v in args.items()}
+    if hasattr(args, "__dict__"):  # IterableSimpleNamespace of an unstripped checkpoint
+        for k, v in vars(args).items():
+            setattr(args, k, _relative(v, base))
+    return args
+
+
+def _normalise_ckpt(path: Path, base: Path) -> None:
+    """Rewrite the checkpoint ``path`` without its date, host record or absolute paths."""
+    ckpt = _load_ckpt(path)  # vetted, weights_only
+    ckpt["date"] = FIXED_DATE
+    for key in HOST_KEYS:
+        ckpt.pop(key, None)
+    if "train_args" in ckpt:
+        ckpt["train_args"] = _relative_args(ckpt["train_args"], base)
+    for key in ("model", "ema"):  # the network keeps its own copy of the arguments
+        net = ckpt.get(key)
+        if net is not None and getattr(net, "args", None) is not None:
+            net.args = _relative_args(net.args, base)
+    results = ckpt.get("train_results")
+    if isinstance(results, dict):
+        ckpt["train_results"] = {k: v for k, v in results.items() if k != TIME_COLUMN}
+    write_torch(path, ckpt)
+
+
+def _move_times(results: Path, timing: Path) -> None:
+    """Drop ``results.csv``'s wall-clock column, writing its times to ``timing.json``
+    (``{"seconds": total, "epochs": [{"epoch": n, "elapsed_seconds": t}]}``, epochs as
+    Ultralytics numbers them there, from 1). Nothing happens once the column is gone."""
+    rows = list(csv.reader(io.StringIO(results.read_text(encoding="utf-8"))))
+    if not rows or TIME_COLUMN not in rows[0]:
+        return
+    col = rows[0].index(TIME_COLUMN)
+    epochs = []
+    for row in rows[1:]:
+        with contextlib.suppress(ValueError, IndexError):
+            epochs.append({"epoch": int(float(row[0])), "elapsed_seconds": float(row[col])})
+    seconds = epochs[-1]["elapsed_seconds"] if epochs else 0.0
+    write_text(timing, json.dumps({"seconds": seconds, "epochs": epochs}, indent=1))
+    kept = "".join(",".join(v for i, v in enumerate(row) if i != col) + "\n" for row in rows if row)
+    write_text(results, kept)
+
+
+def normalise_run(save_dir: Path) -> None:
+    """Make a finished run's folder the same bytes for the same training (see module notes).
+
+    Only for a finished run: an interrupted one must keep its absolute paths and its state to
+    resume. Paths become relative to ``save_dir.parent`` (the ``out_dir`` of
+    :meth:`~microseg.models.yolo.YoloSpineDetector.fit`); running it again changes nothing.
+    """
+    import yaml
+
+    save_dir = Path(save_dir)
+    base = save_dir.parent
+    args_yaml = save_dir / "args.yaml"
+    if args_yaml.is_file():
+        args = _relative_args(yaml.safe_load(args_yaml.read_text(encoding="utf-8")) or {}, base)
+        write_text(args_yaml, yaml.safe_dump(args, sort_keys=False, allow_unicode=True))
+    for ckpt in sorted((save_dir / "weights").glob("*.pt")):
+        _normalise_ckpt(ckpt, base)
+    results = save_dir / "results.csv"
+    if results.is_file():
+        _move_times(results, save_dir / TIMING)
