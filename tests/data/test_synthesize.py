@@ -70,3 +70,42 @@ def test_tracking_files_are_byte_identical_for_a_seed(
     assert any(k.endswith(".tif") for k in _digest(again))
     other = write_tracking(tiny_tracking_cfg.model_copy(update={"seed": 12}), tmp_path / "other")
     assert _digest(other) != _digest(again)
+
+
+def _write_with_blas_kernel(kind: str, cfg, out: Path, coretype: str) -> dict[str, str]:
+    """Generate in a fresh process whose OpenBLAS runs another CPU's kernels."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from pathlib import Path\n"
+        "from microseg.config import SynthSpinesConfig, SynthTrackingConfig\n"
+        "from microseg.data.synthesize import write_spines, write_tracking\n"
+        f"cfg = json.loads({cfg.model_dump_json()!r})\n"
+        f"if {kind!r} == 'spines': write_spines(SynthSpinesConfig(**cfg), Path(sys.argv[1]))\n"
+        "else: write_tracking(SynthTrackingConfig(**cfg), Path(sys.argv[1]))\n"
+    )
+    env = {**os.environ, "OPENBLAS_CORETYPE": coretype}
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True, env=env)
+    return _digest(out)
+
+
+def test_same_bytes_with_another_cpus_blas_kernels(
+    tiny_spines_master: Path,
+    tiny_spines_cfg: SynthSpinesConfig,
+    tiny_tracking_master: Path,
+    tiny_tracking_cfg: SynthTrackingConfig,
+    tmp_path: Path,
+) -> None:
+    """Another machine is another CPU: OpenBLAS picks its kernels by CPU and their last bits
+    differ. The spine coordinates once reached the CSVs in full precision, so the same seed
+    wrote other bytes on a Haswell than on a SkylakeX; now every file must match."""
+    for coretype in ("Haswell", "Sandybridge"):
+        spines = _write_with_blas_kernel("spines", tiny_spines_cfg, tmp_path / coretype, coretype)
+        assert spines == _digest(tiny_spines_master), coretype
+        tracking = _write_with_blas_kernel(
+            "tracking", tiny_tracking_cfg, tmp_path / f"t{coretype}", coretype
+        )
+        assert tracking == _digest(tiny_tracking_master), coretype

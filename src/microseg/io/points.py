@@ -115,8 +115,16 @@ def read_points(
     return df.reset_index(drop=True)
 
 
+#: CSV precision of floats: a millionth of a voxel is far below any annotation's accuracy,
+#: and the last digits of a full repr differ between CPUs (OpenBLAS picks its kernels by CPU:
+#: the synthetic spines' coordinates changed in the 16th digit on Haswell against SkylakeX
+#: kernels), so full precision would make the same seed write other bytes on another machine
+FLOAT_FORMAT = "%.6f"
+
+
 def write_points(path: str | Path, df: pd.DataFrame) -> Path:
-    """Write points atomically as CSV with ``x, y, z`` first, extra columns after, no index."""
+    """Write points atomically as CSV with ``x, y, z`` first, extra columns after, no index;
+    floats with :data:`FLOAT_FORMAT`."""
     path = Path(path)
     missing = [c for c in ("x", "y", "z") if c not in df.columns]
     if missing:
@@ -125,5 +133,5 @@ def write_points(path: str | Path, df: pd.DataFrame) -> Path:
         )
     extras = [c for c in df.columns if c not in AXES]
     with atomic_path(path) as tmp:
-        df[["x", "y", "z", *extras]].to_csv(tmp, index=False)
+        df[["x", "y", "z", *extras]].to_csv(tmp, index=False, float_format=FLOAT_FORMAT)
     return path
