@@ -45,6 +45,24 @@ def test_entry_point_and_imports() -> None:
     assert callable(main) and isinstance(app, typer.Typer)
 
 
+def test_version_names_the_package_python_and_torch() -> None:
+    import platform
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from microseg.cli import app
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0, res.output
+    expected = (
+        f"microseg {version('microseg')} (python {platform.python_version()}, "
+        f"torch {version('torch')})"
+    )
+    assert res.output.strip() == expected
+    assert CliRunner().invoke(app, []).exit_code in (0, 2)  # no args: help, as before
+
+
 def test_no_cli_module_over_250_lines() -> None:
     sizes = {p.name: len(p.read_text().splitlines()) for p in (SRC / "cli").glob("*.py")}
     assert sizes and not {name: n for name, n in sizes.items() if n > 250}, sizes

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import sys
+from typing import Annotated
 
 import typer
 
@@ -55,6 +57,37 @@ for _name, _fn in COMMANDS:
     app.command(_name)(_fn)
 
 
+def version_line() -> str:
+    """``microseg X (python Y, torch Z)``: what a bug report needs, without importing torch."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"microseg {of('microseg')} (python {platform.python_version()}, torch {of('torch')})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """Reproducible microscopy segmentation and detection (DVC + MLflow)."""
+
+
 def main() -> None:
     logging.basicConfig(
         level=os.environ.get("MICROSEG_LOG", "INFO"),
@@ -69,4 +102,4 @@ def main() -> None:
         sys.exit(2)
 
 
-__all__ = ["app", "main"]
+__all__ = ["app", "main", "version_line"]
