@@ -70,9 +70,9 @@ benchmark: env
 	dvc repro
 	microseg where
 
-# The demo's models retrained with two more seeds (after make demo, on 2 cores: nuclei 16 min,
-# spines and tracking as DVC experiments ~20 min): metrics/seeds*.json, the spread the README
-# states beside the demo's one seed.
+# The demo's models retrained with two more seeds after make demo: metrics/seeds*.json, the
+# spread the README states beside the demo's one seed. Measured on a 2-core machine with a test
+# run beside it: nuclei 35 min, spines 30 min, tracking 5 min (DVC experiments, run cache).
 seeds: env
 	microseg seeds --task all --jobs 2
 
