@@ -34,12 +34,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from microseg.config import Params
 from microseg.errors import ConfigError, MicrosegError, MissingFileError
 from microseg.stages.common import write_json
+from microseg.stages.seeds import spread_stats
 from microseg.train.engine import EngineConfig
+from microseg.utils.convert import flatten
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +109,13 @@ def demo_seed(params: Params, spread: PipelineSpread) -> int:
     return values.pop()
 
 
-def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+def flatten_numbers(tree: Mapping[str, Any]) -> dict[str, float]:
     """``a.b.c -> number`` for every numeric leaf (booleans excluded)."""
-    out: dict[str, float] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            out.update(flatten_numbers(v, f"{key}."))
-        elif isinstance(v, int | float) and not isinstance(v, bool):
-            out[key] = float(v)
-    return out
+    return {
+        k: float(v)
+        for k, v in flatten(tree).items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def select(flat: Mapping[str, float], patterns: Sequence[str]) -> dict[str, float]:
@@ -131,17 +128,6 @@ def select(flat: Mapping[str, float], patterns: Sequence[str]) -> dict[str, floa
     return keep
 
 
-def _stats(values: Sequence[float]) -> dict[str, Any]:
-    a = np.asarray(values, dtype=float)
-    return {
-        "per_seed": [round(float(v), 4) for v in a],
-        "mean": float(a.mean()),
-        "sd": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
-        "min": float(a.min()),
-        "max": float(a.max()),
-    }
-
-
 def summarise(
     runs: Mapping[int, Mapping[str, float]], baseline: str | None = None
 ) -> dict[str, Any]:
@@ -149,14 +135,14 @@ def summarise(
     ``baseline`` row, per other row's measure the per-seed difference to the baseline's."""
     seeds = sorted(runs)
     keys = sorted(set.intersection(*(set(runs[s]) for s in seeds)))
-    out: dict[str, Any] = {"measures": {k: _stats([runs[s][k] for s in seeds]) for k in keys}}
+    out: dict[str, Any] = {"measures": {k: spread_stats([runs[s][k] for s in seeds]) for k in keys}}
     if baseline:
         diffs = {}
         for k in keys:
             row, _, measure = k.partition(".")
             ref = f"{baseline}.{measure}"
             if row != baseline and ref in keys:
-                diffs[k] = _stats([runs[s][k] - runs[s][ref] for s in seeds])
+                diffs[k] = spread_stats([runs[s][k] - runs[s][ref] for s in seeds])
         out["diff_to_baseline"] = diffs
     return out
 

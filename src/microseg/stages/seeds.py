@@ -14,6 +14,7 @@ few demo budgets, so the demo shows the committed spread beside its one seed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,9 @@ def _group_means(per_image: pd.DataFrame, value: str = "f1_50") -> dict[str, flo
     return out
 
 
-def _stats(values: np.ndarray) -> dict[str, Any]:
+def spread_stats(values: Sequence[float] | np.ndarray) -> dict[str, Any]:
+    """Per-seed values (rounded) with their mean, sample sd, min and max."""
+    values = np.asarray(values, dtype=float)
     return {
         "per_seed": [round(float(v), 4) for v in values],
         "mean": float(values.mean()),
@@ -124,8 +127,8 @@ def summarise(
         row: dict[str, Any] = {"seeds": seeds, "groups": {}}
         for g in sorted({g for m in means.values() for g in m}):
             have = [s for s in seeds if g in means[s]]
-            row["groups"][g] = _stats(np.array([means[s][g] for s in have])) | {
-                "diff": _stats(np.array([diffs[s][g] for s in have]))
+            row["groups"][g] = spread_stats([means[s][g] for s in have]) | {
+                "diff": spread_stats([diffs[s][g] for s in have])
             }
         row["diff_to_baseline"] = row["groups"]["all"]["diff"]
         out[name] = row
