@@ -16,7 +16,6 @@ promotion decision with its time and actor): store state, outside the DVC hash
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -54,14 +53,6 @@ def mlflow_record(task: str) -> Path:
     return REGISTRY_DIR / f"{task}.mlflow.json"
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _sources(params: Params, task: str) -> dict[str, str]:
     """``{path: md5}`` of the files the task's packaged model is built from."""
     from microseg.stages import cells, fusion, punet, spines
@@ -74,7 +65,9 @@ def _sources(params: Params, task: str) -> dict[str, str]:
         chosen = cells.REPORTS_ROOT / params.registry.nuclei_model / cells.POSTPROCESS_FILE
         if chosen.is_file():
             paths.append(chosen)
-    return {Path(p).as_posix(): _md5(Path(p)) for p in paths if Path(p).is_file()}
+    from microseg.data.ingest import file_md5
+
+    return {Path(p).as_posix(): file_md5(Path(p)) for p in paths if Path(p).is_file()}
 
 
 def _validation_passed(params: Params, dataset: str) -> bool:
