@@ -36,7 +36,7 @@ help:
 # uv from PyPI when missing, then the exact environment from the committed lock.
 $(VENV)/.synced: pyproject.toml uv.lock
 	@$(UV) --version >/dev/null 2>&1 || $(HOST_PY) -m pip install --quiet "uv>=0.5"
-	$(UV) sync --frozen
+	$(UV) sync --frozen --all-extras
 	@touch $@
 
 env: $(VENV)/.synced
