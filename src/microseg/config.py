@@ -124,6 +124,8 @@ class ValidateConfig(_Strict):
 class SpinesEvalConfig(_Strict):
     """How spine detections become points and are scored (all methods share it)."""
 
+    #: the ``datasets`` entry the spine stages train and score on (``data/prepared/<name>``)
+    dataset: str = "spines"
     match_dist_nm: float = 1000.0
     dedup_radius_nm: float = 1500.0
     dedup_mode: Literal["nms", "cluster"] = "nms"
@@ -158,6 +160,8 @@ class YoloTrainConfig(_Strict):
     device: str = "cpu"
     workers: int = 0
     seed: int = 0
+    #: fine-tuning: a YOLO ``.pt`` (or ``models:/name@alias``) to start from instead of random
+    init_from: str | None = None
 
 
 class YoloPredictConfig(_Strict):
@@ -238,6 +242,8 @@ def _default_segmenters() -> dict[str, TrackingSegConfig]:
 
 
 class TrackingConfig(_Strict):
+    #: the ``datasets`` entry (CTC sequences) the tracking stages train and score on
+    dataset: str = "tracking"
     #: model: link the masks of every segmenter; gt: link ground-truth masks with shuffled
     #: ids instead (tests the linker alone; every row then scores the same masks)
     masks: Literal["gt", "model"] = "gt"
@@ -398,6 +404,33 @@ class Params(_Strict):
 
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
+    def task_dataset(self, task: str) -> str:
+        """The ``datasets`` entry a task's stages use: ``cells.dataset`` (nuclei),
+        ``spines.dataset``, ``tracking.dataset``; ``dvc.yaml`` names the same keys."""
+        section = {"nuclei": self.cells, "spines": self.spines, "tracking": self.tracking}
+        if task not in section:
+            raise ConfigError(f"unknown task {task!r}; choose nuclei, spines or tracking")
+        name = section[task].dataset
+        if name not in self.datasets:
+            key = "cells" if task == "nuclei" else task
+            raise ConfigError(
+                f"{key}.dataset is {name!r}, which params.yaml `datasets` does not define "
+                f"(defined: {sorted(self.datasets)}); add it with `microseg dataset add`"
+            )
+        if self.datasets[name].task != task:
+            raise ConfigError(
+                f"dataset {name!r} is a {self.datasets[name].task} dataset, not {task}"
+            )
+        return name
+
+    def prepared_dir(self, task: str) -> Path:
+        """``<paths.prepared>/<the task's dataset>``: what ``ingest`` wrote for it."""
+        return self.paths.prepared / self.task_dataset(task)
+
+    def dataset_source(self, task: str) -> Path:
+        """The native files of the task's dataset (``datasets.<name>.source``)."""
+        return Path(self.datasets[self.task_dataset(task)].source)
+
     def with_device(self, device: str | None) -> Params:
         """A copy whose every training and inference ``device`` is ``device`` (None: self).
 
@@ -459,6 +492,43 @@ def check_device(device: str) -> str:
         return devices.check_device(device)
     except ConfigError:
         raise ConfigError(f"--device expects {devices.SPELLINGS}; got {device!r}") from None
+
+
+#: where the wheel carries the repository's params.yaml (pyproject's hatch force-include)
+PACKAGED_PARAMS = ("defaults", "params.yaml")
+
+
+def packaged_params_path() -> Path | None:
+    """The params.yaml shipped inside the installed package (None in a source checkout)."""
+    from importlib.resources import files
+
+    resource = files("microseg").joinpath(*PACKAGED_PARAMS)
+    return Path(str(resource)) if resource.is_file() else None
+
+
+def source_params_path() -> Path | None:
+    """The repository's params.yaml beside ``src/`` in a source or editable install."""
+    here = Path(__file__).resolve()
+    if here.parents[1].name != "src":  # installed into site-packages: no repository around
+        return None
+    path = here.parents[2] / DEFAULT_PARAMS.name
+    return path if path.is_file() else None
+
+
+def default_params_path() -> Path:
+    """``./params.yaml`` when there is one, else the packaged defaults, else (a source or
+    editable install) the repository's params.yaml: so every command also runs outside the
+    pipeline's folder. Relative paths inside it (``models/``, ``reports/``) still resolve
+    against the working directory."""
+    if DEFAULT_PARAMS.is_file():
+        return DEFAULT_PARAMS
+    for found in (packaged_params_path(), source_params_path()):
+        if found is not None:
+            return found
+    raise MissingFileError(
+        "params file not found here, and this installation carries no default params.yaml",
+        DEFAULT_PARAMS,
+    )
 
 
 def load_params(

@@ -7,37 +7,102 @@ from typing import Annotated
 
 import typer
 
-from microseg.cli._options import DeviceOpt, ParamsOpt, SetOpt, load, parse_voxel
+from microseg.cli._options import (
+    DeviceOpt,
+    ParamsOpt,
+    SetOpt,
+    load,
+    parse_pixel,
+    parse_voxel,
+)
 from microseg.errors import ConfigError
 
 
 def predict(
-    stack: Annotated[Path, typer.Argument(help="3D TIFF stack (ZYX) or a folder of them")],
+    source: Annotated[
+        Path,
+        typer.Argument(help="an image, ZYX stack or time-lapse (TYX, CTC folder), or a folder"),
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="result folder")],
-    model: Annotated[str, typer.Option("--model", "-m", help="yolo or punet")] = "yolo",
-    weights: Annotated[Path | None, typer.Option(help="default: models/<model>/best.pt")] = None,
-    voxel_size: Annotated[
-        str | None, typer.Option(help="z,y,x in nm when the TIFF does not carry it")
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="a cells.models or tracking.segmenters name, yolo, punet, a model file or "
+            "folder, or a models:/ URI (default: yolo; with --task, that task's model)",
+        ),
     ] = None,
+    task: Annotated[
+        str | None,
+        typer.Option("--task", help="nuclei, spines or tracking (default: the model's)"),
+    ] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="model file or folder (default: the pipeline's models/)")
+    ] = None,
+    channel: Annotated[str | None, typer.Option(help="channel index or name")] = None,
+    scene: Annotated[str | None, typer.Option(help="scene index or name")] = None,
+    timepoint: Annotated[int | None, typer.Option(help="timepoint of a time-lapse")] = None,
+    pixel_size: Annotated[
+        str | None, typer.Option(help="y,x (or one value) in µm when the file does not carry it")
+    ] = None,
+    voxel_size: Annotated[
+        str | None, typer.Option(help="spines: z,y,x in nm when the TIFF does not carry it")
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="nuclei label images: tif (OME-TIFF) or ome-zarr")
+    ] = "tif",
+    rois: Annotated[bool, typer.Option("--rois/--no-rois", help="nuclei: ImageJ ROI zip")] = False,
+    geojson: Annotated[
+        bool, typer.Option("--geojson/--no-geojson", help="nuclei: QuPath GeoJSON")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option(help="redo inputs that already have results")] = False,
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     device: DeviceOpt = None,
 ) -> None:
-    """Predict stacks plane by plane (memory does not grow with depth); a folder gives one
-    result folder per stack, and a stack that cannot be read is reported and skipped."""
-    from microseg.stages.predict import predict_stacks
+    """Any model on any input of its task: nuclei label images + object tables, tracking CTC
+    results + track tables, spine points or maps. A folder is resumable (done inputs are
+    skipped, <out>/summary.csv lists each), and an input that cannot be read is named and
+    skipped."""
+    from microseg.stages.predict import PredictOptions, predict_stacks
+    from microseg.stages.predict_inputs import ReadOptions
+    from microseg.stages.predict_result import SaveOptions
 
     params = load(params_path, set_, device)
-    result = predict_stacks(params, stack, out, model, weights, parse_voxel(voxel_size))
+    options = PredictOptions(
+        read=ReadOptions(
+            channel=_index_or_name(channel),
+            scene=_index_or_name(scene),
+            timepoint=timepoint,
+            pixel_size_um=parse_pixel(pixel_size),
+            voxel_size_nm=parse_voxel(voxel_size),
+        ),
+        save=SaveOptions(fmt=fmt, rois=rois, geojson=geojson),
+        overwrite=overwrite,
+    )
+    result = predict_stacks(
+        params, source, out, model, weights, task=task, options=options, device=device
+    )
     if not result.folder:
         typer.echo(result.messages[0])
         return
     for name, error in result.failed:
         typer.secho(f"skipped {name}: {error}", fg=typer.colors.YELLOW, err=True)
-    n = result.n_stacks
-    typer.echo(f"{n - len(result.failed)} of {n} stacks predicted -> {out}")
-    if len(result.failed) == n:
+    n, failed, skipped = result.n_stacks, len(result.failed), len(result.skipped)
+    typer.echo(
+        f"{n - failed} of {n} {result.noun}s predicted ({n - failed - skipped} now, {skipped} "
+        f"earlier), {failed} failed -> {out}"
+    )
+    if failed == n:
         raise typer.Exit(1)
+
+
+def _index_or_name(text: str | None) -> int | str | None:
+    """``--channel 1`` is an index, ``--channel DAPI`` a name."""
+    if text is None:
+        return None
+    return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
 def fuse(

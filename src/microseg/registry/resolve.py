@@ -1,0 +1,170 @@
+"""A registered model as a local folder: ``models:/<name>@<alias>`` -> its files and params.
+
+``microseg predict --model models:/...`` and ``microseg.load("models:/...")`` need what a
+registered version carries (its weights and the config it was logged with), not MLflow's pyfunc
+machinery: the version's files are downloaded once into a cache keyed by the pinned version (a
+version never changes, so the cache needs no invalidation) and its ``MLmodel`` file is read as
+YAML. The pickled python model is never loaded, so nothing of the download is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from microseg.config import Params
+from microseg.errors import DataFormatError, MicrosegError, MissingFileError
+from microseg.utils.atomic import atomic_path
+
+MLMODEL = "MLmodel"
+#: the URI schemes this module resolves (MLflow's model registry and run artifacts)
+SCHEMES = ("models:/", "runs:/")
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A registered model's files on this machine and what it was logged with."""
+
+    uri: str  # as asked (``models:/name@champion``)
+    pinned_uri: str  # the version it resolved to (``models:/name/3``)
+    task: str  # the model's ``metadata["task"]``: nuclei | spines
+    family: str  # ``metadata["model_family"]`` (``yolo+punet-fusion`` for spines)
+    folder: Path  # the downloaded model folder (holds ``MLmodel``)
+    artifacts: dict[str, Path] = field(default_factory=dict)  # artifact key -> local file
+    #: the JSON ``config`` artifact: nuclei ``{family, train, infer, post}``; spines the
+    #: pipeline config (``SpinePipelineConfig``)
+    config: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None
+    version: str | None = None
+
+
+def is_registry_uri(text: str) -> bool:
+    return str(text).startswith(SCHEMES)
+
+
+def cache_root() -> Path:
+    """``$MICROSEG_CACHE/registry``, else ``~/.cache/microseg/registry``."""
+    base = os.environ.get("MICROSEG_CACHE") or Path.home() / ".cache" / "microseg"
+    return Path(base) / "registry"
+
+
+def resolve_registered_model(
+    uri: str, *, params: Params | None = None, cache_dir: Path | None = None
+) -> LocalModel:
+    """Download (once) and read the model at ``uri``; an alias is pinned to its version first.
+
+    ``params`` points MLflow at the configured store (``MLFLOW_TRACKING_URI`` wins, as for
+    every stage); ``cache_dir`` defaults to :func:`cache_root`.
+    """
+    from microseg.registry.batch_predict import resolve_model_uri
+
+    if params is not None:
+        from microseg.registry import runs
+
+        runs.configure(params)
+    try:
+        pinned, name, version = resolve_model_uri(uri)
+    except MicrosegError:
+        raise
+    except Exception as exc:  # the store cannot be reached or read
+        raise MicrosegError(f"could not resolve ({type(exc).__name__}: {exc})", uri) from exc
+    key = [name, version] if name and version else ["uri", _UNSAFE.sub("_", pinned)]
+    folder = (cache_dir or cache_root()).joinpath(*key)
+    if not (folder / MLMODEL).is_file() or not (name and version):
+        _download(pinned, folder)
+    local = read_model_folder(folder, uri=uri)
+    return LocalModel(
+        uri=uri,
+        pinned_uri=pinned,
+        task=local.task,
+        family=local.family,
+        folder=folder,
+        artifacts=local.artifacts,
+        config=local.config,
+        name=name,
+        version=version,
+    )
+
+
+def _download(uri: str, folder: Path) -> None:
+    import mlflow
+
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        try:
+            got = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(tmp)))
+        except Exception as exc:
+            raise MicrosegError(
+                f"could not download the model ({type(exc).__name__}: {exc})", uri
+            ) from exc
+        if not (tmp / MLMODEL).is_file():  # some stores nest the files one folder down
+            nested = got if (got / MLMODEL).is_file() else next(tmp.rglob(MLMODEL)).parent
+            for item in nested.iterdir():
+                item.rename(tmp / item.name)
+
+
+def read_model_folder(folder: str | Path, uri: str | None = None) -> LocalModel:
+    """A downloaded (or ``mlflow.pyfunc.save_model``) model folder: task, family, artifact
+    files and config, read from ``MLmodel`` and the JSON config artifact."""
+    folder = Path(folder)
+    path = folder / MLMODEL
+    if not path.is_file():
+        raise MissingFileError("expected an MLflow model folder with an MLmodel file", folder)
+    try:
+        doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise DataFormatError(f"not valid YAML ({exc})", path) from exc
+    meta = doc.get("metadata") or {}
+    pyfunc = (doc.get("flavors") or {}).get("python_function") or {}
+    artifacts = {
+        key: folder / str(entry.get("path", ""))
+        for key, entry in (pyfunc.get("artifacts") or {}).items()
+        if isinstance(entry, dict)
+    }
+    missing = [k for k, p in artifacts.items() if not p.is_file()]
+    if missing:
+        raise MissingFileError(f"model artifacts {missing} are not in the folder", folder)
+    config: dict[str, Any] = {}
+    if "config" in artifacts:
+        try:
+            config = json.loads(artifacts["config"].read_text())
+        except json.JSONDecodeError as exc:
+            raise DataFormatError(f"config is not JSON ({exc})", artifacts["config"]) from exc
+    task = str(meta.get("task") or "")
+    family = str(meta.get("model_family") or config.get("family") or "")
+    if task == "nuclei":
+        if "family" not in config:  # a U-Net pyfunc logged before families existed
+            config = {"family": "unet", "infer": config, "post": config.get("post")}
+        family = family or str(config["family"])
+        if "weights" not in artifacts and "unet" in artifacts:
+            artifacts["weights"] = artifacts["unet"]
+    if task not in ("nuclei", "spines"):
+        raise DataFormatError(
+            f"expected model metadata 'task' nuclei or spines, found {meta.get('task')!r}", path
+        )
+    return LocalModel(
+        uri=uri or str(folder),
+        pinned_uri=uri or str(folder),
+        task=task,
+        family=family,
+        folder=folder,
+        artifacts=artifacts,
+        config=config,
+    )
+
+
+__all__ = [
+    "SCHEMES",
+    "LocalModel",
+    "cache_root",
+    "is_registry_uri",
+    "read_model_folder",
+    "resolve_registered_model",
+]
