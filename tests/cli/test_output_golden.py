@@ -5,7 +5,7 @@ one temporary working directory with a tiny ``params.yaml`` (tiny synthetic data
 networks, one thread), each on the outputs of the ones before, as ``dvc repro`` chains them.
 Each command's **stdout** (not stderr: progress bars and log lines live there) is normalised
 by :func:`normalise` and compared with ``tests/data/cli_golden/<name>.txt``; ``help.txt``
-holds ``microseg --help``'s list of commands, in order.
+holds ``microseg --help``'s panels and their commands, in order.
 
 Normalisation (so that outputs compare across machines, runs and seeds):
 
@@ -37,7 +37,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from microseg.cli import app
+from microseg.cli import PANELS, app
 
 REPO = Path(__file__).resolve().parents[2]
 GOLDEN = REPO / "tests" / "data" / "cli_golden"
@@ -226,11 +226,13 @@ def check_golden(name: str, text: str) -> None:
 def test_help_lists_every_command_in_order() -> None:
     res = CliRunner().invoke(app, ["--help"], terminal_width=100, env={"COLUMNS": "100"})
     assert res.exit_code == 0, res.output
-    # the names in the Commands panel, one per line (rich boxes and help text stripped)
-    body = res.stdout.split("Commands", 1)[1]
-    names = [m.group(1) for m in re.finditer(r"^│ ([a-z][a-z-]*)\s", body, re.MULTILINE)]
-    assert names, res.stdout
-    check_golden("help", "\n".join(names) + "\n")
+    # each command panel as `[title]`, then its names, one per line (rich boxes, help text
+    # and the Options panel stripped)
+    body = res.stdout.split("╭─ Options ", 1)[1].split("╰", 1)[1]
+    found = re.finditer(r"^╭─ (.+?) ─|^│ ([a-z][a-z-]*)\s", body, re.MULTILINE)
+    lines = [f"[{m.group(1)}]" if m.group(1) else m.group(2) for m in found]
+    assert len(lines) > len(PANELS), res.stdout
+    check_golden("help", "\n".join(lines) + "\n")
 
 
 @pytest.mark.parametrize(

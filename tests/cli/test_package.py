@@ -17,24 +17,34 @@ COMMANDS_BEFORE_SPLIT = [
     "evaluate", "predict", "tune", "fuse", "compare-spines", "uncertainty", "inter-rater",
     "visualize", "register", "promote", "batch-eval", "where",
 ]  # fmt: skip
-#: commands added after the split (issue 15: pack-dsb, profile; issue 16: seeds)
-COMMANDS_ADDED = ["pack-dsb", "profile", "seeds"]
+#: commands added after the split (issue 15: pack-dsb, profile; issue 16: seeds; issue 17:
+#: view, the dataset group)
+COMMANDS_ADDED = ["pack-dsb", "profile", "seeds", "view", "dataset"]
 
 
-def test_help_lists_the_commands_in_the_order_they_had() -> None:
+def test_help_lists_every_command_once_grouped_in_panels() -> None:
+    """Issue 17: help groups the commands by what a user does (cli.PANELS); none is lost."""
     from typer.testing import CliRunner
 
-    from microseg.cli import app
+    from microseg.cli import PANELS, app
 
     group = typer.main.get_command(app)
     commands = group.list_commands(None)
-    # commands added since keep the old ones in their order
-    assert [c for c in commands if c in COMMANDS_BEFORE_SPLIT] == COMMANDS_BEFORE_SPLIT
-    assert set(commands) - set(COMMANDS_BEFORE_SPLIT) == set(COMMANDS_ADDED)
+    extra = set(commands) - set(COMMANDS_BEFORE_SPLIT)
+    assert extra == set(COMMANDS_ADDED)
+    assert set(COMMANDS_BEFORE_SPLIT) <= set(commands)
     out = CliRunner().invoke(app, ["--help"], terminal_width=200).output
-    listed = [line.split()[1] for line in out.splitlines() if line.startswith("│ ") and
-              line.split()[1] in COMMANDS_BEFORE_SPLIT]  # fmt: skip
-    assert listed == COMMANDS_BEFORE_SPLIT
+    panels: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if line.startswith("╭─ "):
+            title = panels.setdefault(line[3:].split(" ─")[0], [])
+        elif line.startswith("│ ") and line[2] != " " and line.split()[1] in commands:
+            title.append(line.split()[1])
+    panels.pop("Options")
+    assert list(panels) == list(PANELS)
+    assert sorted(n for names in panels.values() for n in names) == sorted(commands)
+    for title, names in panels.items():  # in the panel's order, whatever order COMMANDS has
+        assert names == [n for n in PANELS[title] if n in names], title
 
 
 def test_entry_point_and_imports() -> None:

@@ -3,21 +3,38 @@
 ``dvc.yaml``, ``MLproject`` and the workflows call these; no logic lives in YAML or shell.
 A command parses its options, calls one stage function (``microseg.stages``) and prints
 its result. User errors (:class:`~microseg.errors.MicrosegError`) print one clear line and
-exit 2.
+exit 2. ``--help`` groups the commands in panels (:data:`PANELS`); each command also logs to
+its own file, ``logs/<command>[-<key>].log`` (:mod:`microseg.utils.logfile`), and draws
+progress bars only on a terminal (:mod:`microseg.utils.progress`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import inspect
 import logging
 import os
 import platform
+import shlex
 import sys
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
-from microseg.cli import data, evaluation, prediction, profiles, registry, training
+from microseg.cli import (
+    data,
+    datasets,
+    evaluation,
+    prediction,
+    profiles,
+    registry,
+    training,
+    viewing,
+)
 from microseg.errors import MicrosegError
+from microseg.utils import logfile, progress
 
 app = typer.Typer(
     name="microseg",
@@ -27,34 +44,105 @@ app = typer.Typer(
 )
 log = logging.getLogger("microseg")
 
-#: ``microseg --help`` lists the commands in this order
-COMMANDS = (
+#: the panels of ``microseg --help`` and their commands, in the order help lists them
+#: (``view`` and the ``dataset`` group land in theirs once in :data:`COMMANDS`)
+PANELS: dict[str, tuple[str, ...]] = {
+    "Use a model": ("predict", "fuse", "visualize", "view"),
+    "Train and evaluate": (
+        "train", "evaluate", "tune", "report", "seeds", "compare-spines", "uncertainty",
+        "inter-rater", "track",
+    ),
+    "Pipeline stages and data": (
+        "synth", "ingest", "pack-dsb", "validate", "convert", "prepare-targets", "dataset",
+    ),
+    "Registry": ("register", "promote", "batch-eval", "where"),
+    "Setup": ("profile",),
+}  # fmt: skip
+PANEL_OF = {name: panel for panel, names in PANELS.items() for name in names}
+
+#: every command (a function, or a typer sub-app for a group of commands); help shows them
+#: in the order of :data:`PANELS`
+COMMANDS: tuple[tuple[str, Callable[..., Any] | typer.Typer], ...] = (
+    ("predict", prediction.predict),
+    ("fuse", prediction.fuse),
+    ("visualize", prediction.visualize),
+    ("view", viewing.view),
+    ("train", training.train),
+    ("evaluate", evaluation.evaluate),
+    ("tune", training.tune),
+    ("report", evaluation.report),
+    ("seeds", evaluation.seeds),
+    ("compare-spines", evaluation.compare_spines),
+    ("uncertainty", evaluation.uncertainty),
+    ("inter-rater", evaluation.inter_rater),
+    ("track", evaluation.track),
     ("synth", data.synth),
     ("ingest", data.ingest),
     ("pack-dsb", data.pack_dsb),
     ("validate", data.validate),
     ("convert", data.convert),
-    ("train", training.train),
     ("prepare-targets", data.prepare_targets),
-    ("report", evaluation.report),
-    ("track", evaluation.track),
-    ("evaluate", evaluation.evaluate),
-    ("predict", prediction.predict),
-    ("tune", training.tune),
-    ("fuse", prediction.fuse),
-    ("compare-spines", evaluation.compare_spines),
-    ("uncertainty", evaluation.uncertainty),
-    ("inter-rater", evaluation.inter_rater),
-    ("seeds", evaluation.seeds),
-    ("visualize", prediction.visualize),
     ("register", registry.register),
     ("promote", registry.promote),
     ("batch-eval", registry.batch_eval),
     ("where", registry.where),
     ("profile", profiles.profile),
+    ("dataset", datasets.app),
 )
-for _name, _fn in COMMANDS:
-    app.command(_name)(_fn)
+#: the parameters that say what a command works on: given on the command line, their values
+#: and the command's name name its log file (``microseg train --model unet`` ->
+#: ``logs/train-unet.log``; ``microseg synth`` -> ``logs/synth.log``)
+LOG_KEYS = ("target", "dataset", "task", "model", "worker")
+#: set by :func:`main`: only the real command writes log files (not ``CliRunner`` in tests)
+_log_files = False
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _with_log_file(names: tuple[str, ...], fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` as a command that logs to its own file (see :mod:`microseg.utils.logfile`)
+    while it runs; typer hands it the context, which says what was given."""
+    sig = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def run(*args: Any, ctx: typer.Context, **kwargs: Any) -> Any:
+        if not _log_files:
+            return fn(*args, **kwargs)
+        keys = [str(v) for k, v in kwargs.items() if k in LOG_KEYS and _given(ctx, k)]
+        path = logfile.log_path([*names, *keys])
+        with contextlib.ExitStack() as stack:
+            try:
+                header = f"# {version_line()}: microseg {shlex.join(sys.argv[1:])}"
+                stack.enter_context(logfile.attached(path, header=header))
+            except OSError as exc:  # a read-only folder: the command still runs
+                log.warning("no log file %s: %s", path, exc)
+            try:
+                return fn(*args, **kwargs)
+            except (typer.Exit, typer.Abort):
+                raise
+            except Exception as exc:
+                logfile.record_error(exc)
+                raise
+
+    ctx_param = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)
+    run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), ctx_param])
+    run.__annotations__ = {**fn.__annotations__, "ctx": typer.Context}
+    return run
+
+
+_ORDER = {name: i for i, name in enumerate(PANEL_OF)}
+for _name, _cmd in sorted(COMMANDS, key=lambda c: _ORDER.get(c[0], len(_ORDER))):
+    if isinstance(_cmd, typer.Typer):  # a group: each of its commands logs to its own file
+        for _info in _cmd.registered_commands:
+            if _info.callback is not None:
+                _sub = _info.name or _info.callback.__name__.replace("_", "-")
+                _info.callback = _with_log_file((_name, _sub), _info.callback)
+        app.add_typer(_cmd, name=_name, rich_help_panel=PANEL_OF.get(_name))
+    else:
+        app.command(_name, rich_help_panel=PANEL_OF.get(_name))(_with_log_file((_name,), _cmd))
 
 
 def version_line() -> str:
@@ -88,14 +176,26 @@ def _root(
     """Reproducible microscopy segmentation and detection (DVC + MLflow)."""
 
 
-def main() -> None:
+def _configure_logging() -> None:
+    """stderr at ``MICROSEG_LOG`` (default INFO); the command's log file gets INFO and above
+    whatever stderr shows."""
+    stderr = logging.StreamHandler()
+    stderr.setLevel(os.environ.get("MICROSEG_LOG", "INFO").upper())
     logging.basicConfig(
-        level=os.environ.get("MICROSEG_LOG", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=min(stderr.level, logging.INFO), format=logfile.FORMAT, handlers=[stderr]
     )
     for noisy in ("alembic", "mlflow", "great_expectations", "urllib3", "git"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main() -> None:
+    """The ``microseg`` entry point: logging, progress bars (off unless stderr is a
+    terminal), a log file per command, and user errors as one line with exit status 2."""
+    global _log_files
     try:
+        _configure_logging()
+        progress.export_to_tqdm()  # before anything imports tqdm
+        _log_files = True
         app()
     except MicrosegError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)

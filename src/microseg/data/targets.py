@@ -56,6 +56,7 @@ from microseg.data.transforms import (  # noqa: F401  (re-exported: they lived h
 from microseg.errors import DataFormatError, MissingFileError, ShapeMismatchError
 from microseg.io.tiff import read_stack, write_stack
 from microseg.utils.atomic import atomic_path
+from microseg.utils.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def write_targets(
     with atomic_path(out_dir) as tmp:
         for sub in ("images", "targets", "weights", "labels"):
             (tmp / sub).mkdir(parents=True)
-        for item in tqdm(items, total=total, disable=not progress, desc="targets"):
+        for item in tqdm(items, total=total, disable=bar_disabled(progress), desc="targets"):
             sid, labels = item.sample_id, item.labels
             norm = percentile_normalise(item.image, *percentiles)
             if norm.shape[1:] != labels.shape:

@@ -47,6 +47,7 @@ from microseg.infer.fusion import (
 )
 from microseg.io.tiff import TiffStack, open_stack
 from microseg.utils.atomic import atomic_path
+from microseg.utils.progress import bar_disabled
 
 if TYPE_CHECKING:
     from microseg.config import Params
@@ -477,7 +478,7 @@ def predict_folder(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    bar = tqdm(stacks, desc="stacks", unit="stack", disable=not progress)
+    bar = tqdm(stacks, desc="stacks", unit="stack", disable=bar_disabled(progress))
     for stack in bar:
         bar.set_postfix_str(stack.name)
         rdir = out / stack.stem

@@ -36,6 +36,7 @@ from microseg.infer.dedup import dedup_3d
 from microseg.infer.tiling import Fusion, overlap_px, predict_tiled
 from microseg.io.tiff import TiffStack, open_stack
 from microseg.utils.atomic import atomic_path
+from microseg.utils.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ def predict_stack(
             run = partial(detector.predict, **predict_kw)
         frames = []
         starts = range(0, depth, batch_planes)
-        for z0 in tqdm(starts, desc="predict planes", disable=not progress, unit="batch"):
+        for z0 in tqdm(starts, desc="predict planes", disable=bar_disabled(progress), unit="batch"):
             zs = list(range(z0, min(z0 + batch_planes, depth)))
             images = [cache.image(z, channels) for z in zs]
             frames.append(_boxes_frame(zs, run(images)))

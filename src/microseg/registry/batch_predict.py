@@ -27,6 +27,7 @@ from microseg.registry import promotion
 from microseg.registry.batch_inputs import TASKS, shape_text
 from microseg.registry.batch_validation import Validator
 from microseg.utils.atomic import atomic_path
+from microseg.utils.progress import bar_disabled
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -228,7 +229,9 @@ def predict_all(
     predict = _predict_spines if task == "spines" else _predict_nuclei
     outputs: dict[str, pd.DataFrame] = {}
     out_bad: dict[str, list[str]] = {}
-    bar = tqdm(list(good.iterrows()), desc="batch-eval", unit="file", disable=not progress)
+    bar = tqdm(
+        list(good.iterrows()), desc="batch-eval", unit="file", disable=bar_disabled(progress)
+    )
     for _, row in bar:
         bar.set_postfix_str(row["file"])
         clear_output(out_dir / row["sample_id"])

@@ -2,8 +2,9 @@
 
 Every stage run carries the same tags (git commit, stage, dataset, the md5 of ``data.dvc``,
 a hash of the params it read) so that runs can be traced back to code, data and knobs from
-the MLflow UI. The tracking URI comes from ``MLFLOW_TRACKING_URI`` when set (a team server),
-else from ``params.yaml`` (embedded SQLite by default).
+the MLflow UI; a run ends with the command's log file as an artifact (``logs/<file>``). The
+tracking URI comes from ``MLFLOW_TRACKING_URI`` when set (a team server), else from
+``params.yaml`` (embedded SQLite by default).
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ from typing import Any
 import mlflow
 import pandas as pd
 import yaml
+from mlflow.exceptions import MlflowException
 
 from microseg.config import Params
+from microseg.utils import logfile
 from microseg.utils.convert import flatten
 
 log = logging.getLogger(__name__)
@@ -118,16 +121,35 @@ def stage_run(
     with mlflow.start_run(
         experiment_id=exp_id, run_name=run_name or f"{stage}-{dataset}", tags=tags, nested=nested
     ) as run:
-        if section is not None:
-            dumped = (
-                section.model_dump(mode="json", by_alias=True)
-                if hasattr(section, "model_dump")
-                else section
-            )
-            if isinstance(dumped, Mapping):
-                flat = {k: str(v)[:500] for k, v in flatten(dumped).items()}
-                mlflow.log_params(flat)
-        yield run
+        try:
+            if section is not None:
+                dumped = (
+                    section.model_dump(mode="json", by_alias=True)
+                    if hasattr(section, "model_dump")
+                    else section
+                )
+                if isinstance(dumped, Mapping):
+                    flat = {k: str(v)[:500] for k, v in flatten(dumped).items()}
+                    mlflow.log_params(flat)
+            yield run
+        except Exception as exc:  # a failed run keeps its log, error included: then it is read
+            logfile.record_error(exc)
+            raise
+        finally:
+            log_command_log(run.info.run_id)
+
+
+def log_command_log(run_id: str | None = None) -> None:
+    """The command's log file (:mod:`microseg.utils.logfile`), flushed, into run ``run_id``
+    (default: the active run) as ``logs/<file>``; nothing outside ``microseg``. A store that
+    refuses it costs a warning, not the stage."""
+    path = logfile.current()
+    if path is None or not path.is_file():
+        return
+    try:
+        mlflow.log_artifact(str(path), "logs", run_id=run_id)
+    except (OSError, MlflowException) as exc:
+        log.warning("could not attach %s to MLflow run: %s", path, exc)
 
 
 def log_manifest(manifest: pd.DataFrame, source: str | Path, name: str, context: str) -> None:

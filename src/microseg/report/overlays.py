@@ -75,6 +75,7 @@ from microseg.errors import (
 )
 from microseg.io.tiff import open_stack
 from microseg.utils.atomic import atomic_path
+from microseg.utils.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -587,7 +588,7 @@ def render_overlays(
         height, width = shape[1] * cfg.scale, shape[2] * cfg.scale
 
         def rgb_planes(folder: Path) -> Iterator[np.ndarray]:
-            for z in tqdm(planes, desc="overlays", unit="plane", disable=None):
+            for z in tqdm(planes, desc="overlays", unit="plane", disable=bar_disabled()):
                 a, b = np.searchsorted(mark_z, [z - cfg.spread, z + cfg.spread + 1])
                 near = marks.iloc[a:b]
                 rgb = draw_plane(display_plane(stack.plane(z), lo, hi, cfg), near, cfg, z=z)

@@ -42,6 +42,7 @@ from microseg.io.tiff import write_stack
 from microseg.models.punet.network import HEADS, ProbUNet, pad_to_multiple
 from microseg.utils.atomic import write_text
 from microseg.utils.devices import model_device
+from microseg.utils.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +253,7 @@ def predict_stack_punet(
         result.update({k: np.zeros(shape, dtype=np.float32) for k in keys})
     chunk = max(1, min(sample_chunk, n_samples))
     starts = range(0, depth, max(1, batch_planes))
-    for z0 in tqdm(starts, desc="punet planes", disable=not progress or None, leave=False):
+    for z0 in tqdm(starts, desc="punet planes", disable=bar_disabled(progress), leave=False):
         zs = list(range(z0, min(z0 + batch_planes, depth)))
         x = torch.from_numpy(np.stack([reader.window(z) for z in zs])).to(device)
         if tile is None:

@@ -54,6 +54,7 @@ from microseg.models.unet.network import model_in_channels
 from microseg.utils.atomic import atomic_path
 from microseg.utils.devices import model_device
 from microseg.utils.fields import known_fields
+from microseg.utils.progress import bar_disabled
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,9 @@ def predict_dataset(
         raise ConfigError(f"no samples of split {split!r} in {prepared_dir}")
     is_net = isinstance(model, nn.Module)
     records = []
-    for row in tqdm(rows.itertuples(), total=len(rows), disable=not progress, desc="predict"):
+    for row in tqdm(
+        rows.itertuples(), total=len(rows), disable=bar_disabled(progress), desc="predict"
+    ):
         sid = str(row.sample_id)
         image = read_stack(prepared_dir / row.image_path)
         if is_net:

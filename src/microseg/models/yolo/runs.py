@@ -177,6 +177,28 @@ def offline_guards() -> Iterator[None]:
             setattr(mod, name, old)
 
 
+@contextlib.contextmanager
+def quiet_bars(quiet: bool = True) -> Iterator[None]:
+    """Ultralytics' progress bars off while the block runs (``quiet``): they redraw with
+    carriage returns on stdout, one unreadable line in a DVC or CI log. Its ``verbose`` does
+    not reach them; every bar it draws is its ``TQDM``, so that class is switched off."""
+    if not quiet:
+        yield
+        return
+    from ultralytics.utils.tqdm import TQDM
+
+    init = TQDM.__init__
+
+    def silent(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "disable": True})
+
+    TQDM.__init__ = silent
+    try:
+        yield
+    finally:
+        TQDM.__init__ = init
+
+
 #: the ``date`` of a normalised checkpoint (Ultralytics stamps the moment it saved)
 FIXED_DATE = "1970-01-01T00:00:00+00:00"
 #: checkpoint keys that record the host rather than the run (``git``: the checkout's root
