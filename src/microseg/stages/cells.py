@@ -83,7 +83,9 @@ def train_cell_model(
         raise ConfigError(f"cells model {name!r} ({mc.family}) has nothing to train")
     out_dir = out_dir or MODELS_ROOT / name
     start = time.perf_counter()
-    train = params.engine.train_section(mc.train)
+    from microseg.stages.finetune import resolve_init_from
+
+    train = resolve_init_from(params.engine.train_section(mc.train), params, "weights")
     result = family.train(targets_dir(params), out_dir, train, hooks)
     out = {
         "best": dict(result.best),

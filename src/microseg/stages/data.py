@@ -14,6 +14,8 @@ from microseg.errors import ConfigError
 from microseg.stages.result import StageResult, run_stage
 
 SYNTH_TARGETS = ("spines", "tracking")
+#: formats whose samples ``ingest`` splits by ``datasets.<name>.split`` (stratified)
+RATIO_SPLIT_FORMATS = ("dsb2018", "coco", "png_pairs")
 
 
 def dataset_config(params: Params, name: str) -> DatasetConfig:
@@ -89,7 +91,8 @@ def run_validate(params: Params, dataset: str) -> StageResult:
     prepared = params.paths.prepared / dataset
     report_dir = params.paths.reports / "validation" / dataset
     manifest = read_manifest(prepared)
-    split = cfg.split if cfg.format == "dsb2018" else None
+    # formats split by ratio at ingest are checked against the ratios; d3set/CTC keep their own
+    split = cfg.split if cfg.format in RATIO_SPLIT_FORMATS else None
 
     def fn() -> StageResult:
         log_manifest(manifest, prepared, dataset, context="validate")
@@ -148,7 +151,7 @@ def run_convert(params: Params, target: str) -> StageResult:
         fn,
         stage="convert_yolo",
         task="spines",
-        dataset="spines",
+        dataset=params.spines.dataset,
         section=params.yolo.convert,
     )
 

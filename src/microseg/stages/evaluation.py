@@ -53,7 +53,7 @@ def run_evaluate_spines(params: Params, model: str) -> StageResult:
         )
 
     return run_stage(
-        params, evaluate, stage=stage, task="spines", dataset="spines", section=section
+        params, evaluate, stage=stage, task="spines", dataset=params.spines.dataset, section=section
     )
 
 
@@ -109,7 +109,7 @@ def run_evaluate_tracking(params: Params) -> StageResult:
         evaluate,
         stage="evaluate_tracking",
         task="tracking",
-        dataset="tracking",
+        dataset=params.tracking.dataset,
         section=params.tracking,
     )
 
@@ -135,7 +135,7 @@ def run_track(params: Params, name: str | None = None) -> StageResult:
             link,
             stage="track",
             task="tracking",
-            dataset="tracking",
+            dataset=params.tracking.dataset,
             section=section,
             run_name=f"track-{seg}",
             tags={"microseg.model": seg},
@@ -158,7 +158,12 @@ def run_fuse(params: Params) -> StageResult:
         )
 
     return run_stage(
-        params, fuse, stage="fuse", task="spines", dataset="spines", section=params.spines
+        params,
+        fuse,
+        stage="fuse",
+        task="spines",
+        dataset=params.spines.dataset,
+        section=params.spines,
     )
 
 
@@ -177,7 +182,7 @@ def run_compare_spines(params: Params) -> StageResult:
         compare,
         stage="evaluate_spines",
         task="spines",
-        dataset="spines",
+        dataset=params.spines.dataset,
         section=params.spines,
     )
 
@@ -202,7 +207,7 @@ def run_uncertainty(params: Params) -> StageResult:
         maps,
         stage="uncertainty",
         task="spines",
-        dataset="spines",
+        dataset=params.spines.dataset,
         section=params.punet.predict,
     )
 
@@ -224,7 +229,12 @@ def run_inter_rater(params: Params) -> StageResult:
         )
 
     return run_stage(
-        params, compare, stage="inter_rater", task="spines", dataset="spines", section=params.punet
+        params,
+        compare,
+        stage="inter_rater",
+        task="spines",
+        dataset=params.spines.dataset,
+        section=params.punet,
     )
 
 

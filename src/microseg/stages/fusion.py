@@ -48,7 +48,7 @@ def tune_fusion_stage(
 
     cfg = params.fusion
     items = []
-    for s in samples(params.paths.prepared / "spines", "val"):
+    for s in samples(params.prepared_dir("spines"), "val"):
         dets, prob = _item(s, params)
         items.append((dets, prob, s.points(), s.voxel_size_nm))
     # one study per pair of models: resuming never mixes trials scored on other detections
@@ -75,7 +75,7 @@ def fuse_stage(params: Params, out_dir: Path = FUSION_DIR) -> dict[str, Any]:
     from microseg.tune.fusion import read_best_params
 
     fp = read_best_params(TUNED) if TUNED.exists() else FusionParams()
-    (bench,) = samples(params.paths.prepared / "spines", "test")
+    (bench,) = samples(params.prepared_dir("spines"), "test")
     dets, prob = _item(bench, params)
     result = fuse(dets, prob, fp, bench.voxel_size_nm)
     metrics = evaluate_fusion(
@@ -108,7 +108,7 @@ def evaluate_spines(params: Params) -> dict[str, Any]:
     """One table: YOLO alone, Prob-UNet alone, LoG baseline, fusion (benchmark, 1000 nm),
     written to ``metrics/spines.json``."""
     m = params.paths.metrics
-    (bench,) = samples(params.paths.prepared / "spines", "test")
+    (bench,) = samples(params.prepared_dir("spines"), "test")
 
     def load(name: str) -> dict[str, Any]:
         path = m / f"{name}.json"

@@ -30,7 +30,7 @@ HEADS = ("spine", "dendrite")
 
 
 def _source(params: Params) -> Path:
-    return Path(params.datasets["spines"].source)
+    return params.dataset_source("spines")
 
 
 def _targets(sample: Sample) -> dict[str, np.ndarray]:
@@ -47,7 +47,9 @@ def punet_data(params: Params) -> tuple[Path, Path]:
 def punet_section(params: Params) -> dict[str, Any]:
     """``punet.train`` over the engine section (no progress bar unless it asks for one, as
     for every family the stages train through the registry)."""
-    return params.engine.train_section(dict(params.punet.train))
+    from microseg.stages.finetune import resolve_init_from
+
+    return resolve_init_from(params.engine.train_section(dict(params.punet.train)), params, "punet")
 
 
 def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> dict[str, Any]:
@@ -114,7 +116,7 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
     if not weights.exists():
         raise MissingFileError("trained Prob-UNet missing; run `microseg train -m punet`", weights)
     model = load_punet(weights)
-    prepared = params.paths.prepared / "spines"
+    prepared = params.prepared_dir("spines")
     p = params.punet.predict
     probs: dict[str, dict[str, np.ndarray]] = {}
     metrics: dict[str, Any] = {}
@@ -182,7 +184,7 @@ def uncertainty(params: Params, out_dir: Path = UNC_DIR) -> dict[str, Any]:
     """Mean, variance, entropy, MI and aleatoric maps of the benchmark, plus panel figures."""
     from microseg.report.figures import uncertainty_panel
 
-    prepared = params.paths.prepared / "spines"
+    prepared = params.prepared_dir("spines")
     (bench,) = samples(prepared, "test")
     image = tiff.read_stack(bench.image_path)
     summary = {}
@@ -217,7 +219,7 @@ def inter_rater(params: Params, out_dir: Path = RATER_DIR) -> dict[str, Any]:
     from microseg.report.figures import roc_figure, uncertainty_panel
 
     raters_dir = _source(params) / "raters"
-    prepared = params.paths.prepared / "spines"
+    prepared = params.prepared_dir("spines")
     (bench,) = samples(prepared, "test")
     out: dict[str, Any] = {}
     for head in HEADS:

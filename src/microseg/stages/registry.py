@@ -100,7 +100,7 @@ def _example_stack(params: Params) -> Path | None:
     while logging, so a whole stack would cost a full prediction)."""
     from microseg.io import tiff
 
-    bench = Path(params.datasets["spines"].source) / "benchmark" / "stack.tif"
+    bench = params.dataset_source("spines") / "benchmark" / "stack.tif"
     if not bench.is_file():
         return None
     with tiff.open_stack(bench, expect_ndim=3) as st:
@@ -172,7 +172,7 @@ def register_stage(params: Params, task: str) -> dict[str, Any]:
 
 def run_register(params: Params, task: str) -> StageResult:
     """:func:`register_stage` in the ``register`` stage's MLflow run."""
-    dataset = "spines" if task == "spines" else params.cells.dataset
+    dataset = params.task_dataset(task)
 
     def register() -> StageResult:
         out = register_stage(params, task)

@@ -33,11 +33,11 @@ PLOTS_DIR = Path("plots")
 
 
 def _prepared(params: Params) -> Path:
-    return params.paths.prepared / "spines"
+    return params.prepared_dir("spines")
 
 
 def _synthetic(params: Params) -> Path:
-    return Path(params.datasets["spines"].source)
+    return params.dataset_source("spines")
 
 
 # ------------------------------------------------------------------------------- convert
@@ -85,7 +85,9 @@ def train_yolo(params: Params, hooks=None, out_dir: Path = YOLO_MODEL_DIR) -> di
 
     section = tuned_train_config(params, "yolo", yolo_section(params))
     meta = section.pop("meta")
-    t = YoloTrainConfig.model_validate(section)
+    from microseg.stages.finetune import resolve_init_from
+
+    t = YoloTrainConfig.model_validate(resolve_init_from(section, params, "yolo"))
     data_yaml = yolo_data(params)
     t0 = time.perf_counter()
     result = get_model("yolo").train(data_yaml, out_dir, {**t.model_dump(), "meta": meta}, hooks)

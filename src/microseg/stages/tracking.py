@@ -55,7 +55,7 @@ def segmenter_names(params: Params, name: str | None = None) -> list[str]:
 def _sequences(params: Params, split: str) -> list[str]:
     """CTC sequence names (``01``...) of a split of the prepared tracking dataset."""
     return [
-        s.sample_id.removeprefix("seq") for s in samples(params.paths.prepared / "tracking", split)
+        s.sample_id.removeprefix("seq") for s in samples(params.prepared_dir("tracking"), split)
     ]
 
 
@@ -63,7 +63,7 @@ def _frame_items(params: Params, splits: tuple[str, ...]):
     """Every frame of the sequences of ``splits`` as a 2D image with its instance labels."""
     from microseg.data.targets import RawItem
 
-    gt_root = Path(params.datasets["tracking"].source)
+    gt_root = params.dataset_source("tracking")
     for split in splits:
         for seq in _sequences(params, split):
             gt = ctc.read_ctc_gt(gt_root, seq)
@@ -97,7 +97,10 @@ def train_tracking_seg(params: Params, name: str, hooks=None) -> dict[str, Any]:
     )
     model_dir = SEG_MODEL_DIR / name
     start = time.perf_counter()
-    result = family.train(targets, model_dir, params.engine.train_section(sc.train), hooks)
+    from microseg.stages.finetune import resolve_init_from
+
+    train = resolve_init_from(params.engine.train_section(sc.train), params, "weights")
+    result = family.train(targets, model_dir, train, hooks)
     seconds = float(result.seconds or time.perf_counter() - start)
     n_params = count_parameters(model_dir / "best.pt")
     # no seconds in the hashed info file (times: timing.json and the MLflow run)
@@ -126,7 +129,7 @@ def segment_sequences(params: Params, name: str, out_dir: Path | None = None) ->
     predict_sequence = getattr(model, "predict_sequence", None)
     predict = None if predict_sequence is not None else model.as_predictor()
     out_dir = SEG_PRED_DIR / name if out_dir is None else out_dir
-    gt_root = Path(params.datasets["tracking"].source)
+    gt_root = params.dataset_source("tracking")
     counts = {}
     for seq in _sequences(params, params.tracking.split):
         frames = ctc.read_ctc_gt(gt_root, seq).frames
@@ -161,7 +164,7 @@ def track(params: Params, name: str, out_dir: Path | None = None) -> dict[str, A
     cfg = params.tracking
     segmenter(params, name)
     out_dir = RESULT_DIR / name if out_dir is None else out_dir
-    gt_root = Path(params.datasets["tracking"].source)
+    gt_root = params.dataset_source("tracking")
     link_cfg = LinkConfig(**cfg.link)
     summary = {}
     for seq in _sequences(params, cfg.split):
@@ -191,7 +194,7 @@ def evaluate_tracking(params: Params, res_root: Path = RESULT_DIR) -> dict[str, 
     and sequence in ``metrics/tracking.json``."""
     from microseg.evaluate.tracking import evaluate_ctc, per_frame_scores
 
-    gt_root = Path(params.datasets["tracking"].source)
+    gt_root = params.dataset_source("tracking")
     out: dict[str, Any] = {"masks": params.tracking.masks}
     seqs = _sequences(params, params.tracking.split)
     for name in params.tracking.segmenters:

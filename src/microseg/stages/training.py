@@ -56,7 +56,7 @@ def trainers(params: Params) -> dict[str, Trainer]:
             params.yolo.train,
             spines.YOLO_MODEL_DIR,
             "spines",
-            "spines",
+            params.spines.dataset,
             FamilyTraining(
                 "yolo", lambda: spines.yolo_data(params), lambda: spines.yolo_section(params)
             ),
@@ -66,7 +66,7 @@ def trainers(params: Params) -> dict[str, Trainer]:
             params.punet.train,
             punet.MODEL_DIR,
             "spines",
-            "spines",
+            params.spines.dataset,
             FamilyTraining(
                 "punet", lambda: punet.punet_data(params), lambda: punet.punet_section(params)
             ),
@@ -78,7 +78,7 @@ def trainers(params: Params) -> dict[str, Trainer]:
             sc,
             tracking.SEG_MODEL_DIR / name,
             "tracking",
-            "tracking",
+            params.tracking.dataset,
             stage="train_tracking_seg",
         )
     from microseg.models import get_model

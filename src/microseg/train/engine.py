@@ -48,6 +48,7 @@ from microseg.train.family import FamilyModule
 from microseg.train.hooks import HookBase, should_stop
 from microseg.utils.atomic import atomic_path, write_torch
 from microseg.utils.devices import auto_device, check_device, lightning_devices
+from microseg.utils.progress import progress_enabled
 
 log = logging.getLogger(__name__)
 # our epoch datasets know their length and are read in the main process (num_workers=0)
@@ -89,7 +90,12 @@ class EngineConfig:
     #: warns where an op has none (some CUDA kernels); False lets cuDNN pick the fastest
     deterministic: bool | str = "warn"
     num_threads: int | None = None
+    #: Lightning's bars, drawn only where someone watches (``utils.progress``)
     progress: bool = True
+    #: fine-tuning: weights to start from (a ``best.pt``/``last.ckpt`` of this family or a
+    #: state dict; ``models:/name@alias`` is resolved to a file by the stage); tensors are
+    #: matched by name and shape (:mod:`microseg.train.init_weights`). Unused when resuming.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -385,7 +391,8 @@ def build_trainer(
                 strict=False,
             )
         )
-    if cfg.progress:
+    bars = cfg.progress and progress_enabled()  # asked for, and someone watches stderr
+    if bars:
         extra.append(StderrProgressBar(leave=False))
     return L.Trainer(
         accelerator=accelerator,
@@ -404,7 +411,7 @@ def build_trainer(
         plugins=[AtomicCheckpointIO()],
         logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=cfg.progress,
+        enable_progress_bar=bars,
         enable_model_summary=False,
         default_root_dir=str(out_dir),
         log_every_n_steps=max(1, cfg.steps_per_epoch),
@@ -470,6 +477,10 @@ def fit(
         datamodule.setup("fit")
         L.seed_everything(cfg.seed, verbose=False)
         module = module()
+    if state is None and cfg.init_from:
+        from microseg.train.init_weights import load_init_weights
+
+        load_init_weights(module, cfg.init_from)
     if has_val is None:
         has_val = bool(getattr(datamodule, "has_val", True))
     fresh = TrainState(model_config=config)

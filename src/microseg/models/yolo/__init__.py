@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,12 +42,14 @@ from microseg.models.yolo.runs import (
     network_classes,
     normalise_run,
     offline_guards,
+    quiet_bars,
     run_state,
     ultralytics_args,
 )
 from microseg.train.hooks import HookBase
 from microseg.utils.atomic import atomic_path
 from microseg.utils.devices import ultralytics_device
+from microseg.utils.progress import progress_enabled
 
 __all__ = [
     "ARCHS",
@@ -91,6 +94,15 @@ DEFAULT_AUGMENT: dict[str, float] = {
 _MANAGED = frozenset({"data_yaml", "out_dir", "hooks", "resume", "name", "extra", "self"})
 #: train-section keys refused: microseg sets them (or Ultralytics' own spelling of them)
 _REFUSED = _MANAGED | {"project", "exist_ok", "data", "model"}
+
+
+def _vetted(path: str | Path) -> str:
+    """``init_from`` weights for Ultralytics, which unpickles them: vetted first (runs.py)."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError("init_from: YOLO weights (.pt) not found", path)
+    network_classes(path)
+    return str(path.resolve())
 
 
 def _bgr3(image: np.ndarray) -> np.ndarray:
@@ -226,6 +238,7 @@ class YoloSpineDetector:
         device: str | int | None = "auto",
         workers: int = 0,
         seed: int = 0,
+        init_from: str | Path | None = None,
         hooks: HookBase | None = None,
         resume: bool = True,
         name: str = "train",
@@ -291,7 +304,8 @@ class YoloSpineDetector:
                 "project": str(out_dir),
                 "name": name,
                 "exist_ok": True,
-                "pretrained": False,
+                # fine-tuning: Ultralytics copies the tensors that match by name and shape
+                "pretrained": _vetted(init_from) if init_from else False,
                 "plots": False,
                 "single_cls": True,
                 "verbose": False,
@@ -303,7 +317,7 @@ class YoloSpineDetector:
             attach_hooks(model, hooks)
         caches_before = set(data_yaml.parent.rglob("*.cache"))
         try:
-            with offline_guards():
+            with offline_guards(), quiet_bars(not progress_enabled(sys.stdout)):
                 model.train(**args)
         finally:  # Ultralytics caches its label scan inside the dataset (a DVC output)
             for cache in set(data_yaml.parent.rglob("*.cache")) - caches_before:
