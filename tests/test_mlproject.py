@@ -22,6 +22,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 KEY_PACKAGES = ("torch", "torchvision", "mlflow", "ultralytics", "monai", "dvc")
+#: `mlflow run` runs the pipeline, so requirements.txt holds the core and the pipeline extra
+PIPELINE = ("--extra", "pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +131,20 @@ def test_requirements_pins_equal_the_lock() -> None:
     wrong = {n: (v, lock.get(n)) for n, v in pins.items() if v not in lock.get(n, ())}
     assert not wrong, f"requirements.txt pins not in uv.lock: {wrong}"
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    direct = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in project["dependencies"]}
+    wanted = [*project["dependencies"], *project["optional-dependencies"]["pipeline"]]
+    direct = {re.split(r"[<>=!~\[ ;]", d, maxsplit=1)[0].lower() for d in wanted}
     assert direct <= set(pins), f"direct dependencies missing: {direct - set(pins)}"
+    assert "napari" not in pins  # the viewer extra stays out of `mlflow run`'s environment
 
 
 def test_requirements_is_the_lock_export() -> None:
-    """Byte for byte what `uv export` makes from the lock (skipped when no uv binary)."""
+    """Byte for byte what `uv export` makes from the lock with the pipeline extra, which
+    `mlflow run`'s entry points need (skipped when no uv binary)."""
     uv = shutil.which("uv")
     if uv is None:
         pytest.skip("no uv binary on PATH to re-export requirements.txt from uv.lock")
     proc = subprocess.run(
-        [uv, "export", "--frozen", "--no-hashes", "--no-dev", "--no-emit-project"],
+        [uv, "export", "--frozen", "--no-hashes", "--no-dev", "--no-emit-project", *PIPELINE],
         cwd=REPO,
         capture_output=True,
         text=True,

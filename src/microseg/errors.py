@@ -39,3 +39,8 @@ class ConfigError(MicrosegError):
 
 class ValidationFailed(MicrosegError):
     """Great Expectations found bad data; the message lists the failed expectations."""
+
+
+class MissingExtraError(MicrosegError, ImportError):
+    """A command needs a package of an optional extra (``pipeline``, ``viewer``) that this
+    install lacks; an ImportError too, so ``except ImportError`` fallbacks keep working."""

@@ -298,3 +298,9 @@ def test_empty_labels_give_empty_outputs(tmp_path):
         doc = json.loads(write_qupath_geojson(tmp_path / f"e{lab.ndim}.geojson", lab).read_text())
         assert doc == {"type": "FeatureCollection", "features": []}
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_labels_without_background_keep_their_ids():
+    """One object filling the image (a tracking frame, a crop): no 0 in the label image."""
+    table = object_table(np.full((8, 8), 7, np.uint16), (0.5, 0.5))
+    assert table["id"].tolist() == [7] and table["area_um2"].tolist() == [16.0]

@@ -243,3 +243,13 @@ def test_params_entry_with_custom_infer_reaches_the_family(tmp_path, monkeypatch
     write_stack(tmp_path / "in" / "a.tif", nuclei_image(1))
     predict_stacks(params, tmp_path / "in" / "a.tif", tmp_path / "out", "big")
     assert read_stack(tmp_path / "out" / "a_labels.tif").max() == 0  # every nucleus < 400 px
+
+
+def test_a_folder_in_the_cwd_does_not_shadow_a_model_name(params, tmp_path, monkeypatch):
+    from microseg.stages.predict_models import resolve_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "otsu").mkdir()  # e.g. an earlier `microseg predict ... -o otsu`
+    assert resolve_spec(params, "otsu").family == "classical"
+    with pytest.raises(MissingFileError):  # ./otsu is the folder, and it holds no model
+        resolve_spec(params, "./otsu")

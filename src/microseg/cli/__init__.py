@@ -2,10 +2,11 @@
 
 ``dvc.yaml``, ``MLproject`` and the workflows call these; no logic lives in YAML or shell.
 A command parses its options, calls one stage function (``microseg.stages``) and prints
-its result. User errors (:class:`~microseg.errors.MicrosegError`) print one clear line and
-exit 2. ``--help`` groups the commands in panels (:data:`PANELS`); each command also logs to
-its own file, ``logs/<command>[-<key>].log`` (:mod:`microseg.utils.logfile`), and draws
-progress bars only on a terminal (:mod:`microseg.utils.progress`).
+its result. User errors (:class:`~microseg.errors.MicrosegError`), and a package of an extra
+that a core install lacks (:mod:`microseg.utils.extras`), print one clear line and exit 2.
+``--help`` groups the commands in panels (:data:`PANELS`); each command also logs to its own
+file, ``logs/<command>[-<key>].log`` (:mod:`microseg.utils.logfile`), and draws progress bars
+only on a terminal (:mod:`microseg.utils.progress`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from microseg.cli import (
 )
 from microseg.errors import MicrosegError
 from microseg.utils import logfile, progress
+from microseg.utils.extras import missing_extra
 
 app = typer.Typer(
     name="microseg",
@@ -199,6 +201,11 @@ def main() -> None:
         app()
     except MicrosegError as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:  # a core install running a pipeline command
+        if (missing := missing_extra(exc)) is None:
+            raise
+        typer.secho(f"error: {missing}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 
 

@@ -70,7 +70,9 @@ def _compact(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     from skimage.segmentation import relabel_sequential
 
     compact, _, inverse = relabel_sequential(lab)
-    return compact, np.asarray(inverse.out_values[1:], dtype=np.int64)
+    # by new label, not by position: a label image without background has no 0 slot
+    new = np.arange(1, int(compact.max(initial=0)) + 1)
+    return compact, np.asarray(inverse[new], dtype=np.int64)
 
 
 # -- table ----------------------------------------------------------------------------------

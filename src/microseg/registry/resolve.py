@@ -21,6 +21,7 @@ import yaml
 from microseg.config import Params
 from microseg.errors import DataFormatError, MicrosegError, MissingFileError
 from microseg.utils.atomic import atomic_path
+from microseg.utils.extras import require
 
 MLMODEL = "MLmodel"
 #: the URI schemes this module resolves (MLflow's model registry and run artifacts)
@@ -61,8 +62,10 @@ def resolve_registered_model(
     """Download (once) and read the model at ``uri``; an alias is pinned to its version first.
 
     ``params`` points MLflow at the configured store (``MLFLOW_TRACKING_URI`` wins, as for
-    every stage); ``cache_dir`` defaults to :func:`cache_root`.
+    every stage); ``cache_dir`` defaults to :func:`cache_root`. A core install (no MLflow)
+    gets one line that names the ``pipeline`` extra.
     """
+    require("pipeline", "mlflow")
     from microseg.registry.batch_predict import resolve_model_uri
 
     if params is not None:

@@ -89,8 +89,11 @@ def resolve_spec(
     text = str(model)
     from microseg.registry.resolve import is_registry_uri
 
+    bare = not any(sep in text for sep in ("/", "\\")) and not text.endswith((".pt", ".pth"))
     if is_registry_uri(text):
         spec = _from_registry(params, text)
+    elif bare and _is_name(params, text):  # a folder `otsu` in the cwd is `./otsu`
+        spec = _from_name(params, text, task)
     elif Path(text).exists():
         spec = _from_path(params, Path(text))
     elif any(sep in text for sep in ("/", "\\")) or text.endswith((".pt", ".pth")):
@@ -129,6 +132,17 @@ def _with_task(spec: ModelSpec, task: str | None) -> ModelSpec:
 
 
 # ------------------------------------------------------------------------------- names
+def _is_name(params: Params, name: str) -> bool:
+    from microseg.models import MODELS
+
+    return (
+        name in SPINE_FAMILIES
+        or name in params.cells.all_models()
+        or name in params.tracking.segmenters
+        or name in MODELS
+    )
+
+
 def _from_name(params: Params, name: str, task: str | None) -> ModelSpec:
     from microseg.models import MODELS
     from microseg.stages import cells, punet, spines, tracking
