@@ -317,3 +317,25 @@ def test_spines_from_a_zcyx_ome_tiff_with_channel_1(setup: Path, tmp_path: Path)
     want = pd.read_csv(tmp_path / "ref" / "detections.csv")
     assert len(got) > 0
     pd.testing.assert_frame_equal(got, want)
+
+
+def test_one_nan_voxel_is_an_error_not_nan_predictions(setup: Path, tmp_path: Path) -> None:
+    """Issue 18: a NaN voxel made `predict`/`fuse --input` report 0 spines and `-m punet` write
+    NaN maps, exit 0. Now the stack is named with the plane, and nothing is written for it."""
+    stack = read_stack(setup / "stacks" / "a.tif").astype(np.float32)
+    stack[2, 10, 10] = np.nan
+    write_stack(tmp_path / "nan.tif", stack, (500.0, 94.0, 94.0))
+    p = ["--params", str(setup / "params.yaml")]
+    for model, weights in (("yolo", "yolo.pt"), ("punet", "punet.pt")):
+        out = tmp_path / model
+        args = ["predict", str(tmp_path / "nan.tif"), "--out", str(out), "-m", model,
+                "--weights", str(setup / weights), *p]  # fmt: skip
+        res = CliRunner().invoke(app, args)
+        assert res.exit_code != 0, res.output
+        assert "plane 2" in str(res.exception) and "nan.tif" in str(res.exception)
+        assert not out.exists() or not any(out.rglob("*.csv"))
+    args = ["fuse", "--input", str(tmp_path / "nan.tif"), "--out", str(tmp_path / "f"),
+            "--yolo-weights", str(setup / "yolo.pt"), "--punet-weights", str(setup / "punet.pt"),
+            "--fusion-params", str(setup / "fusion.yaml"), *p]  # fmt: skip
+    res = CliRunner().invoke(app, args)
+    assert "0 done" in res.output and "failed nan.tif" in res.output and "plane 2" in res.output

@@ -36,3 +36,33 @@ def test_unknown_key_and_missing_file(tmp_path: Path) -> None:
         load_params(f)
     with pytest.raises(MissingFileError):
         load_params(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"yollo": {"train": {"epochs": 3}}}, "yollo"),  # a typo'd section is not ignored
+        ({"spines": {"match_dist_nm": -1000}}, "match_dist_nm"),
+        (
+            {"datasets": {"../../x": {"format": "ctc", "source": "x", "task": "tracking"}}},
+            "../../x",
+        ),
+        ({"datasets": {"/abs": {"format": "ctc", "source": "x", "task": "tracking"}}}, "/abs"),
+    ],
+)
+def test_typos_and_unsafe_values_are_refused(tmp_path, change, named) -> None:
+    """Issue 18: unknown top-level keys fell back to defaults; a dataset key `../../x` wrote
+    outside data/prepared; a negative matching distance was accepted."""
+    import yaml
+
+    from microseg.config import load_params as load
+    from microseg.errors import ConfigError
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in change.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    assert named in str(err.value)

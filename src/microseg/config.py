@@ -126,8 +126,8 @@ class SpinesEvalConfig(_Strict):
 
     #: the ``datasets`` entry the spine stages train and score on (``data/prepared/<name>``)
     dataset: str = "spines"
-    match_dist_nm: float = 1000.0
-    dedup_radius_nm: float = 1500.0
+    match_dist_nm: float = Field(1000.0, gt=0)
+    dedup_radius_nm: float = Field(1500.0, ge=0)
     dedup_mode: Literal["nms", "cluster"] = "nms"
 
 
@@ -401,8 +401,22 @@ class Params(_Strict):
     #: training studies per target: ``microseg.tune.training.TrainStudyConfig`` keys, validated
     #: when a study starts (so a CLI call that does not tune does not import Optuna)
     tune: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: ``microseg seeds``: the seed spread's models, seeds and pipelines (read by stages/seeds*)
+    seeds: dict[str, Any] = Field(default_factory=dict)
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    # a typo'd section (``yollo:``) must fail, not fall back to the defaults silently
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _dataset_names_are_folder_names(self) -> Params:
+        """Dataset keys become ``data/prepared/<name>`` and DVC stage keys: no path tricks."""
+        for name in self.datasets:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9_-]*", name):
+                raise ValueError(
+                    f"datasets key {name!r}: use lower-case letters, digits, '_' and '-' (it "
+                    "names data/prepared/<name>)"
+                )
+        return self
 
     def task_dataset(self, task: str) -> str:
         """The ``datasets`` entry a task's stages use: ``cells.dataset`` (nuclei),

@@ -156,6 +156,27 @@ def test_non_binary_mask_rejected(tmp_path):
         write_d3set(tmp_path / "a.d3set", d3)
 
 
+def test_non_binary_mask_in_a_file_is_refused_when_read(tmp_path):
+    """Issue 18: read_d3set skipped the binary check write_d3set applies, so a -1 "ignore"
+    patch passed ingest and validate as spine."""
+    payload = _payload(_d3set())
+    spines = payload["data"]["spines"]["x1"].astype(np.int8)
+    spines[0, :3, :3] = -1
+    payload["data"]["spines"]["x1"] = spines
+    _raw_save(tmp_path / "ignore.d3set", payload)
+    with pytest.raises(DataFormatError, match=r"ignore\.d3set.*data/spines/x1.*binary.*-1"):
+        read_d3set(tmp_path / "ignore.d3set")
+    payload = _payload(_d3set())
+    payload["data"]["dendrites"]["x0"] = payload["data"]["dendrites"]["x0"].astype(np.uint8) * 255
+    _raw_save(tmp_path / "u8.d3set", payload)
+    with pytest.raises(DataFormatError, match="data/dendrites/x0"):
+        read_d3set(tmp_path / "u8.d3set")
+    ok = payload["data"]["dendrites"]["x0"] // 255  # 0/1 integers are a binary mask
+    payload["data"]["dendrites"]["x0"] = ok
+    _raw_save(tmp_path / "01.d3set", payload)
+    assert read_d3set(tmp_path / "01.d3set").dendrites["x0"].dtype == bool
+
+
 def test_unreadable_and_missing_files(tmp_path):
     (tmp_path / "junk.d3set").write_bytes(b"not hdf5" * 100)
     with pytest.raises(DataFormatError, match=r"junk\.d3set"):

@@ -92,7 +92,38 @@ def read_manifest(folder_or_file: str | Path) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in df]
     if missing:
         raise DataFormatError(f"manifest lacks columns {missing}", path)
+    check_paths(df, path)
     return df
+
+
+#: a sample id names output files (reports/<stage>/<id>...) and MLflow metric keys
+SAMPLE_ID = r"[^./\\\x00-\x1f][^/\\\x00-\x1f]*"  # no separator, no leading dot
+PATH_COLUMNS = ("image_path", "label_path", "points_path")
+
+
+def check_paths(df: pd.DataFrame, source: Path) -> None:
+    """Refuse a manifest whose ids or file paths could leave its folder: ``sample_id`` becomes
+    file names and MLflow keys, the paths are read relative to the manifest (issue 18: an id
+    ``../../x`` made ``evaluate`` write outside ``reports/``)."""
+    import re
+
+    ids = df["sample_id"].astype(str)
+    bad = ids[~ids.str.fullmatch(SAMPLE_ID) | ids.str.contains("..", regex=False)]
+    if len(bad):
+        raise DataFormatError(
+            f"sample_id {bad.iloc[0]!r} (and {len(bad) - 1} more) is not a plain file name (no "
+            "'/', '\\', '..', leading '.' or control characters): it names output files",
+            source,
+        )
+    for col in PATH_COLUMNS:
+        values = df[col].fillna("").astype(str)
+        for value in values[values != ""]:
+            parts = Path(value).parts
+            if Path(value).is_absolute() or ".." in parts or re.match(r"^[A-Za-z]:", value):
+                raise DataFormatError(
+                    f"{col} {value!r} leaves the dataset folder; paths are relative to it",
+                    source,
+                )
 
 
 def shape_str(shape: tuple[int, ...]) -> str:

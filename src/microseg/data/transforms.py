@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from scipy import ndimage as ndi
 
-from microseg.errors import ConfigError, ShapeMismatchError
+from microseg.errors import ConfigError, DataFormatError, ShapeMismatchError
 
 if TYPE_CHECKING:
     from microseg.io.tiff import TiffStack
@@ -261,6 +261,25 @@ def percentile_range(
     return lo, hi
 
 
+def check_stack_finite(stack: TiffStack | np.ndarray) -> None:
+    """Refuse a float stack holding NaN or inf before it is normalised: one NaN voxel made
+    every percentile NaN and every prediction NaN, reported as "0 spines" (issue 18). Integer
+    stacks cannot hold them and cost nothing; float stacks are read plane by plane."""
+    first = np.asarray(stack[0])
+    if first.dtype.kind != "f":
+        return
+    path = getattr(stack, "path", None)
+    for z in range(int(stack.shape[0])):
+        plane = first if z == 0 else np.asarray(stack[z])
+        bad = int(np.count_nonzero(~np.isfinite(plane)))
+        if bad:
+            raise DataFormatError(
+                f"plane {z} holds {bad} NaN/inf voxels; predictions would be NaN everywhere "
+                "(replace them, e.g. with 0, before predicting)",
+                path,
+            )
+
+
 def sample_percentiles(
     stack: TiffStack | np.ndarray,
     percentiles: Sequence[float] = (1.0, 99.8),
@@ -271,6 +290,7 @@ def sample_percentiles(
 
     Reads those planes one at a time and keeps at most ``max_pixels`` values in all.
     """
+    check_stack_finite(stack)
     depth, height, width = (int(s) for s in stack.shape[:3])
     zs = np.unique(np.linspace(0, depth - 1, min(depth, max_planes)).round().astype(int))
     per_plane = max(1, max_pixels // len(zs))
@@ -292,6 +312,7 @@ def intensity_range(
     evenly spaced planes when given.
     """
     depth = len(stack)  # type: ignore[arg-type]
+    check_stack_finite(stack)  # type: ignore[arg-type]
     first = np.asarray(stack[0])  # type: ignore[index]
     if first.dtype.kind == "u" and first.dtype.itemsize <= 2:
         hist = np.zeros(2 ** (8 * first.dtype.itemsize), dtype=np.int64)

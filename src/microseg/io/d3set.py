@@ -289,8 +289,11 @@ def read_d3set(path: str | Path) -> D3Set:
             raise DataFormatError(f"expected 'data/{group}' to be a group of arrays", path)
     d3set = D3Set(
         stacks={k: np.asarray(v) for k, v in data["stacks"].items()},
-        dendrites={k: np.asarray(v) for k, v in data["dendrites"].items()},
-        spines={k: np.asarray(v) for k, v in data["spines"].items()},
+        # the check write_d3set applies: a -1 "ignore" patch or a 0/255 mask is not a label
+        dendrites={
+            k: _as_bool(v, f"data/dendrites/{k}", path) for k, v in data["dendrites"].items()
+        },
+        spines={k: _as_bool(v, f"data/spines/{k}", path) for k, v in data["spines"].items()},
         meta=_meta_frame(raw["meta"], path),
     )
     _validate(d3set, path)
