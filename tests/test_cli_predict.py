@@ -83,6 +83,15 @@ def test_fuse_folder_writes_one_result_per_stack_and_resumes(setup: Path) -> Non
         assert len(dedup) > 0 and set(dedup["status"]) <= {"high", "validated"}
     again = CliRunner().invoke(app, args)
     assert "0 done, 2 skipped, 1 failed" in again.output
+    # issue 18: other fusion params are another result, not a "skipped" old one
+    (setup / "fusion_strict.yaml").write_text("high_conf: 0.9\nlow_conf: 0.5\n")
+    strict = [a if a != str(setup / "fusion.yaml") else str(setup / "fusion_strict.yaml")
+              for a in args]  # fmt: skip
+    assert "2 done, 0 skipped" in CliRunner().invoke(app, strict).output
+    assert "0 done, 2 skipped" in CliRunner().invoke(app, strict).output
+    # an interrupted --overwrite (new results.json, no run.json yet) is redone, not trusted
+    (out / "a" / "run.json").unlink()
+    assert "1 done, 1 skipped" in CliRunner().invoke(app, strict).output
 
 
 def test_spine_folder_resumes_and_keeps_a_summary(setup: Path) -> None:

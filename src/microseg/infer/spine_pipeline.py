@@ -410,11 +410,46 @@ def find_points(stack: Path, annotations: str | Path | None = None) -> Path | No
     return None
 
 
-def is_finished(stack: Path, result_dir: Path, points: Path | None = None) -> bool:
-    """``results.json`` (written last) exists and is newer than the stack and its points."""
+#: written after ``results.json``: what produced the result (params, models, the run key)
+RUN_NAME = "run.json"
+
+
+def run_key(
+    fusion_params: FusionParams,
+    cfg: SpinePipelineConfig,
+    voxel_size_nm: Sequence[float] | None,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """A digest of everything that decides a stack's result except the stack itself (the
+    fusion thresholds, the pipeline config, the voxel size, and what the caller adds: the
+    models' file digests). A finished result counts only under the same key (issue 18: a
+    rerun with other fusion params reported the old results as "skipped")."""
+    import hashlib
+
+    payload = {
+        "fusion": asdict(fusion_params),
+        "cfg": asdict(cfg),
+        "voxel_size_nm": list(voxel_size_nm) if voxel_size_nm is not None else None,
+        "extra": dict(extra or {}),
+    }
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_finished(
+    stack: Path, result_dir: Path, points: Path | None = None, key: str | None = None
+) -> bool:
+    """``results.json`` exists, is newer than the stack and its points, and ``run.json``
+    (written after it) holds ``key``: an interrupted or differently configured run is redone."""
     done = result_dir / "results.json"
     if not done.is_file():
         return False
+    if key is not None:
+        try:
+            if json.loads((result_dir / RUN_NAME).read_text()).get("key") != key:
+                return False
+        except (OSError, ValueError):
+            return False
     inputs = [stack, *([points] if points is not None else [])]
     return all(done.stat().st_mtime_ns > p.stat().st_mtime_ns for p in inputs if p.exists())
 
@@ -459,6 +494,7 @@ def predict_folder(
     annotations: str | Path | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    models_key: Mapping[str, Any] | None = None,
 ) -> pd.DataFrame:
     """:func:`predict_spines` on every stack; one ``<out_dir>/<stem>/`` per stack.
 
@@ -477,16 +513,18 @@ def predict_folder(
     stacks = list_stacks(inputs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    key = run_key(fusion_params, cfg, voxel_size_nm, models_key)
     rows = []
     bar = tqdm(stacks, desc="stacks", unit="stack", disable=bar_disabled(progress))
     for stack in bar:
         bar.set_postfix_str(stack.name)
         rdir = out / stack.stem
         points = find_points(stack, annotations)
-        if not overwrite and is_finished(stack, rdir, points):
+        if not overwrite and is_finished(stack, rdir, points, key):
             log.info("%s: finished earlier (%s); skipped", stack.name, rdir / "results.json")
             rows.append(_row_from_results(stack, rdir, points))
             continue
+        (rdir / RUN_NAME).unlink(missing_ok=True)  # until the new result is whole
         t0 = time.perf_counter()
         try:
             result, voxel, shape = _predict(
@@ -497,6 +535,8 @@ def predict_folder(
                 gt = read_points(points, shape=shape[:3], allow_empty=True)
                 metrics = evaluate_fusion(result, gt, voxel, cfg.match_dist_nm)
             write_fusion_outputs(rdir, result, metrics)
+            with atomic_path(rdir / RUN_NAME) as tmp:
+                tmp.write_text(json.dumps({"key": key, "models": dict(models_key or {})}) + "\n")
         except (MicrosegError, OSError) as exc:
             log.warning("%s: failed, skipped: %s", stack.name, exc)
             rows.append(_row(stack, "failed", rdir, points, error=str(exc)))

@@ -245,4 +245,12 @@ def fuse_folder(
         voxel_size_nm=voxel_size,
         annotations=annotations,
         overwrite=overwrite,
+        models_key=_weights_key(yolo_weights=yolo_weights, punet_weights=punet_weights),
     )
+
+
+def _weights_key(**paths: Path) -> dict[str, str]:
+    """The models' file digests: other weights under the same names redo every stack."""
+    from microseg.data.ingest import file_md5
+
+    return {k: file_md5(p) if Path(p).is_file() else str(p) for k, p in paths.items()}
