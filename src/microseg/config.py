@@ -559,10 +559,25 @@ def load_params(
     for key, value in (overrides or {}).items():
         node = raw
         *parents, leaf = key.split(".")
-        for p in parents:
+        for i, p in enumerate(parents):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[: i + 1])
+                raise ConfigError(
+                    f"--set {key}: {section} is a value ({node!r}), not a section with keys"
+                )
         node[leaf] = value
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"invalid params:\n{exc}", path) from exc
+        raise ConfigError(f"invalid params: {describe_errors(exc)}", path) from None
+
+
+def describe_errors(exc: ValidationError) -> str:
+    """pydantic's errors as one line, ``key.path: what`` each (an unknown key says so)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        what = "unknown key (a typo?)" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {what}")
+    return "; ".join(parts)

@@ -200,6 +200,10 @@ def main() -> None:
         _log_files = True
         app()
     except MicrosegError as exc:
+        if os.environ.get("MICROSEG_DEBUG", "") not in ("", "0"):
+            import traceback
+
+            traceback.print_exc()  # MICROSEG_DEBUG=1: the traceback of a user error too
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
     except ModuleNotFoundError as exc:  # a core install running a pipeline command

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -113,8 +112,11 @@ def where(params_path: ParamsOpt = Path("params.yaml")) -> None:
     bench = Path(p.reports, "benchmark", "index.html")
     if bench.exists():
         typer.echo(f"  nuclei benchmark     {bench.resolve()}")
-    for record in sorted(Path(p.reports, "registry").glob("*.json")):
-        r = json.loads(record.read_text())
+    from microseg.utils.convert import read_json
+
+    # MLflow's side of each registration (the version, the decision): <task>.mlflow.json
+    for record in sorted(Path(p.reports, "registry").glob("*.mlflow.json")):
+        r = read_json(record)
         promo = r.get("promotion", {})
         state = "champion" if promo.get("promoted") else "challenger"
         typer.echo(f"  registered model     models:/{r.get('name')}/{r.get('version')} ({state})")

@@ -55,7 +55,9 @@ returned.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -80,6 +82,18 @@ _LUT_LIMIT = 1 << 24  # label values up to this are mapped with a lookup table
 @dataclass(frozen=True)
 class LinkConfig:
     """Knobs of :func:`link`; distances in pixels, costs dimensionless."""
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> LinkConfig:
+        """From ``tracking.link``; an unknown key (a typo) is a ``ConfigError`` listing the
+        known ones, not a TypeError."""
+        from dataclasses import fields
+
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"tracking.link: unknown key(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
 
     max_dist: float = 20.0  # centroid gate for a frame-to-frame link
     min_iou: float = 0.0  # IoU gate for a link (0: distance alone gates)

@@ -98,7 +98,7 @@ class Runner:
         from microseg.infer.tracking import LinkConfig, link
 
         masks = self.segment_frames(item.array)
-        tracked, table = link(masks, LinkConfig(**self.params.tracking.link))
+        tracked, table = link(masks, LinkConfig.from_mapping(self.params.tracking.link))
         return TrackingResult(
             item.name,
             labels=tracked,

@@ -16,7 +16,6 @@ promotion decision with its time and actor): store state, outside the DVC hash
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from microseg.registry.runs import configure, data_md5, flatten, git_commit, par
 from microseg.registry.stage_logging import log_eval_metrics
 from microseg.stages.common import write_json
 from microseg.stages.result import StageResult, run_stage
+from microseg.utils.convert import read_json
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def _task(task: str) -> None:
 def _metrics(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MissingFileError("evaluation metrics missing; run the evaluation stage first", path)
-    flat = flatten(json.loads(path.read_text()))
+    flat = flatten(read_json(path))
     return {k: v for k, v in flat.items() if isinstance(v, int | float) and not isinstance(v, bool)}
 
 
@@ -75,7 +75,7 @@ def _validation_passed(params: Params, dataset: str) -> bool:
     if not path.is_file():
         log.warning("%s missing: the model counts as not validated", path)
         return False
-    return bool(json.loads(path.read_text()).get("success", False))
+    return bool(read_json(path).get("success", False))
 
 
 def _log_spines(params: Params):
@@ -219,7 +219,7 @@ def promote_stage(
     )
     if record:
         path = mlflow_record(task)
-        entry = json.loads(path.read_text()) if path.is_file() else {}
+        entry = read_json(path) if path.is_file() else {}
         entry["promotion"] = decision.as_dict()
         write_json(path, entry)
     return decision.as_dict()

@@ -165,7 +165,7 @@ def track(params: Params, name: str, out_dir: Path | None = None) -> dict[str, A
     segmenter(params, name)
     out_dir = RESULT_DIR / name if out_dir is None else out_dir
     gt_root = params.dataset_source("tracking")
-    link_cfg = LinkConfig(**cfg.link)
+    link_cfg = LinkConfig.from_mapping(cfg.link)
     summary = {}
     for seq in _sequences(params, cfg.split):
         gt = ctc.read_ctc_gt(gt_root, seq)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -83,3 +84,19 @@ def merge_dotted(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str
             node = child
         node[leaf] = copy.deepcopy(value)
     return out
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's content; a missing, unreadable or broken file is a
+    :class:`~microseg.errors.DataFormatError` naming it (not a JSONDecodeError traceback)."""
+    import json
+
+    from microseg.errors import DataFormatError, MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError("expected a JSON file, found nothing", path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise DataFormatError(f"not readable JSON ({exc}); delete or restore it", path) from None
