@@ -315,3 +315,24 @@ def test_failed_reingest_keeps_previous_output(tiny_spines: Path, tmp_path: Path
         ingest("spines", _spines_cfg(tiny_spines), prepared, seed=0, workers=1)
     assert sorted(p.name for p in out.rglob("*")) == before
     assert [p.name for p in prepared.iterdir()] == ["spines"]
+
+
+@pytest.mark.parametrize("defect", ["same_stem", "no_segmentation"])
+def test_coco_ingest_refuses_what_it_would_drop_silently(tmp_path: Path, defect: str) -> None:
+    """Issue 18: two images with one stem overwrote each other; an annotation without
+    `segmentation` was a KeyError traceback."""
+    src = tmp_path / "coco"
+    (src / "x").mkdir(parents=True)
+    lab = np.zeros((16, 16), np.uint16)
+    lab[2:6, 2:6] = 1
+    names = ["a.png", "x/a.png"] if defect == "same_stem" else ["a.png", "b.png"]
+    doc = coco.labels_to_coco([(i + 1, n, lab) for i, n in enumerate(names)])
+    if defect == "no_segmentation":
+        del doc["annotations"][1]["segmentation"]
+    (src / "annotations.json").write_text(json.dumps(doc))
+    cfg = DatasetConfig(format="coco", source=src, task="nuclei")
+    with pytest.raises(AnnotationError) as err:
+        ingest("c", cfg, tmp_path / "prepared", seed=0, workers=1)
+    said = "share the file stem" if defect == "same_stem" else "no 'segmentation'"
+    assert said in str(err.value) and "annotations.json" in str(err.value)
+    _assert_nothing_written(tmp_path / "prepared")

@@ -16,6 +16,7 @@ from microseg.io.coco import (
     labels_to_coco,
     labels_to_coco_results,
     read_coco,
+    validate_coco,
     write_coco,
 )
 
@@ -183,3 +184,44 @@ def test_write_coco_refuses_invalid(tmp_path):
     with pytest.raises(AnnotationError):
         write_coco(tmp_path / "out.json", coco)
     assert not (tmp_path / "out.json").exists()
+
+
+def _with(seg=None, **image) -> dict:
+    coco = {
+        "images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 30, **image}],
+        "annotations": [{"id": 7, "image_id": 1, "category_id": 1, "iscrowd": 0,
+                         "segmentation": [[2, 2, 10, 2, 10, 10, 2, 10]] if seg is None else seg}],
+        "categories": [{"id": 1, "name": "nucleus"}],
+    }  # fmt: skip
+    return coco
+
+
+@pytest.mark.parametrize(
+    ("coco", "said"),
+    [
+        (_with([[2, 2, float("nan"), 2, 10, 10]]), "NaN"),  # pycocotools: 22 GB or segfault
+        (_with([[2, 2, 1e12, 2, 10, 10]]), "outside"),
+        (_with([[2, 2, 10, 2, 10]]), "even number"),
+        (_with([[2, 2, 10, 2]]), ">= 6"),
+        (_with(["2,2,10,2,10,10"]), "list of numbers"),
+        (_with([[2, 2, "x", 2, 10, 10]]), "list of numbers"),
+        (_with({"size": [20, 30], "counts": [10, -5, 600]}), "non-negative"),
+        (_with({"size": [20, 30], "counts": [10, 5]}), "sum to 15"),
+        (_with({"size": [20, 31], "counts": [620]}), "differs from the image size"),
+        (_with(height=-20), "height"),
+        (_with(width=10**7), "width"),
+        (_with(file_name="../../etc/passwd"), "leaves the dataset folder"),
+        (_with(file_name="/abs/a.png"), "leaves the dataset folder"),
+        (_with(7), "polygons or RLE"),
+    ],
+)
+def test_unsafe_annotations_are_refused_before_pycocotools(coco, said) -> None:
+    """Issue 18: validate_coco never looked at `segmentation`; pycocotools trusts it."""
+    with pytest.raises(AnnotationError) as err:
+        validate_coco(coco, "ann.json")
+    assert said in str(err.value) and "ann.json" in str(err.value)
+
+
+def test_a_sound_annotation_still_passes() -> None:
+    validate_coco(_with(), "ann.json")
+    validate_coco(_with({"size": [20, 30], "counts": [10, 5, 585]}), "ann.json")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from microseg.config import DatasetConfig, SplitConfig
 from microseg.data.manifest import normalise, write_manifest
 from microseg.data.stats import image_stats, label_stats
-from microseg.errors import MissingFileError, ShapeMismatchError
+from microseg.errors import AnnotationError, MissingFileError, ShapeMismatchError
 from microseg.io import coco, ctc, d3set, dsb, png, points, tiff
 from microseg.utils.atomic import atomic_path
 from microseg.utils.registry import Registry
@@ -175,6 +175,18 @@ def ingest_coco(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: in
     """COCO instance JSON (``cfg.annotations``) with its images under ``cfg.source``."""
     ann_path = Path(cfg.annotations or Path(cfg.source) / "annotations.json")
     coco_dict = coco.read_coco(ann_path)
+    missing = [a["id"] for a in coco_dict["annotations"] if "segmentation" not in a]
+    if missing:
+        raise AnnotationError(
+            f"annotations {missing[:10]} have no 'segmentation': nuclei need instance masks",
+            ann_path,
+        )
+    stems = Counter(Path(im["file_name"]).stem for im in coco_dict["images"])
+    clash = sorted(s for s, n in stems.items() if n > 1)
+    if clash:  # one sample id per image: a second image would overwrite the first
+        raise AnnotationError(
+            f"images share the file stem(s) {clash[:10]} (sample ids); rename them", ann_path
+        )
     rows = []
     for img in tqdm(coco_dict["images"], desc=name):
         src = Path(cfg.source) / img["file_name"]

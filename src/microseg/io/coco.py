@@ -237,6 +237,79 @@ def validate_coco(coco: Any, path: str | Path | None = None) -> None:
         raise AnnotationError(
             f"annotations {bad_anns[:10]} refer to unknown category ids {bad_cats[:10]}", path
         )
+    sizes = {}
+    for im in coco["images"]:
+        problem = _image_problem(im)
+        if problem:
+            raise AnnotationError(f"images id {im['id']}: {problem}", path)
+        sizes[im["id"]] = (int(im["height"]), int(im["width"]))
+    for ann in coco["annotations"]:
+        if "segmentation" not in ann:
+            continue  # box-only annotations: callers that paint masks say so
+        problem = segmentation_problem(ann["segmentation"], *sizes[ann["image_id"]])
+        if problem:
+            raise AnnotationError(f"annotation id {ann['id']}: {problem}", path)
+
+
+#: pixels a polygon vertex may lie outside its image (annotation tools round outwards)
+OUTSIDE_TOLERANCE = 2.0
+MAX_SIDE = 100_000  # px: a declared image larger than this is an error, not an allocation
+
+
+def _image_problem(im: Mapping[str, Any]) -> str | None:
+    for key in ("height", "width"):
+        v = im[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= MAX_SIDE:
+            return f"{key} must be a whole number in 1..{MAX_SIDE}, found {v!r}"
+    name = im.get("file_name")
+    if name is not None:
+        if not isinstance(name, str) or not name:
+            return f"file_name must be a non-empty string, found {name!r}"
+        parts = Path(name.replace("\\", "/")).parts
+        if name.startswith(("/", "\\")) or ".." in parts or (len(name) > 1 and name[1] == ":"):
+            return f"file_name {name!r} leaves the dataset folder; use a path relative to it"
+    return None
+
+
+def segmentation_problem(seg: Any, height: int, width: int) -> str | None:
+    """Why a segmentation cannot be painted safely (None when it can): pycocotools trusts
+    its input, and a NaN or huge coordinate made it allocate 22 GB or crash (issue 18)."""
+    if isinstance(seg, list):
+        for i, poly in enumerate(seg):
+            if not isinstance(poly, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in poly
+            ):
+                return f"polygon {i} must be a list of numbers, found {type(poly).__name__}"
+            if len(poly) < 6 or len(poly) % 2:
+                return f"polygon {i} has {len(poly)} coordinates; need an even number >= 6"
+            xy = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
+            if not np.isfinite(xy).all():
+                return f"polygon {i} has NaN or infinite coordinates"
+            t = OUTSIDE_TOLERANCE
+            if (xy < -t).any() or (xy[:, 0] > width + t).any() or (xy[:, 1] > height + t).any():
+                return f"polygon {i} lies outside the {width}x{height} image"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if list(size or []) != [height, width]:
+            return f"RLE size {size} differs from the image size {[height, width]}"
+        if isinstance(counts, list):
+            if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in counts):
+                return "RLE counts must be non-negative whole numbers"
+            if sum(counts) != height * width:
+                return f"RLE counts sum to {sum(counts)}, not {height * width} pixels"
+            return None
+        if isinstance(counts, str | bytes):
+            raw = counts if isinstance(counts, bytes) else counts.encode("ascii", "replace")
+            try:
+                area = mask_utils.area({"size": [height, width], "counts": raw})
+            except Exception as exc:  # pycocotools' own decode error
+                return f"compressed RLE cannot be decoded ({exc})"
+            if not 0 <= int(area) <= height * width:
+                return "compressed RLE does not fit its image"
+            return None
+        return "RLE 'counts' must be a list or a compressed string"
+    return f"segmentation must be polygons or RLE, found {type(seg).__name__}"
 
 
 def read_coco(path: str | Path) -> dict[str, Any]:
