@@ -201,3 +201,42 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         write_stack(path, _stack("uint8"))
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["s.tif"]
+
+
+def test_a_header_declaring_gigabytes_in_a_tiny_file_is_refused(tmp_path, monkeypatch):
+    """Issue 18: a TIFF declaring 60000x60000 in a few hundred bytes allocated 3.6 GB."""
+    import struct
+
+    import tifffile
+
+    from microseg.errors import DataFormatError
+    from microseg.io.tiff import open_stack
+
+    path = tmp_path / "bomb.tif"
+    tifffile.imwrite(path, np.zeros((16, 16), np.uint8), compression="zlib", metadata=None)
+    with tifffile.TiffFile(path) as tif:  # then the header is made to declare 60000 x 60000
+        tags = tif.pages[0].tags
+        names = ("ImageWidth", "ImageLength", "RowsPerStrip")
+        spots = [(tags[n].valueoffset, tags[n].dtype) for n in names]
+    data = bytearray(path.read_bytes())
+    for offset, dtype in spots:
+        fmt = "<H" if int(dtype) == 3 else "<I"
+        data[offset : offset + struct.calcsize(fmt)] = struct.pack(fmt, 60000)
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size < 10_000
+    with pytest.raises(DataFormatError, match=r"declares 3\.4 GiB.*bomb"):
+        open_stack(path)
+    monkeypatch.setenv("MICROSEG_ALLOW_LARGE", "1")
+    open_stack(path).close()  # opening is lazy: nothing allocated until a plane is read
+
+
+def test_a_png_decompression_bomb_is_a_clear_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from microseg.errors import DataFormatError
+    from microseg.io.png import read_png
+
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 90 000 px is then > 2x the limit
+    with pytest.raises(DataFormatError, match="decompression bomb"):
+        read_png(tmp_path / "big.png")

@@ -53,6 +53,10 @@ def read_png(path: str | Path) -> np.ndarray:
     try:
         with _pil_open()(path) as im:
             array = np.asarray(im)
+    except Image.DecompressionBombError as exc:  # Pillow's guard: more pixels than it allows
+        raise DataFormatError(
+            f"refused: {exc} (a decompression bomb, or raise PIL.Image.MAX_IMAGE_PIXELS)", path
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise DataFormatError(
             f"expected a readable PNG, found a corrupt file ({exc})", path

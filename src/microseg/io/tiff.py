@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -207,6 +208,7 @@ class TiffStack:
                 f"expected dtype in {[d.name for d in SUPPORTED_DTYPES]}, found {self.dtype}",
                 self.path,
             )
+        _check_declared_size(self.shape, self.dtype, self._file_size, self.path)
         meta = self._tif.imagej_metadata or {}
         n_images = int(meta.get("images", 0) or 0)
         if n_images > 1 and math.prod(self.shape) < n_images * math.prod(self.shape[-2:]):
@@ -335,6 +337,29 @@ class TiffStack:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+#: a file may declare this many times its own size (deflate tops out near 1030:1)
+MAX_INFLATION = 2000
+#: below this the ratio is not checked (small images of constant value compress very well)
+_INFLATION_FLOOR = 256 * 2**20
+
+
+def _check_declared_size(shape: tuple[int, ...], dtype: np.dtype, size: int, path: Path) -> None:
+    """Refuse a header that declares far more data than the file could hold before anything
+    is allocated (issue 18: a 139-byte TIFF declaring 60000x60000 asked for 3.6 GB).
+    ``MICROSEG_ALLOW_LARGE=1`` reads it anyway."""
+    declared = math.prod(shape) * dtype.itemsize
+    if declared <= _INFLATION_FLOOR or declared <= MAX_INFLATION * max(size, 1):
+        return
+    if os.environ.get("MICROSEG_ALLOW_LARGE", "") not in ("", "0"):
+        return
+    raise DataFormatError(
+        f"declares {declared / 2**30:.1f} GiB of {dtype} {shape} in a file of {size} bytes "
+        f"(more than {MAX_INFLATION}x): corrupt, or a decompression bomb; set "
+        "MICROSEG_ALLOW_LARGE=1 to read it anyway",
+        path,
+    )
 
 
 def open_stack(path: str | Path, expect_ndim: int | None = None) -> TiffStack:
