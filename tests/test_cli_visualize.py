@@ -56,3 +56,14 @@ def test_visualize_bad_csv_is_a_clear_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(app, ["visualize", str(stack), str(bad), "--out", str(tmp_path / "v")])
     assert res.exit_code != 0
     assert "bad.csv" in str(res.exception) and not (tmp_path / "v").exists()
+
+
+def test_an_output_too_large_is_refused_before_writing(tmp_path: Path) -> None:
+    """Issue 18: `--scale 200` wrote 8.3 GB from a 295 KB stack (here: 7 GiB would be)."""
+    stack, csv = _inputs(tmp_path)
+    out = tmp_path / "vis"
+    res = CliRunner().invoke(app, ["visualize", str(stack), str(csv), "--out", str(out),
+                                   "--scale", "400"])  # fmt: skip
+    assert res.exit_code != 0
+    assert "would write about" in str(res.exception) and "--scale" in str(res.exception)
+    assert not out.exists()

@@ -91,6 +91,8 @@ PNG_PATTERN = re.compile(r"plane_\d{4,}\.png")
 #: zlib level of the PNGs: PNG encoding is most of the time per plane; level 3 wrote a smooth
 #: 1024² RGB plane about 2.5x faster than Pillow's default 6 at the same size (1 was +20 %)
 PNG_COMPRESS_LEVEL = 3
+#: what one visualize run may write (uncompressed estimate of the PNGs + the RGB TIFF)
+MAX_OUTPUT_BYTES = 4 * 2**30
 
 #: colour per fusion status (:data:`microseg.infer.fusion.STATUSES`); others get the defaults
 STATUS_COLORS: dict[str, str] = {
@@ -586,6 +588,14 @@ def render_overlays(
         mark_z = marks["z"].to_numpy()
         counts = {"full": 0, "faint": 0}
         height, width = shape[1] * cfg.scale, shape[2] * cfg.scale
+        # PNGs + the RGB TIFF, uncompressed; issue 18: --scale 200 wrote 8.3 GB from 295 KB
+        out_bytes = 2 * len(planes) * height * width * 3
+        if out_bytes > MAX_OUTPUT_BYTES:
+            raise ConfigError(
+                f"--scale {cfg.scale} on {len(planes)} planes of {shape[1]}x{shape[2]} would "
+                f"write about {out_bytes / 2**30:.1f} GiB (limit {MAX_OUTPUT_BYTES / 2**30:.0f} "
+                "GiB): lower --scale or select planes with --z-start/--z-stop/--z-step"
+            )
 
         def rgb_planes(folder: Path) -> Iterator[np.ndarray]:
             for z in tqdm(planes, desc="overlays", unit="plane", disable=bar_disabled()):
