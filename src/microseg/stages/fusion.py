@@ -42,7 +42,7 @@ def _item(sample: Sample, params: Params) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def tune_fusion_stage(
-    params: Params, on_trial: Callable | None = None, out: Path = TUNED
+    params: Params, on_trial: Callable | None = None, out: Path = TUNED, worker: int = 0
 ) -> dict[str, Any]:
     from microseg.tune.fusion import tune_fusion, write_best_params
 
@@ -64,6 +64,7 @@ def tune_fusion_stage(
         timeout=cfg.timeout,
         on_trial=on_trial,
         max_dist_nm=params.spines.match_dist_nm,
+        worker=worker,  # each worker of a shared study samples with its own seed
     )
     write_best_params(out, best)
     return {"best": best, "best_val_f1": float(study.best_value), "n_trials": len(study.trials)}

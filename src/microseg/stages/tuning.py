@@ -100,7 +100,7 @@ def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
         from microseg.stages import fusion
 
         def tune_fusion() -> StageResult:
-            out = fusion.tune_fusion_stage(params, on_trial=on_trial)
+            out = fusion.tune_fusion_stage(params, on_trial=on_trial, worker=worker)
             return StageResult(
                 "tune_fusion",
                 out,
