@@ -54,3 +54,14 @@ def test_debug_shows_the_traceback(workdir: Path, monkeypatch, capsys) -> None:
     monkeypatch.setenv("MICROSEG_DEBUG", "1")
     code, err = run_main(["track", "--model", "unet", "-S", "seed.x=1"], monkeypatch, capsys)
     assert code == 2 and "Traceback" in err and "error: --set seed.x" in err
+
+
+def test_ctrl_c_says_how_to_resume(workdir: Path, monkeypatch, capsys) -> None:
+    import microseg.cli as cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "app", interrupted)
+    code, err = run_main(["where"], monkeypatch, capsys)
+    assert code == 130 and "again to resume" in err and "Traceback" not in err

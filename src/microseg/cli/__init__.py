@@ -206,6 +206,14 @@ def main() -> None:
             traceback.print_exc()  # MICROSEG_DEBUG=1: the traceback of a user error too
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho(
+            "interrupted: outputs are written atomically, so nothing half-written was kept; "
+            "run the same command (or dvc repro) again to resume where it stopped",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        sys.exit(130)
     except ModuleNotFoundError as exc:  # a core install running a pipeline command
         if (missing := missing_extra(exc)) is None:
             raise
