@@ -215,3 +215,23 @@ def test_head_boxes_localise_synthetic_spines_better(tiny_spines):
         m = match_points(pts[["z", "y", "x"]].to_numpy(), gt[["z", "y", "x"]].to_numpy(), vs)
         dist[box] = m.mean_distance_nm
     assert dist["head"] < dist["component"]
+
+
+def test_the_same_bytes_in_another_clone(tmp_path, monkeypatch):
+    """The summary named the d3sets by absolute path: a clone elsewhere (or a teammate's) had a
+    different data/yolo/spines hash, and DVC retrained YOLO for nothing."""
+    import hashlib
+
+    def tree(root):
+        return {p.relative_to(root).as_posix(): hashlib.md5(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+    outs = []
+    for clone in ("a", "bb"):
+        root = tmp_path / clone
+        root.mkdir()
+        monkeypatch.chdir(root)
+        _d3(root, "train.d3set", 1, 0), _d3(root, "val.d3set", 1, 1)
+        convert_d3set_to_yolo("train.d3set", "val.d3set", "yolo", min_box_px=5)
+        outs.append(tree(root / "yolo"))
+    assert outs[0] == outs[1] and outs[0]

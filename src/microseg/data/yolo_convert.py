@@ -338,8 +338,10 @@ def convert_d3set_to_yolo(
             )
         (tmp / DATA_YAML).write_text(data_yaml_text())
         summary = {
-            "train_d3set": str(Path(train_d3set).resolve()),
-            "val_d3set": str(Path(val_d3set).resolve()),
+            # as given (relative in the pipeline): an absolute path put the clone's location
+            # into the bytes DVC hashes, so every clone "changed" data/yolo/spines
+            "train_d3set": Path(train_d3set).as_posix(),
+            "val_d3set": Path(val_d3set).as_posix(),
             "options": {
                 "min_box_px": min_box_px,
                 "max_box_px": max_box_px,
