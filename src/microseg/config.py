@@ -87,7 +87,7 @@ class SynthConfig(_Strict):
 class DatasetConfig(_Strict):
     """One ingestable dataset: where its native files are and how to read them."""
 
-    format: Literal["synthetic_spines", "dsb2018", "ctc", "coco", "png_pairs"]
+    format: Literal["synthetic_spines", "dsb2018", "ctc", "coco", "png_pairs", "ome-tiff"]
     source: Path
     #: COCO JSON for ``format: coco`` (default ``<source>/annotations.json``)
     annotations: Path | None = None
@@ -99,11 +99,18 @@ class DatasetConfig(_Strict):
     #: (objects sharing an edge merge); ``auto`` reads a mask whose nonzero pixels share one
     #: value (0/255, 0/1) as binary, any other as instance. Other formats carry instance ids.
     mask_kind: Literal["instance", "binary", "auto"] = "auto"
+    #: ``ome-tiff`` (microscope files read through bioio: OME-TIFF, CZI, ND2, LIF, TIFF): the
+    #: channel (index or name) holding the nuclei, when the images have several
+    channel: int | str | None = None
 
     @model_validator(mode="after")
     def _mask_kind_only_for_png_pairs(self) -> DatasetConfig:
-        if self.mask_kind != "auto" and self.format != "png_pairs":
-            raise ValueError(f"mask_kind applies to format png_pairs only, not {self.format}")
+        if self.mask_kind != "auto" and self.format not in ("png_pairs", "ome-tiff"):
+            raise ValueError(
+                f"mask_kind applies to formats png_pairs and ome-tiff only, not {self.format}"
+            )
+        if self.channel is not None and self.format != "ome-tiff":
+            raise ValueError(f"channel applies to format ome-tiff only, not {self.format}")
         return self
 
 

@@ -336,3 +336,33 @@ def test_coco_ingest_refuses_what_it_would_drop_silently(tmp_path: Path, defect:
     said = "share the file stem" if defect == "same_stem" else "no 'segmentation'"
     assert said in str(err.value) and "annotations.json" in str(err.value)
     _assert_nothing_written(tmp_path / "prepared")
+
+
+def test_ome_tiff_dataset_channel_and_pixel_size_from_metadata(tmp_path: Path) -> None:
+    """Issue 17: `--format ome-tiff`: two-channel OME-TIFFs (nuclei in channel 1, 0.5 µm
+    pixels in the metadata) with instance masks; the channel is picked and the size kept."""
+    from bioio.writers import OmeTiffWriter
+    from bioio_base.types import PhysicalPixelSizes
+
+    src = tmp_path / "lab"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        lab = np.zeros((32, 40), np.uint16)
+        lab[4:10, 4:12], lab[18:28, 20:30] = 1, 2 + i % 2
+        nuclei = (lab > 0) * 180 + rng.integers(0, 20, lab.shape)
+        cyx = np.stack([np.full(lab.shape, 5), nuclei]).astype(np.uint16)
+        OmeTiffWriter.save(cyx, src / "images" / f"im{i}.ome.tif", dim_order="CYX",
+                           channel_names=["BF", "DAPI"],
+                           physical_pixel_sizes=PhysicalPixelSizes(None, 0.5, 0.5))  # fmt: skip
+        tiff.write_stack(src / "masks" / f"im{i}.tif", lab)
+    cfg = DatasetConfig(format="ome-tiff", source=src, task="nuclei", channel="DAPI",
+                        mask_kind="instance")  # fmt: skip
+    m = read_manifest(ingest("lab", cfg, tmp_path / "prepared", seed=0, workers=1))
+    assert len(m) == 6 and (m.n_instances == 2).all() and set(m.split) == {"train", "val", "test"}
+    assert (m.voxel_size_y_nm == 500).all() and m.voxel_size_z_nm.isna().all()
+    first = tiff.read_stack(tmp_path / "prepared" / "lab" / "images" / "im0.tif")
+    assert first.ndim == 2 and first.max() >= 180  # channel 1, not the flat channel 0
+    with pytest.raises(ValueError, match="channel applies to format ome-tiff"):
+        DatasetConfig(format="png_pairs", source=src, task="nuclei", channel=1)

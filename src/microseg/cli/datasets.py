@@ -34,7 +34,10 @@ def add(
     task: Annotated[str, typer.Option(help="nuclei, spines or tracking")],
     format_: Annotated[
         str,
-        typer.Option("--format", help="dsb2018, png_pairs, coco, ctc, d3set (synthetic_spines)"),
+        typer.Option(
+            "--format",
+            help="dsb2018, png_pairs, ome-tiff (OME-TIFF/CZI/ND2/LIF via bioio), coco, ctc, d3set",
+        ),
     ],
     source: Annotated[Path, typer.Option(help="folder of the dataset's native files")],
     split: Annotated[
@@ -45,6 +48,9 @@ def add(
         str | None, typer.Option(help="png_pairs masks: instance, binary or auto")
     ] = None,
     annotations: Annotated[Path | None, typer.Option(help="COCO JSON (format coco)")] = None,
+    channel: Annotated[
+        str | None, typer.Option(help="ome-tiff: the channel (index or name) with the nuclei")
+    ] = None,
     use: Annotated[
         bool, typer.Option("--use", help="make the task's stages train and score on it")
     ] = False,
@@ -60,7 +66,7 @@ def add(
         task, format_, source,
         split=_floats(split, 3, "--split"),  # type: ignore[arg-type]
         voxel_size_nm=_floats(voxel_size, 3, "--voxel-size"),  # type: ignore[arg-type]
-        mask_kind=mask_kind, annotations=annotations,
+        mask_kind=mask_kind, annotations=annotations, channel=channel,
     )  # fmt: skip
     written = add_dataset(params_path, name, entry, use=use, replace=replace)
     typer.echo(f"{params_path}: wrote {', '.join(written)}")

@@ -222,6 +222,68 @@ def ingest_png_pairs(
     return _finish_2d(name, cfg, rows, seed)
 
 
+#: image files of format ``ome-tiff`` (anything io.bioformats reads); masks: same stem
+MICROSCOPE_SUFFIXES = (".ome.tif", ".ome.tiff", ".tif", ".tiff", ".czi", ".nd2", ".lif")
+
+
+def _microscope_stem(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in (*MICROSCOPE_SUFFIXES, ".png"):
+        if name.endswith(suffix):
+            return path.name[: -len(suffix)]
+    return None
+
+
+def _microscope_pairs(source: Path) -> list[tuple[Path, Path]]:
+    """``images/<stem>.<ext>`` with ``masks/<stem>.<tif|png|...>``; unmatched stems named."""
+    images_dir, masks_dir = source / "images", source / "masks"
+    for d in (images_dir, masks_dir):
+        if not d.is_dir():
+            raise MissingFileError("expected images/ and masks/ folders", d)
+    images = {s: p for p in sorted(images_dir.iterdir()) if (s := _microscope_stem(p))}
+    masks = {s: p for p in sorted(masks_dir.iterdir()) if (s := _microscope_stem(p))}
+    if not images:
+        raise MissingFileError(f"no images ({', '.join(MICROSCOPE_SUFFIXES)})", images_dir)
+    unmatched = sorted(set(images) ^ set(masks))
+    if unmatched:
+        raise ShapeMismatchError(
+            f"images and masks must pair by stem; unmatched: {unmatched[:10]}", source
+        )
+    return [(images[s], masks[s]) for s in sorted(images)]
+
+
+@register("ome-tiff")
+def ingest_microscope(
+    name: str, cfg: DatasetConfig, out: Path, seed: int, workers: int
+) -> list[dict]:
+    """Microscope files (OME-TIFF, CZI, ND2, LIF, TIFF) through bioio: ``cfg.channel`` of each
+    image, its pixel size from the metadata (``voxel_size_nm`` overrides), masks read as
+    ``cfg.mask_kind`` says (as ``png_pairs``)."""
+    from microseg.io.bioformats import read_image
+
+    rows, sizes = [], {}
+    for image_path, mask_path in tqdm(_microscope_pairs(Path(cfg.source)), desc=name):
+        data = read_image(image_path, channel=cfg.channel, keep_time=False)
+        if str(data.dims) not in ("YX", "YXC"):
+            raise ShapeMismatchError(
+                f"expected a 2D image (YX), this file's selection has axes {data.dims}", image_path
+            )
+        mask = np.squeeze(read_image(mask_path, keep_time=False).array)
+        labels, kind = png.instance_labels(np.asarray(mask), cfg.mask_kind, mask_path)
+        image = np.asarray(data.array)
+        sid = _microscope_stem(image_path) or image_path.stem
+        row = _instance_2d_row(out, sid, image, labels, image_path, dsb.modality_of(image))
+        rows.append(row | {"mask_kind": kind})
+        if data.pixel_size_um is not None:
+            sizes[sid] = (np.nan, *(1e3 * float(v) for v in data.pixel_size_um[-2:]))
+    rows = _finish_2d(name, cfg, rows, seed)
+    if cfg.voxel_size_nm is None:  # each file's own pixel size
+        for r in rows:
+            if r["sample_id"] in sizes:
+                r.update(_voxel_fields(sizes[r["sample_id"]]))
+    return rows
+
+
 # ------------------------------------------------------------------------------------ spines
 def semantic_spine_labels(dendrite: np.ndarray, spine: np.ndarray) -> np.ndarray:
     """One uint8 label volume: 0 background, 1 dendrite, 2 spine (spine wins on overlap)."""

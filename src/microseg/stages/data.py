@@ -15,7 +15,7 @@ from microseg.stages.result import StageResult, run_stage
 
 SYNTH_TARGETS = ("spines", "tracking")
 #: formats whose samples ``ingest`` splits by ``datasets.<name>.split`` (stratified)
-RATIO_SPLIT_FORMATS = ("dsb2018", "coco", "png_pairs")
+RATIO_SPLIT_FORMATS = ("dsb2018", "coco", "png_pairs", "ome-tiff")
 
 
 def dataset_config(params: Params, name: str) -> DatasetConfig:

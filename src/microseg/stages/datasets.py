@@ -52,6 +52,7 @@ def dataset_entry(
     voxel_size_nm: tuple[float, float, float] | None = None,
     mask_kind: str | None = None,
     annotations: str | Path | None = None,
+    channel: int | str | None = None,
 ) -> dict[str, Any]:
     """The ``datasets.<name>`` mapping, checked by the same model the stages load."""
     entry: dict[str, Any] = {
@@ -67,6 +68,8 @@ def dataset_entry(
         entry["mask_kind"] = mask_kind
     if annotations is not None:
         entry["annotations"] = str(annotations)
+    if channel is not None:
+        entry["channel"] = int(channel) if str(channel).isdigit() else str(channel)
     try:
         DatasetConfig.model_validate(entry)
     except Exception as exc:  # pydantic's message lists each bad field
