@@ -312,7 +312,6 @@ def intensity_range(
     evenly spaced planes when given.
     """
     depth = len(stack)  # type: ignore[arg-type]
-    check_stack_finite(stack)  # type: ignore[arg-type]
     first = np.asarray(stack[0])  # type: ignore[index]
     if first.dtype.kind == "u" and first.dtype.itemsize <= 2:
         hist = np.zeros(2 ** (8 * first.dtype.itemsize), dtype=np.int64)

@@ -37,6 +37,7 @@ from skimage.morphology import remove_small_objects
 from tqdm.auto import tqdm
 
 from microseg.data.patches import DEFAULT_PERCENTILES, context_planes, intensity_range, normalize
+from microseg.data.transforms import check_stack_finite
 from microseg.errors import ShapeMismatchError
 from microseg.io.tiff import write_stack
 from microseg.models.punet.network import HEADS, ProbUNet, pad_to_multiple
@@ -239,6 +240,7 @@ def predict_stack_punet(
     model.to(device)
     model.eval()
     context = (model.in_channels - 1) // 2
+    check_stack_finite(stack)  # one NaN voxel would make every map NaN
     lo, hi = intensity or intensity_range(stack, percentiles, max_planes=16)
     reader = _PlaneReader(stack, context, lo, hi)
     depth = shape[0]
