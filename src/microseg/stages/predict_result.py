@@ -18,6 +18,7 @@ whose marker is missing.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ class SaveOptions:
 
 
 @dataclass
-class Result:
+class Result(ABC):
     """One image's prediction. ``labels``: instances (nuclei ``YX``; tracking ``TYX``, value =
     track id); ``points``: spines; ``tracks``: one row per object and frame with ``parent``;
     ``probability``/``uncertainty``: per-pixel maps where the model has them."""
@@ -66,21 +67,21 @@ class Result:
         """Objects found (spines, nuclei; tracking: objects over all frames)."""
         return len(self.to_dataframe())
 
+    @abstractmethod
     def to_dataframe(self) -> pd.DataFrame:
         """The per-object table (nuclei: objects; tracking: object x frame; spines: points)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def save(
         self, out_dir: str | Path, *, fmt: str = "tif", rois: bool = False, geojson: bool = False
     ) -> list[Path]:
         """Write the result's files into ``out_dir`` (see the module docstring); ``fmt``,
         ``rois`` and ``geojson`` choose the nuclei label exports (:class:`SaveOptions`)."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def marker(out_dir: Path, name: str, family: str = "") -> Path:
         """The file whose presence means a result of ``name`` in ``out_dir`` is complete."""
-        raise NotImplementedError
 
 
 # ------------------------------------------------------------------------------- nuclei
