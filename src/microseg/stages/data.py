@@ -151,7 +151,6 @@ def run_convert(params: Params, target: str) -> StageResult:
         fn,
         stage="convert_yolo",
         task="spines",
-        dataset=params.spines.dataset,
         section=params.yolo.convert,
     )
 
@@ -171,6 +170,5 @@ def run_prepare_targets(params: Params) -> StageResult:
         fn,
         stage="prepare_targets",
         task="nuclei",
-        dataset=params.cells.dataset,
         section=params.cells.targets,
     )

@@ -52,9 +52,7 @@ def run_evaluate_spines(params: Params, model: str) -> StageResult:
             artifacts=[*plots, (path, "metrics")],
         )
 
-    return run_stage(
-        params, evaluate, stage=stage, task="spines", dataset=params.spines.dataset, section=section
-    )
+    return run_stage(params, evaluate, stage=stage, task="spines", section=section)
 
 
 def run_evaluate_cells(params: Params, name: str) -> StageResult:
@@ -81,7 +79,6 @@ def run_evaluate_cells(params: Params, name: str) -> StageResult:
         evaluate,
         stage="evaluate_cells",
         task="nuclei",
-        dataset=params.cells.dataset,
         section=mc,
         run_name=f"evaluate-{name}",
         tags={"microseg.model": name, "microseg.family": mc.family},
@@ -109,7 +106,6 @@ def run_evaluate_tracking(params: Params) -> StageResult:
         evaluate,
         stage="evaluate_tracking",
         task="tracking",
-        dataset=params.tracking.dataset,
         section=params.tracking,
     )
 
@@ -135,7 +131,6 @@ def run_track(params: Params, name: str | None = None) -> StageResult:
             link,
             stage="track",
             task="tracking",
-            dataset=params.tracking.dataset,
             section=section,
             run_name=f"track-{seg}",
             tags={"microseg.model": seg},
@@ -162,7 +157,6 @@ def run_fuse(params: Params) -> StageResult:
         fuse,
         stage="fuse",
         task="spines",
-        dataset=params.spines.dataset,
         section=params.spines,
     )
 
@@ -182,7 +176,6 @@ def run_compare_spines(params: Params) -> StageResult:
         compare,
         stage="evaluate_spines",
         task="spines",
-        dataset=params.spines.dataset,
         section=params.spines,
     )
 
@@ -207,7 +200,6 @@ def run_uncertainty(params: Params) -> StageResult:
         maps,
         stage="uncertainty",
         task="spines",
-        dataset=params.spines.dataset,
         section=params.punet.predict,
     )
 
@@ -233,7 +225,6 @@ def run_inter_rater(params: Params) -> StageResult:
         compare,
         stage="inter_rater",
         task="spines",
-        dataset=params.spines.dataset,
         section=params.punet,
     )
 
@@ -258,6 +249,5 @@ def run_report(params: Params) -> StageResult:
         build,
         stage="report",
         task="nuclei",
-        dataset=params.cells.dataset,
         section=params.cells,
     )

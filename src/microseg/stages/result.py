@@ -46,15 +46,21 @@ def run_stage(
     *,
     stage: str,
     task: str,
-    dataset: str,
+    dataset: str | None = None,
     section: Any = None,
     run_name: str | None = None,
     tags: Mapping[str, str] | None = None,
 ) -> StageResult:
     """``fn()`` inside the stage's MLflow run (house tags, ``section`` as params), then its
-    result logged into that run. ``tags`` are set before ``fn`` runs."""
+    result logged into that run. ``tags`` are set before ``fn`` runs. ``dataset`` defaults to
+    the one the task's section names (``cells.dataset``, ``spines.dataset``,
+    ``tracking.dataset``)."""
     from microseg.registry import stage_logging
     from microseg.registry.runs import stage_run
+
+    if dataset is None:
+        dataset = {"nuclei": params.cells.dataset, "spines": params.spines.dataset,
+                   "tracking": params.tracking.dataset}.get(task, task)  # fmt: skip
 
     with stage_run(
         params, stage=stage, task=task, dataset=dataset, section=section, run_name=run_name

@@ -187,7 +187,6 @@ def run_seeds(params: Params, jobs: int = 1) -> StageResult:
         fn,
         stage="seeds",
         task="nuclei",
-        dataset=params.cells.dataset,
         section={"models": models, "seeds": seeds, "baseline": baseline},
         run_name="seed-spread",
     )

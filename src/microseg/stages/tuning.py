@@ -115,7 +115,6 @@ def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
             tune_fusion,
             stage="tune_fusion",
             task="spines",
-            dataset=params.spines.dataset,
             section=params.fusion,
         )
 
