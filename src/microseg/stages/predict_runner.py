@@ -191,19 +191,11 @@ class Runner:
 
     def _yolo(self, item: Input, voxel: tuple[float, float, float]) -> SpineResult:
         from microseg.infer.yolo_predict import detections_to_points, nms_per_plane, predict_stack
+        from microseg.stages.spines import yolo_stack_kwargs
 
-        p, c, s = self.params.yolo.predict, self.params.yolo.convert, self.params.spines
+        p, s = self.params.yolo.predict, self.params.spines
         boxes = predict_stack(
-            self.model,
-            item.path,
-            conf=p.conf,
-            iou=p.iou,
-            tile=p.tile,
-            fusion=p.fusion,
-            batch_planes=p.batch_planes,
-            channels=c.channels,
-            norm_percentiles=c.norm_percentiles,
-            max_det=p.max_det,
+            self.model, item.path, conf=p.conf, iou=p.iou, **yolo_stack_kwargs(self.params)
         )
         boxes = nms_per_plane(boxes, iou=p.iou, conf=p.conf)
         points = detections_to_points(boxes, voxel, s.dedup_radius_nm, s.dedup_mode)

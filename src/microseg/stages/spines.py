@@ -123,19 +123,22 @@ def load_yolo(weights: Path, params: Params) -> Any:
 def _raw_detections(det, sample: Sample, params: Params) -> pd.DataFrame:
     from microseg.infer.yolo_predict import predict_stack
 
-    p, c = params.yolo.predict, params.yolo.convert
+    # every box the sweep may keep: its lowest confidence, no NMS yet (the sweep applies both)
     return predict_stack(
-        det,
-        sample.image_path,
-        conf=min(params.yolo.sweep.confs),
-        iou=1.0,
-        tile=p.tile,
-        fusion=p.fusion,
-        batch_planes=p.batch_planes,
-        channels=c.channels,
-        norm_percentiles=c.norm_percentiles,
-        max_det=p.max_det,
-    )
+        det, sample.image_path, conf=min(params.yolo.sweep.confs), iou=1.0,
+        **yolo_stack_kwargs(params),
+    )  # fmt: skip
+
+
+def yolo_stack_kwargs(params: Params) -> dict[str, Any]:
+    """``predict_stack``'s arguments other than ``conf``/``iou``, as the detector was trained
+    (channels, normalisation) and as ``yolo.predict`` asks (tiles, batches): one source for the
+    pipeline's evaluation and ``microseg predict``."""
+    p, c = params.yolo.predict, params.yolo.convert
+    return {
+        "tile": p.tile, "fusion": p.fusion, "batch_planes": p.batch_planes,
+        "channels": c.channels, "norm_percentiles": c.norm_percentiles, "max_det": p.max_det,
+    }  # fmt: skip
 
 
 def _sweep(raw: pd.DataFrame, sample: Sample, params: Params, out_dir: Path | None) -> pd.DataFrame:
