@@ -13,11 +13,13 @@ a version registered by hand can still be judged) and moves ``champion`` only wh
 * the candidate's validation passed, and
 * there is no champion yet, or the candidate beats it by at least ``min_delta``;
 
-``force=True`` overrides both (a person's decision, recorded as such). Every promotion leaves
-a trail: tags on the new champion (``promoted_by``, ``promoted_at``, ``promotion_reason``,
-``previous_champion``), on the old one (``demoted_at``, ``replaced_by``), and one
-``champion_history.<NNNN>`` tag per event on the registered model (one tag per event because
-a single growing tag would hit the store's 5000-character value limit).
+``force=True`` overrides both (a person's decision, recorded as such). One promotion of a
+model runs at a time (:mod:`microseg.registry.locks`), so concurrent ones form a chain.
+Every promotion leaves a trail: tags on the new champion (``promoted_by``, ``promoted_at``,
+``promotion_reason``, ``previous_champion``), on the old one (``demoted_at``,
+``replaced_by``), and one ``champion_history.<NNNN>`` tag per event on the registered model
+(one tag per event because a single growing tag would hit the store's 5000-character value
+limit).
 
 Everything goes through one :class:`~mlflow.MlflowClient`, so the same code runs against the
 embedded SQLite store and a team's PostgreSQL-backed store.
@@ -41,6 +43,7 @@ from mlflow.exceptions import MlflowException
 
 from microseg.errors import MicrosegError
 from microseg.registry import runs
+from microseg.registry.locks import promotion_lock
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +321,24 @@ def promote(
     """
     client = _client(client)
     _registered_model(client, name)
+    with promotion_lock(client, name):
+        return _promote_locked(
+            client, name, metric, min_delta, higher_is_better, force, reason, actor, version
+        )
+
+
+def _promote_locked(
+    client: MlflowClient,
+    name: str,
+    metric: str,
+    min_delta: float,
+    higher_is_better: bool,
+    force: bool,
+    reason: str | None,
+    actor: str | None,
+    version: str | int | None,
+) -> PromotionDecision:
+    """:func:`promote` with the model's promotion lock held."""
     if version is None:
         cand = alias_version(name, CHALLENGER, client)
         if cand is None:
@@ -372,6 +393,13 @@ def promote(
         client.set_model_version_tag(name, cand.version, "promotion_checked_at", _now())
         logger.info("%s v%s not promoted: %s", name, cand.version, why)
         return result
+    now = champion_version(name, client)
+    if (str(now.version) if now is not None else None) != prev:
+        # only possible without a lock (an MLflow server store): someone promoted meanwhile
+        raise MicrosegError(
+            f"the champion of {name!r} moved from v{prev} to v{now.version if now else None} "
+            "while this promote was deciding; run it again to judge against the new champion"
+        )
     _record_promotion(client, result, _actor(actor))
     logger.info("%s v%s promoted to %s (was %s): %s", name, cand.version, CHAMPION, prev, why)
     return result
