@@ -19,13 +19,14 @@ from skimage.draw import disk
 import microseg
 from microseg.config import load_params
 from microseg.data.synth_tracking import TrackingSynthConfig, generate_tracking_sequence
-from microseg.errors import ConfigError, DataFormatError
+from microseg.errors import ConfigError, DataFormatError, MicrosegError
 from microseg.infer.watershed import PostprocessConfig
 from microseg.io.tiff import read_stack, write_stack
 from microseg.models.classical import otsu_watershed
 from microseg.models.punet import ProbUNet, save_punet
 from microseg.models.unet import UnetConfig, build_unet, load_unet, save_unet
 from microseg.models.unet.predict import InferConfig, predict_instances
+from microseg.registry.integrity import folder_digests
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -199,5 +200,12 @@ def test_a_registry_uri_predicts_what_the_registered_model_predicts(
         np.testing.assert_array_equal(ours.labels, read_stack(out["labels_path"].iloc[0]))
         cached = tmp_path / "cache" / "registry" / "nuc" / str(info.registered_model_version)
         assert (cached / "MLmodel").is_file()
+        # registered by MLflow, not `microseg register`: the first load recorded the digest
+        mv = mlflow.MlflowClient().get_model_version("nuc", info.registered_model_version)
+        assert mv.tags["artifacts_sha256"] == folder_digests(cached)[0]
+        weights = next((cached / "artifacts").glob("*.pt"))
+        weights.write_bytes(weights.read_bytes()[:-4] + b"evil")  # the cache edited
+        with pytest.raises(MicrosegError, match="changed since registration"):
+            microseg.load("models:/nuc@champion", params=params)
     finally:
         mlflow.set_tracking_uri(before)

@@ -42,7 +42,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from microseg.errors import MicrosegError
-from microseg.registry import runs
+from microseg.registry import integrity, runs
 from microseg.registry.locks import promotion_lock
 
 logger = logging.getLogger(__name__)
@@ -232,10 +232,19 @@ def register_version(
 
     Version tags: ``metric.<k>`` for each metric, ``dataset_md5``, ``git_commit`` and
     ``params_hash`` (explicit ``tags`` first, else the source run's house tags, else the
-    working tree's), ``validation``, ``source_run_id`` and any other entry of ``tags``.
+    working tree's), ``validation``, ``source_run_id``, any other entry of ``tags``, and the
+    sha256 of the model's files (:mod:`microseg.registry.integrity`; checked at every load).
     """
     client = _client(client)
     source, run_id, model_id = _source(client, model_uri)
+    try:
+        digests = integrity.source_tags(source, client.tracking_uri)
+    except Exception as exc:  # the store's download errors have several types
+        raise MicrosegError(
+            f"could not read the model's files to record their sha256 ({type(exc).__name__}: "
+            f"{exc})",
+            model_uri,
+        ) from exc
     run_tags: dict[str, str] = {}
     if run_id:
         try:
@@ -255,6 +264,7 @@ def register_version(
         "source_run_id": run_id or "",
         "model_uri": model_uri,
         "registered_at": _now(),
+        **digests,
     }
     try:
         client.create_registered_model(name)

@@ -4,7 +4,8 @@
 registered version carries (its weights and the config it was logged with), not MLflow's pyfunc
 machinery: the version's files are downloaded once into a cache keyed by the pinned version (a
 version never changes, so the cache needs no invalidation) and its ``MLmodel`` file is read as
-YAML. The pickled python model is never loaded, so nothing of the download is unpickled.
+YAML. The pickled python model is never loaded, so nothing of the download is unpickled, and
+the files are checked against the sha256 recorded at registration before anything is read.
 """
 
 from __future__ import annotations
@@ -82,6 +83,8 @@ def resolve_registered_model(
     folder = (cache_dir or cache_root()).joinpath(*key)
     if not (folder / MLMODEL).is_file() or not (name and version):
         _download(pinned, folder)
+    if name and version:
+        _verify(folder, name, version, pinned)
     local = read_model_folder(folder, uri=uri)
     return LocalModel(
         uri=uri,
@@ -94,6 +97,26 @@ def resolve_registered_model(
         name=name,
         version=version,
     )
+
+
+def _verify(folder: Path, name: str, version: str, pinned: str) -> None:
+    """The cached files against the sha256 recorded at registration (every load: the cache
+    is a plain folder anyone on the machine may have edited)."""
+    from mlflow import MlflowClient
+
+    from microseg.registry.integrity import verify_folder
+
+    client = MlflowClient()
+    try:
+        tags = client.get_model_version(name, version).tags
+    except Exception as exc:  # the store cannot be reached or read
+        raise MicrosegError(f"could not read the version's tags ({exc})", pinned) from exc
+
+    def record(new: dict[str, str]) -> None:
+        for key, value in new.items():
+            client.set_model_version_tag(name, version, key, value)
+
+    verify_folder(folder, tags, pinned, record)
 
 
 def _download(uri: str, folder: Path) -> None:

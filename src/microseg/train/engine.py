@@ -341,9 +341,10 @@ class RunCallback(Callback):
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:
-        # Lightning's weights_only here means "drop the optimizer": a resumable checkpoint
-        # keeps it. Loading it back is torch.load(weights_only=True) (see ``fit`` below).
-        trainer.save_checkpoint(self.out_dir / LAST, weights_only=False)
+        # Lightning's default keeps the optimizer state (its ``weights_only`` flag means "drop
+        # it"): a resumable checkpoint needs it. Loading it back is torch.load(weights_only=True)
+        # (see ``fit`` below).
+        trainer.save_checkpoint(self.out_dir / LAST)
         if trainer.is_global_zero:
             self.state.write(self.out_dir / STATE)
 
