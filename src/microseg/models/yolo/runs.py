@@ -10,8 +10,8 @@ on CUDA and ask PyPI for updates. :func:`offline_guards` turns these into no-ops
 train (plots are off, so no font is needed; AMP is trusted on CUDA and off elsewhere, as
 Ultralytics decides it).
 
-Safety: Ultralytics pickles its whole network into a ``.pt``, and loads it with
-``weights_only=False``. :func:`network_classes` vets a file first with torch's own scanner
+Safety: Ultralytics pickles its whole network into a ``.pt``, and loads it
+with ``weights_only`` off. :func:`network_classes` vets a file first with torch's own scanner
 (``get_unsafe_globals_in_checkpoint``): beyond what ``weights_only`` loading allows, it may
 name only ``nn.Module`` classes of torch or Ultralytics (and its argument namespace); nothing
 of it runs while checking. We then load it ourselves with ``weights_only=True`` and those
