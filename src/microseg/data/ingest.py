@@ -13,7 +13,6 @@ import logging
 import os
 from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ from microseg.data.stats import image_stats, label_stats
 from microseg.errors import AnnotationError, MissingFileError, ShapeMismatchError
 from microseg.io import coco, ctc, d3set, dsb, png, points, tiff
 from microseg.utils.atomic import atomic_path
+from microseg.utils.processes import worker_pool
 from microseg.utils.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def ingest_dsb(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: int
     ids = dsb.list_dsb_samples(root)
     jobs = [(root, sid, out) for sid in ids]
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with worker_pool(workers) as pool:
             rows = list(tqdm(pool.map(_dsb_one, jobs, chunksize=4), total=len(jobs), desc=name))
     else:
         rows = [_dsb_one(j) for j in tqdm(jobs, desc=name)]
