@@ -90,6 +90,9 @@ class EngineConfig:
     #: warns where an op has none (some CUDA kernels); False lets cuDNN pick the fastest
     deterministic: bool | str = "warn"
     num_threads: int | None = None
+    #: 0: batches drawn in the training process; 1: in a worker process beside it (a CPU's
+    #: idle second core augments while the first trains; same batches either way)
+    loader_workers: int = 0
     #: Lightning's bars, drawn only where someone watches (``utils.progress``)
     progress: bool = True
     #: fine-tuning: weights to start from (a ``best.pt``/``last.ckpt`` of this family or a
@@ -107,6 +110,7 @@ class EngineConfig:
             "num_nodes": self.num_nodes >= 1,
             "precision": str(self.precision) in PRECISIONS,
             "devices": self.devices == "auto" or int(self.devices) >= 1,
+            "loader_workers": self.loader_workers in (0, 1),
             "deterministic": self.deterministic in (True, False, "warn"),
         }
         bad = [k for k, ok in checks.items() if not ok]

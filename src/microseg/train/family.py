@@ -71,9 +71,16 @@ class EpochBatches(torch.utils.data.IterableDataset):
             yield self.draw(rng)
 
 
-def batches_loader(dataset: EpochBatches) -> torch.utils.data.DataLoader:
-    """A loader that hands the family's ready batches through unchanged."""
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=0)
+def batches_loader(dataset: EpochBatches, workers: int = 0) -> torch.utils.data.DataLoader:
+    """A loader that hands the family's ready batches through unchanged.
+
+    ``workers=1`` draws (crops, augmentation) in one worker process while the main one trains:
+    on a CPU whose training runs one torch thread, the second core otherwise idles (drawing
+    is 18-25 % of a U-Net/MAUNet step). The stream is the same as in-process: one worker, the
+    same seed per epoch, and a fresh worker each epoch, so it sees the epoch ``set_epoch`` set.
+    More workers would interleave their batches; refused by the config check.
+    """
+    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
 
 
 class FamilyModule(L.LightningModule):
@@ -148,7 +155,8 @@ class SampledDataModule(L.LightningDataModule):
         if s is None:
             raise ConfigError("the data module has no sampler: call setup() first")
         return batches_loader(
-            EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed)
+            EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed),
+            workers=int(getattr(self.cfg, "loader_workers", 0)),
         )
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
