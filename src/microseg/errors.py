@@ -44,3 +44,12 @@ class ValidationFailed(MicrosegError):
 class MissingExtraError(MicrosegError, ImportError):
     """A command needs a package of an optional extra (``pipeline``, ``viewer``) that this
     install lacks; an ImportError too, so ``except ImportError`` fallbacks keep working."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM stopped a run (a cancelled CI job, a preempted cluster slot, ``kill``).
+
+    A KeyboardInterrupt, so everything that handles Ctrl-C (a tuning trial marked interrupted,
+    the CLI's resume message) handles it too; the CLI exits 143 (128 + SIGTERM), never 0, so
+    DVC does not record a half-trained model as the stage's output.
+    """

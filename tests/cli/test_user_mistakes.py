@@ -65,3 +65,17 @@ def test_ctrl_c_says_how_to_resume(workdir: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(cli, "app", interrupted)
     code, err = run_main(["where"], monkeypatch, capsys)
     assert code == 130 and "again to resume" in err and "Traceback" not in err
+
+
+def test_sigterm_exits_143_never_0(workdir: Path, monkeypatch, capsys) -> None:
+    """Lightning turns SIGTERM into SystemExit(0); the engine raises Terminated instead, and a
+    0 here would let DVC record a half-trained model as the stage's output."""
+    import microseg.cli as cli
+    from microseg.errors import Terminated
+
+    def terminated(*a, **k):
+        raise Terminated("SIGTERM after 1 of 4 epochs in models/x")
+
+    monkeypatch.setattr(cli, "app", terminated)
+    code, err = run_main(["where"], monkeypatch, capsys)
+    assert code == 143 and "by SIGTERM" in err and "again to resume" in err

@@ -34,7 +34,7 @@ from microseg.cli import (
     training,
     viewing,
 )
-from microseg.errors import MicrosegError
+from microseg.errors import MicrosegError, Terminated
 from microseg.utils import logfile, progress
 from microseg.utils.extras import missing_extra
 
@@ -206,14 +206,15 @@ def main() -> None:
             traceback.print_exc()  # MICROSEG_DEBUG=1: the traceback of a user error too
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         typer.secho(
-            "interrupted: outputs are written atomically, so nothing half-written was kept; "
-            "run the same command (or dvc repro) again to resume where it stopped",
+            f"interrupted{' by SIGTERM' if isinstance(exc, Terminated) else ''}: outputs are "
+            "written atomically, so nothing half-written was kept; run the same command (or "
+            "dvc repro) again to resume where it stopped",
             fg=typer.colors.YELLOW,
             err=True,
         )
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)
     except ModuleNotFoundError as exc:  # a core install running a pipeline command
         if (missing := missing_extra(exc)) is None:
             raise

@@ -42,8 +42,9 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, EarlyStopping, TQDMProgressBar
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from microseg.errors import ConfigError
+from microseg.errors import ConfigError, Terminated
 from microseg.train.family import FamilyModule
 from microseg.train.hooks import HookBase, should_stop
 from microseg.utils.atomic import atomic_path, write_torch
@@ -498,7 +499,11 @@ def fit(
     if ckpt:
         log.info("resuming from %s at epoch %d", last, state.epochs_completed)
     with torch_threads(cfg.num_threads):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+        except SIGTERMException as exc:  # a SystemExit with status 0: DVC would take it as done
+            done = run.state.epochs_completed
+            raise Terminated(f"SIGTERM after {done} of {cfg.epochs} epochs in {out_dir}") from exc
     return _result(
         run.state,
         out_dir,
