@@ -5,6 +5,7 @@ predictor and the registered MLflow model; ``import microseg`` stays light."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -198,13 +199,20 @@ def test_a_registry_uri_predicts_what_the_registered_model_predicts(
             params={"out_dir": str(tmp_path / "served")},
         )
         np.testing.assert_array_equal(ours.labels, read_stack(out["labels_path"].iloc[0]))
-        cached = tmp_path / "cache" / "registry" / "nuc" / str(info.registered_model_version)
+        (cached,) = (tmp_path / "cache" / "registry").glob(f"*/nuc/{info.registered_model_version}")
         assert (cached / "MLmodel").is_file()
         # registered by MLflow, not `microseg register`: the first load recorded the digest
         mv = mlflow.MlflowClient().get_model_version("nuc", info.registered_model_version)
         assert mv.tags["artifacts_sha256"] == folder_digests(cached)[0]
         weights = next((cached / "artifacts").glob("*.pt"))
-        weights.write_bytes(weights.read_bytes()[:-4] + b"evil")  # the cache edited
+        good = weights.read_bytes()
+        weights.write_bytes(good[:-4] + b"evil")  # the cache edited: downloaded again
+        microseg.load("models:/nuc@champion", params=params)
+        assert weights.read_bytes() == good
+        # the artifact store's copy edited: refused
+        (stored,) = (tmp_path / "art").rglob(f"artifacts/{weights.name}")
+        stored.write_bytes(good[:-4] + b"evil")
+        shutil.rmtree(cached)
         with pytest.raises(MicrosegError, match="changed since registration"):
             microseg.load("models:/nuc@champion", params=params)
     finally:

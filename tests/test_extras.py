@@ -73,7 +73,8 @@ def test_core_holds_no_pipeline_package() -> None:
     assert not core & pipeline, core & pipeline
     assert {"torch", "torchvision", "ultralytics", "monai", "bioio"} <= core
     assert [_dist(d) for d in EXTRAS["viewer"]] == ["napari"]
-    assert EXTRAS["all"] == ["microseg[pipeline,viewer]"]
+    assert [_dist(d) for d in EXTRAS["scale"]] == ["ray"]
+    assert EXTRAS["all"] == ["microseg[pipeline,viewer,scale]"]
 
 
 def test_core_does_not_pull_the_pipeline_in_through_the_lock() -> None:
@@ -92,7 +93,9 @@ def test_core_does_not_pull_the_pipeline_in_through_the_lock() -> None:
             todo.extend(deps.get(name, ()))
     assert {_dist(d) for d in PROJECT["dependencies"]} <= seen
     extras = {
-        d["name"] for extra in ("pipeline", "viewer") for d in me["optional-dependencies"][extra]
+        d["name"]
+        for extra in ("pipeline", "viewer", "scale")
+        for d in me["optional-dependencies"][extra]
     }
     assert not seen & extras, f"the core install pulls in {sorted(seen & extras)}"
     assert not {"sqlalchemy", "alembic", "torchmetrics", "pyarrow"} & seen
@@ -108,7 +111,7 @@ def test_extra_table_matches_pyproject() -> None:
     for module, extra in EXTRA_OF.items():
         wanted = {_dist(d) for d in EXTRAS[extra]}
         assert providers.get(module, set()) & wanted, f"{module}: not from the {extra} extra"
-    for extra in ("pipeline", "viewer"):
+    for extra in ("pipeline", "viewer", "scale"):
         for dist in map(_dist, EXTRAS[extra]):
             tops = {top for top, dists in providers.items() if dist in dists}
             assert any(EXTRA_OF.get(t) == extra for t in tops), f"{dist} ({tops}) not in EXTRA_OF"

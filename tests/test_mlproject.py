@@ -58,6 +58,7 @@ def test_parameter_types_and_defaults(project) -> None:
         "input": ("path", None),
         "out": ("string", "reports/batch_eval"),
         "strict": ("string", "no-strict"),
+        "engine": ("string", "local"),
     }
 
 
@@ -76,8 +77,9 @@ def test_commands_render(project) -> None:
     )
     assert _render(project, "batch_eval", input="new data", strict="strict") == (
         "microseg batch-eval --model models:/microseg-spines@champion --input 'new data' "
-        "--out reports/batch_eval --strict"
+        "--out reports/batch_eval --strict --engine local"
     )
+    assert _render(project, "batch_eval", input="x", engine="ray").endswith("--engine ray")
 
 
 def test_typed_parameters_are_enforced(project, tmp_path: Path) -> None:

@@ -257,6 +257,15 @@ class TrackingConfig(_Strict):
     split: str = "test"
     #: fields of ``microseg.infer.tracking.LinkConfig``
     link: dict[str, Any] = Field(default_factory=dict)
+    #: the linker of every segmenter's masks: ``ours`` (``microseg.infer.tracking``, row
+    #: ``<name>``) or ``laptrack`` (the peer, ``microseg.infer.tracking_laptrack``, row
+    #: ``<name>+laptrack``)
+    linker: Literal["ours", "laptrack"] = "ours"
+    #: further linkers run beside ``linker`` on the same masks, one row each
+    compare_linkers: list[Literal["ours", "laptrack"]] = Field(default_factory=list)
+    #: ``laptrack.LapTrack`` fields over our defaults (squared pixels: its metric is
+    #: ``sqeuclidean``); see ``microseg.infer.tracking_laptrack.DEFAULTS``
+    laptrack: dict[str, Any] = Field(default_factory=dict)
     #: the segmenters compared on the same sequences (``train_tracking_seg@``/``track@``
     #: iterate over these keys; ``evaluate_tracking`` writes one row per key)
     segmenters: dict[str, TrackingSegConfig] = Field(default_factory=_default_segmenters)
@@ -387,6 +396,21 @@ class EngineParams(_Strict):
         return {**self.model_dump(), **section}
 
 
+class ScaleConfig(_Strict):
+    """Where ``batch-eval``, ``predict`` and ``fuse --input`` run their inputs
+    (:class:`microseg.utils.engine.EngineOptions`; ``--engine``/``--address`` override)."""
+
+    #: local: one process, inputs in order; ray: Ray actors, the model loaded once in each
+    engine: Literal["local", "ray"] = "local"
+    #: Ray cluster to join (auto, host:port, ray://host:10001); null starts a local one
+    address: str | None = None
+    num_workers: int = Field(2, ge=1)
+    #: GPUs reserved per Ray actor (0.5: two actors share a GPU)
+    num_gpus_per_worker: float = Field(0.0, ge=0)
+    #: restarts of a dead actor, and retries of the input it held
+    max_retries: int = Field(3, ge=0)
+
+
 class Params(_Strict):
     #: which training profile this params file holds (``microseg profile``): demo | full
     profile: str = "demo"
@@ -405,6 +429,7 @@ class Params(_Strict):
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     cells: CellsConfig = Field(default_factory=CellsConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
+    scale: ScaleConfig = Field(default_factory=ScaleConfig)
     #: training studies per target: ``microseg.tune.training.TrainStudyConfig`` keys, validated
     #: when a study starts (so a CLI call that does not tune does not import Optuna)
     tune: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -144,3 +144,25 @@ def test_per_frame_scores_refuse_mismatched_stacks(seq) -> None:
         per_frame_scores(seq.labels, seq.labels[:-1])
     with pytest.raises(DataFormatError):
         per_frame_scores(seq.labels, seq.labels.astype(np.float32))
+
+
+def test_cca_is_reported_exactly_when_the_gt_has_a_cell_cycle(tmp_path: Path, seq) -> None:
+    # a hand-made lineage: 1 divides into 2, 3; 2 divides again into 4, 5 -> one full cycle (2)
+    masks = np.zeros((8, 32, 32), np.uint16)
+    boxes = {1: (0, 1, 4, 4), 2: (2, 3, 4, 4), 3: (2, 7, 14, 14), 4: (4, 7, 4, 20),
+             5: (4, 7, 20, 4)}  # fmt: skip
+    for lab, (b, e, y, x) in boxes.items():
+        masks[b : e + 1, y : y + 6, x : x + 6] = lab
+    tracks = pd.DataFrame(
+        {"L": [1, 2, 3, 4, 5], "B": [0, 2, 2, 4, 4], "E": [1, 3, 7, 7, 7], "P": [0, 1, 1, 2, 2]}
+    )
+    write_ctc_gt(tmp_path, "01", masks, masks, tracks, seg={0: masks[0]})
+    write_ctc_result(tmp_path, "01", masks, tracks)
+    scores = evaluate_ctc(tmp_path, "01", tmp_path)
+    assert scores["gt_cell_cycles"] == 1
+    assert scores["CCA"] == pytest.approx(1.0)
+    # no division that divides again: CCA undefined, and the count says why
+    write_ctc_gt(tmp_path / "b", "01", seq.frames, seq.labels, seq.tracks)
+    write_ctc_result(tmp_path / "b", "01", seq.labels, seq.tracks)
+    scores = evaluate_ctc(tmp_path / "b", "01", tmp_path / "b")
+    assert scores["gt_cell_cycles"] == 0 and "CCA" not in scores

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from microseg.cli import (
     data,
@@ -205,6 +206,13 @@ def main() -> None:
 
             traceback.print_exc()  # MICROSEG_DEBUG=1: the traceback of a user error too
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except ValidationError as exc:  # a config model checked outside Params (a safety net)
+        from microseg.config import describe_errors
+
+        typer.secho(
+            f"error: invalid {exc.title}: {describe_errors(exc)}", fg=typer.colors.RED, err=True
+        )
         sys.exit(2)
     except KeyboardInterrupt as exc:
         typer.secho(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,6 +16,33 @@ from microseg.cli._options import (
     parse_voxel,
 )
 from microseg.errors import ConfigError
+
+if TYPE_CHECKING:
+    from microseg.config import Params
+    from microseg.utils.engine import EngineOptions
+
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="a folder's inputs: local (this process) or ray (Ray workers, the models loaded "
+        "once in each; default: params scale.engine)",
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="with --engine ray: the cluster to join (auto, host:port; default: params "
+        "scale.address, else a local cluster)",
+    ),
+]
+
+
+def _engine(params: Params, engine: str | None, address: str | None) -> EngineOptions:
+    from microseg.utils.engine import EngineOptions
+
+    return EngineOptions.from_mapping(params.scale.model_dump(), engine=engine, address=address)
 
 
 def predict(
@@ -60,6 +87,8 @@ def predict(
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     device: DeviceOpt = None,
+    engine: EngineOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """Any model on any input of its task: nuclei label images + object tables, tracking CTC
     results + track tables, spine points or maps. A folder is resumable (done inputs are
@@ -82,8 +111,9 @@ def predict(
         overwrite=overwrite,
     )
     result = predict_stacks(
-        params, source, out, model, weights, task=task, options=options, device=device
-    )
+        params, source, out, model, weights, task=task, options=options, device=device,
+        engine=_engine(params, engine, address),
+    )  # fmt: skip
     if not result.folder:
         typer.echo(result.messages[0])
         return
@@ -128,6 +158,8 @@ def fuse(
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     device: DeviceOpt = None,
+    engine: EngineOpt = None,
+    address: AddressOpt = None,
 ) -> None:
     """YOLO boxes validated by Prob-UNet probability, de-duplicated in 3D.
 
@@ -149,7 +181,7 @@ def fuse(
     summary = fuse_folder(
         params, input_, out, yolo_weights=yolo_weights, punet_weights=punet_weights,
         fusion_params=fusion_params, voxel_size=parse_voxel(voxel_size),
-        annotations=annotations, overwrite=overwrite,
+        annotations=annotations, overwrite=overwrite, engine=_engine(params, engine, address),
     )  # fmt: skip
     counts = summary["status"].value_counts().to_dict()
     for row in summary[summary["status"] == "failed"].itertuples():

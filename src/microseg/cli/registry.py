@@ -9,6 +9,23 @@ import typer
 
 from microseg.cli._options import DeviceOpt, ParamsOpt, SetOpt, TaskOpt, load
 
+EngineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--engine",
+        help="local (this process) or ray (Ray workers, the model loaded once in each; "
+        "default: params scale.engine)",
+    ),
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        help="with --engine ray: the cluster to join (auto, host:port; default: params "
+        "scale.address, else a local cluster)",
+    ),
+]
+
 
 def register(task: TaskOpt = "spines", params_path: ParamsOpt = Path("params.yaml"),
              set_: SetOpt = None) -> None:  # fmt: skip
@@ -69,13 +86,16 @@ def batch_eval(
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     device: DeviceOpt = None,
+    engine: EngineOpt = None,
+    address: AddressOpt = None,
 ) -> None:
-    """Evaluate new data with a registered model: validated inputs, checked outputs, scores."""
+    """Evaluate new data with a registered model: validated inputs, checked outputs, scores.
+    A rerun into the same --out skips inputs this model answered already."""
     from microseg.registry.batch_eval import batch_eval as run_batch_eval
 
     res = run_batch_eval(
         model, input_dir, out, annotations_dir=annotations, strict=strict, progress=progress,
-        params=load(params_path, set_, device), device=device,
+        params=load(params_path, set_, device), device=device, engine=engine, address=address,
     )  # fmt: skip
     for name, reasons in sorted(res.bad_files.items()):
         typer.secho(f"skipped {name}: {'; '.join(reasons)}", fg=typer.colors.YELLOW, err=True)

@@ -181,6 +181,12 @@ def ingest_coco(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: in
             f"annotations {missing[:10]} have no 'segmentation': nuclei need instance masks",
             ann_path,
         )
+    nameless = [im["id"] for im in coco_dict["images"] if "file_name" not in im]
+    if nameless:  # valid COCO for results, but ingest reads each image from its file
+        raise AnnotationError(
+            f"images {nameless[:10]} have no 'file_name': ingest reads each image from it",
+            ann_path,
+        )
     stems = Counter(Path(im["file_name"]).stem for im in coco_dict["images"])
     clash = sorted(s for s, n in stems.items() if n > 1)
     if clash:  # one sample id per image: a second image would overwrite the first

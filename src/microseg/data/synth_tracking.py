@@ -2,7 +2,10 @@
 
 Nuclei are ellipses that drift with the stage, wander and jitter on their own, touch, divide
 (the mother elongates and pinches over a few frames, then two daughters appear along its long
-axis) and enter or leave the field of view. The label image of every frame carries the track
+axis, ``daughter_offset`` apart, moving apart at ``daughter_speed_px``: slow daughters stay
+touching for frames) and enter or leave the field of view. Over the sequence the nuclei may
+bleach (``bleach_per_frame``) and the focus drift (``blur_growth`` widens the PSF); crowding
+comes from ``n_cells`` and ``touch_fraction``. The label image of every frame carries the track
 id as its value, so one array is both the CTC SEG and TRA truth, and the track table follows
 the CTC ``man_track.txt`` rules: a label is present in every frame from B to E, daughters
 begin the frame after their mother ends, and a label value is never reused.
@@ -54,6 +57,13 @@ class TrackingSynthConfig:
     gain_adu_per_photon: float = 4.0
     offset_adu: float = 100.0
     ensure_events: bool = True  # force >= 1 division and >= 1 cell leaving the field
+    # harder sequences (params.yaml synth.tracking.generator turns them on; off here keeps the
+    # pinned statistics): daughters that start closer and separate slowly, photobleaching and
+    # a focus that drifts over the sequence
+    daughter_offset: float = 0.5  # each daughter's centre from the mother's, x her long semi-axis
+    daughter_speed_px: float = 0.6  # speed at which the daughters move apart
+    bleach_per_frame: float = 0.0  # fraction of the nuclei's brightness lost per frame
+    blur_growth: float = 0.0  # PSF sigma grows by this fraction from first to last frame
 
     def __post_init__(self) -> None:
         if len(self.shape) != 2 or min(self.shape) < 8 or self.n_frames < 1:
@@ -67,6 +77,16 @@ class TrackingSynthConfig:
                 raise ConfigError(f"{name} must be a range 0 <= low <= high, got {(lo, hi)}")
         if self.radius_px[0] <= 0 or self.aspect[0] < 1:
             raise ConfigError("radius_px must be > 0 and aspect >= 1 (long / short axis)")
+        if not 0.0 <= self.bleach_per_frame < 1.0 or self.blur_growth < 0:
+            raise ConfigError(
+                f"bleach_per_frame must be in [0, 1) and blur_growth >= 0, got "
+                f"{self.bleach_per_frame}, {self.blur_growth}"
+            )
+        if self.daughter_offset <= 0 or self.daughter_speed_px < 0:
+            raise ConfigError(
+                f"daughter_offset must be > 0 and daughter_speed_px >= 0, got "
+                f"{self.daughter_offset}, {self.daughter_speed_px}"
+            )
 
 
 @dataclass
@@ -207,12 +227,13 @@ def _split(rng: np.random.Generator, cfg: TrackingSynthConfig, m: _Cell) -> list
     uy, ux = np.sin(m.theta), np.cos(m.theta)
     out = []
     for sign in (-1.0, 1.0):
-        d = _new_cell(rng, cfg, m.y + sign * 0.5 * a * uy, m.x + sign * 0.5 * a * ux)
+        off = cfg.daughter_offset * a
+        d = _new_cell(rng, cfg, m.y + sign * off * uy, m.x + sign * off * ux)
         d.radius = m.radius / np.sqrt(2.0)
         d.target_radius = max(d.target_radius, d.radius)
         d.aspect = rng.uniform(1.1, 1.4)
         d.theta = m.theta + rng.normal(0, 0.2)
-        d.vy, d.vx = sign * 0.6 * uy, sign * 0.6 * ux
+        d.vy, d.vx = sign * cfg.daughter_speed_px * uy, sign * cfg.daughter_speed_px * ux
         d.brightness = m.brightness / 1.08**cfg.division_frames * rng.uniform(1.0, 1.2)
         d.parent = m.track
         out.append(d)
@@ -289,16 +310,23 @@ def _image(
     labels: np.ndarray,
     cells: list[_Cell],
     level: np.ndarray,
+    t: int = 0,
 ) -> np.ndarray:
-    """Photon image of one frame: textured nuclei, PSF blur, background, shot + read noise."""
+    """Photon image of frame ``t``: textured nuclei (bleached), PSF blur (growing), background,
+    shot + read noise."""
     shine = np.zeros(len(cells) + 1, np.float32)
     glob = np.exp(rng.normal(0, cfg.global_flicker))
+    if cfg.bleach_per_frame:
+        glob *= (1.0 - cfg.bleach_per_frame) ** t
     for i, c in enumerate(cells, start=1):
         shine[i] = c.brightness * np.exp(rng.normal(0, cfg.flicker)) * glob
     tex = ndimage.gaussian_filter(rng.standard_normal(cfg.shape).astype(np.float32), 1.5)
     tex = 1.0 + cfg.texture * tex / max(float(tex.std()), 1e-6)
     signal = shine[labels] * tex
-    expected = ndimage.gaussian_filter(signal, cfg.psf_sigma_px) + level
+    sigma = cfg.psf_sigma_px
+    if cfg.blur_growth and cfg.n_frames > 1:
+        sigma *= 1.0 + cfg.blur_growth * t / (cfg.n_frames - 1)
+    expected = ndimage.gaussian_filter(signal, sigma) + level
     photons = rng.poisson(np.maximum(expected, 0)).astype(np.float32)
     photons += rng.normal(0, cfg.read_noise_photons, cfg.shape).astype(np.float32)
     adu = cfg.offset_adu + cfg.gain_adu_per_photon * photons
@@ -436,7 +464,7 @@ def generate_tracking_sequence(
         labels[t] = lab
         order = np.zeros(int(lab.max()) + 1, np.int64)
         order[[c.track for c in visible]] = np.arange(1, len(visible) + 1)
-        frames[t] = _image(rng, cfg, order[lab], visible, level)
+        frames[t] = _image(rng, cfg, order[lab], visible, level, t)
         if t + 1 < cfg.n_frames:
             _advance(rng, cfg, state, drift, t)
     tracks = _tracks_table(labels, parents)

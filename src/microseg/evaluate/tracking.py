@@ -4,8 +4,10 @@
   on a result folder against a ground-truth folder: validity, SEG, DET, TRA (with the AOGM
   error counts), LNK, CHOTA, HOTA, IDF1, MOTA, CT, TF, BC(i), CCA, BIO(i), OP_CSB, OP_CTB,
   OP_CLB(i) -- all of its metrics, which together take well under a second on a small
-  sequence. SEG (and the OP_ scores that need it) is only asked for when the ground truth has
-  a ``SEG`` folder.
+  sequence. CCA needs a complete cell cycle (a track born in a division that divides again)
+  in the ground truth; ``gt_cell_cycles`` counts them, so a missing CCA is explained. SEG
+  (and the OP_ scores that need it) is only asked for when the ground truth has a ``SEG``
+  folder.
 * :func:`per_frame_scores` gives, per frame of two label stacks, what the HeLa U-Net study
   reported: foreground IoU, the IoU of matched instances and the adapted Rand error
   (:func:`skimage.metrics.adapted_rand_error`).
@@ -90,7 +92,8 @@ def evaluate_ctc(
         ``{name: number}`` with ``Valid``, ``SEG`` (when the GT has SEG), ``DET``, ``TRA``,
         ``AOGM`` and its counts ``AOGM_NS/FN/FP/ED/EA/EC``, ``LNK``, ``CHOTA``, ``HOTA``,
         ``IDF1``, ``MOTA``, ``CT``, ``TF``, ``BC(i)``, ``CCA``, ``BIO(i)`` and the rest that the
-        package computes; metrics it leaves undefined are left out.
+        package computes; metrics it leaves undefined are left out (CCA without a complete
+        ground-truth cell cycle: ``gt_cell_cycles`` is then 0).
 
     Raises:
         MissingFileError: a folder or track file is missing.
@@ -124,6 +127,9 @@ def evaluate_ctc(
             "not a valid CTC result; the checker says: " + "; ".join(messages[:10]), res_dir
         )
     scores = {k: to_builtin(v) for k, v in result.items() if v is not None}
+    scores["gt_cell_cycles"] = gt_cell_cycles(gt_dir / "TRA" / "man_track.txt")
+    if "CCA" in wanted and "CCA" not in scores:
+        log.info("%s: CCA is undefined (no complete cell cycle in the ground truth)", gt_dir)
     log.info(
         "%s: TRA %.4f DET %.4f SEG %s",
         res_dir,
@@ -132,6 +138,18 @@ def evaluate_ctc(
         f"{scores['SEG']:.4f}" if "SEG" in scores else "n/a",
     )
     return scores
+
+
+def gt_cell_cycles(track_file: str | Path) -> int:
+    """Ground-truth tracks that begin at a division and end in one: the cell cycles CCA
+    compares (py-ctcmetrics leaves CCA undefined when there are none; this count says so)."""
+    from microseg.io.ctc import read_track_file
+
+    tracks = read_track_file(track_file)
+    children = tracks.loc[tracks["P"] > 0, "P"].value_counts()
+    mothers = set(children.index[children >= 2].tolist())
+    full = tracks["L"].isin(mothers) & tracks["P"].isin(mothers)
+    return int(full.sum())
 
 
 # --------------------------------------------------------------------------- per frame

@@ -363,6 +363,11 @@ def read_image(
     if t is not None and "T" in order:
         selection["T"] = t
     selection = {ax: i for ax, i in selection.items() if ax in order}
+    if path.is_file():  # before any allocation: a header may declare gigabytes (issue 18)
+        from microseg.io.tiff import check_declared_size
+
+        shape = tuple(int(v) for v in img.dims.shape)
+        check_declared_size(shape, np.dtype(img.dtype), path.stat().st_size, path)
     with _errors(path, "reading its pixels"):
         array = np.asarray(img.get_image_dask_data(out, **selection).compute())
     log.debug("read %s %s %s from %s (%s)", out, array.shape, array.dtype, path, selection)

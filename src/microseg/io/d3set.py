@@ -263,13 +263,20 @@ def read_d3set(path: str | Path) -> D3Set:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("expected a DeepD3 .d3set file, found nothing", path)
+    import tables
+
+    if not tables.is_hdf5_file(str(path)):  # else HDF5 prints a 20-line C back trace
+        raise DataFormatError(
+            "expected a flammkuchen/HDF5 .d3set file, found no HDF5 signature", path
+        )
     try:
         with _numpy2_aliases():
             raw = fl.load(str(path))
     except Exception as exc:
-        raise DataFormatError(
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise DataFormatError(  # one line: HDF5's own errors end with the one that matters
             f"expected a flammkuchen/HDF5 .d3set file, could not load it "
-            f"({type(exc).__name__}: {exc})",
+            f"({type(exc).__name__}: {lines[-1] if lines else ''})",
             path,
         ) from exc
     if not isinstance(raw, dict):

@@ -208,7 +208,7 @@ class TiffStack:
                 f"expected dtype in {[d.name for d in SUPPORTED_DTYPES]}, found {self.dtype}",
                 self.path,
             )
-        _check_declared_size(self.shape, self.dtype, self._file_size, self.path)
+        check_declared_size(self.shape, self.dtype, self._file_size, self.path)
         meta = self._tif.imagej_metadata or {}
         n_images = int(meta.get("images", 0) or 0)
         if n_images > 1 and math.prod(self.shape) < n_images * math.prod(self.shape[-2:]):
@@ -345,7 +345,7 @@ MAX_INFLATION = 2000
 _INFLATION_FLOOR = 256 * 2**20
 
 
-def _check_declared_size(shape: tuple[int, ...], dtype: np.dtype, size: int, path: Path) -> None:
+def check_declared_size(shape: tuple[int, ...], dtype: np.dtype, size: int, path: Path) -> None:
     """Refuse a header that declares far more data than the file could hold before anything
     is allocated (issue 18: a 139-byte TIFF declaring 60000x60000 asked for 3.6 GB).
     ``MICROSEG_ALLOW_LARGE=1`` reads it anyway."""

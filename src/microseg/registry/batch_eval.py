@@ -16,6 +16,11 @@
 * **The alias is resolved once.** ``models:/<name>@champion`` becomes ``models:/<name>/<v>``
   before loading, and the run is tagged with that name and version, so a promotion during the
   run cannot mix two models in one report.
+* **Predictions scale out and resume.** ``engine="ray"`` (params ``scale``, ``--engine``)
+  spreads the files over Ray workers that load the model once each; a worker that dies has
+  its file retried. Each file's answer is written atomically with a key of the input's bytes
+  and the pinned model, so a rerun into the same folder skips files already answered, and
+  both engines write the same bytes.
 
 The model is a pyfunc with ``metadata["task"]``: ``"spines"`` (input ``path`` of a ZYX TIFF,
 output ``path, z, y, x, x1, y1, x2, y2, score, status``) or ``"nuclei"`` (input ``path``,
@@ -48,16 +53,19 @@ from microseg.data.expectations import Failure, scrub_text
 from microseg.registry import runs
 from microseg.registry.batch_inputs import input_expectations, input_table, list_inputs
 from microseg.registry.batch_predict import (
+    BatchWorker,
     clear_output,
     load_model,
+    model_task,
     predict_all,
-    resolve_model_uri,
     use_device,
 )
 from microseg.registry.batch_scoring import score_all, score_summary
 from microseg.registry.batch_validation import Validator, failure_records
+from microseg.registry.resolve import resolve_model_uri
 from microseg.utils.atomic import write_text
 from microseg.utils.convert import jsonable
+from microseg.utils.engine import EngineOptions
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +120,8 @@ def batch_eval(
     voxel_size_nm: Sequence[float] | None = None,
     task: str | None = None,
     device: str | None = None,
+    engine: str | None = None,
+    address: str | None = None,
 ) -> BatchEvalResult:
     """Validate, predict, check and score every image in ``input_dir``; log one MLflow run.
 
@@ -122,6 +132,10 @@ def batch_eval(
     has none; ``task`` overrides the model's ``metadata["task"]``; ``device`` (``auto``,
     ``cpu``, ``cuda``, ``cuda:N``, ``mps``) overrides the one the model was logged with. A run
     already active is logged into; otherwise one is started.
+
+    ``engine`` (``local`` | ``ray``) and ``address`` override params' ``scale`` section: with
+    ``ray`` the model is loaded once per Ray worker and inputs are spread over the workers. A
+    rerun into the same ``out_dir`` skips inputs answered earlier by the same model.
     """
     started = time.perf_counter()
     input_dir, out_dir = Path(input_dir), Path(out_dir)
@@ -130,11 +144,18 @@ def batch_eval(
     validate_cfg = params.validate_ if params is not None else ValidateConfig()
     spines_cfg = params.spines if params is not None else SpinesEvalConfig()
 
+    scale = params.scale.model_dump() if params is not None else {}
+    options = EngineOptions.from_mapping(scale, engine=engine, address=address)
+
     device = check_device(device) if device is not None else None
     load_uri, name, version = resolve_model_uri(model_uri)
-    model, task = load_model(load_uri, task)
-    if device is not None:
-        use_device(model, device, load_uri)
+    model = None
+    if options.engine == "local":
+        model, task = load_model(load_uri, task)
+        if device is not None:
+            use_device(model, device, load_uri)
+    else:  # each worker loads its own copy
+        task = model_task(load_uri, task)
     paths = list_inputs(input_dir, task)
     logger.info("batch-eval: %d %s inputs in %s with %s", len(paths), task, input_dir, load_uri)
 
@@ -154,8 +175,18 @@ def batch_eval(
         out_dir.mkdir(parents=True, exist_ok=True)
         for stem in table.loc[table["file"].isin(bad), "sample_id"]:
             clear_output(out_dir / stem)
+        worker = BatchWorker(
+            load_uri,
+            task,
+            str(out_dir),
+            device=device,
+            predict_params=predict_params,
+            tracking_uri=mlflow.get_tracking_uri(),
+            registry_uri=mlflow.get_registry_uri(),
+            model=model,
+        )
         outputs, out_bad, out_failures, out_json = predict_all(
-            model, task, good, out_dir, predict_params, validator, progress
+            worker, good, validator, progress, options
         )
     finally:
         validator.close()

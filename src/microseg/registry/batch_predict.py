@@ -4,13 +4,22 @@ The alias is pinned to a version before loading, so a promotion during the run c
 models in one report. A file whose prediction fails costs that file only; the answers then go
 through a GE suite (spines inside the stack with scores in [0, 1]; nuclei label images of the
 input's shape holding the objects the model claims).
+
+Prediction runs on :func:`microseg.utils.engine.run_inputs`: here (``engine=local``) or on Ray
+actors that each load the model once (``engine=ray``). Each input's answer is written
+atomically into ``<out>/<stem>/`` with ``done.json`` last, keyed by the input's bytes, the
+pinned model, its params and device, so a rerun (after a crash, or a killed worker) skips
+inputs already answered. Every answer, fresh or earlier, is read back from disk the same way,
+so both engines and a resumed run report the same.
 """
 
 from __future__ import annotations
 
-import re
+import hashlib
+import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,16 +27,15 @@ import mlflow
 import numpy as np
 import pandas as pd
 import tifffile
-from tqdm.auto import tqdm
 
 from microseg.data.expectations import INTEGER_DTYPE, Failure, import_gx
 from microseg.errors import MicrosegError, MissingFileError
 from microseg.io.png import read_png
-from microseg.registry import promotion
 from microseg.registry.batch_inputs import TASKS, shape_text
 from microseg.registry.batch_validation import Validator
+from microseg.registry.resolve import VERSION_URI, resolve_registered_model
 from microseg.utils.atomic import atomic_path
-from microseg.utils.progress import bar_disabled
+from microseg.utils.engine import EngineOptions, run_inputs
 
 if TYPE_CHECKING:
     from great_expectations.expectations import Expectation
@@ -35,39 +43,40 @@ if TYPE_CHECKING:
 SPINE_COLUMNS = ("z", "y", "x", "x1", "y1", "x2", "y2", "score")
 NUCLEI_COLUMNS = ("labels_path", "n_objects")
 PREDICTIONS_NAME = "predictions.csv"
-_ALIAS_URI = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
-_VERSION_URI = re.compile(r"^models:/([^/@]+)/(\d+)$")
-
-
-def resolve_model_uri(model_uri: str, client: Any = None) -> tuple[str, str | None, str | None]:
-    """``(uri to load, registered name, version)``; an alias is pinned to its version now."""
-    if m := _ALIAS_URI.match(model_uri):
-        name, alias = m.groups()
-        mv = promotion.alias_version(name, alias, client)
-        if mv is None:
-            raise MicrosegError(
-                f"expected a version of registered model {name!r} with alias {alias!r}, "
-                "found none (register and promote a model first)",
-                model_uri,
-            )
-        return f"models:/{name}/{mv.version}", name, str(mv.version)
-    if m := _VERSION_URI.match(model_uri):
-        return model_uri, m.group(1), m.group(2)
-    return model_uri, None, None
+#: written last, with the key of what the answer depends on: a rerun skips the input
+DONE_NAME = "done.json"
 
 
 def load_model(uri: str, task: str | None) -> tuple[Any, str]:
+    """The pyfunc at ``uri``; a registry version is loaded from its verified local copy (its
+    files' sha256 checked against the one recorded at registration before MLflow unpickles
+    anything of it: :mod:`microseg.registry.integrity`)."""
+    source = uri
+    if VERSION_URI.match(uri):
+        source = str(resolve_registered_model(uri).folder)
     try:
-        model = mlflow.pyfunc.load_model(uri)
+        model = mlflow.pyfunc.load_model(source)
     except Exception as exc:
         raise MicrosegError(f"could not load the model ({type(exc).__name__}: {exc})", uri) from exc
-    meta = getattr(model.metadata, "metadata", None) or {}
+    return model, _task(getattr(model.metadata, "metadata", None) or {}, task, uri)
+
+
+def model_task(uri: str, task: str | None) -> str:
+    """The model's task from its MLmodel file alone (for workers that load it themselves)."""
+    try:
+        info = mlflow.models.get_model_info(uri)
+    except Exception as exc:
+        raise MicrosegError(f"could not read the model ({type(exc).__name__}: {exc})", uri) from exc
+    return _task(info.metadata or {}, task, uri)
+
+
+def _task(meta: dict[str, Any], task: str | None, uri: str) -> str:
     task = task or meta.get("task")
     if task not in TASKS:
         raise MicrosegError(
             f"expected model metadata 'task' in {list(TASKS)}, found {meta.get('task')!r}", uri
         )
-    return model, task
+    return task
 
 
 def use_device(model: Any, device: str, uri: str) -> None:
@@ -136,12 +145,15 @@ def clear_output(stage: Path) -> None:
         shutil.rmtree(stage)
 
 
-def _predict_spines(model: Any, row: pd.Series, stage: Path, params: dict | None) -> pd.DataFrame:
+def _predict_spines(model: Any, row: dict[str, Any], stage: Path, params: dict | None) -> None:
     out = model.predict(pd.DataFrame({"path": [row["image_path"]]}), params=params or None)
     _check_frame(out, SPINE_COLUMNS)
-    out = out.copy()
     with atomic_path(stage / PREDICTIONS_NAME) as tmp:
         out.to_csv(tmp, index=False)
+
+
+def _spines_frame(row: dict[str, Any], stage: Path) -> pd.DataFrame:
+    out = pd.read_csv(stage / PREDICTIONS_NAME)
     for col in SPINE_COLUMNS:
         out[col] = pd.to_numeric(out[col], errors="coerce")
     z, h, w = (int(s) for s in str(row["shape"]).split(","))
@@ -164,7 +176,8 @@ def read_labels(path: Path) -> np.ndarray:
         ) from exc
 
 
-def _predict_nuclei(model: Any, row: pd.Series, stage: Path, params: dict | None) -> pd.DataFrame:
+def _predict_nuclei(model: Any, row: dict[str, Any], stage: Path, params: dict | None) -> None:
+    """The model writes into a staging folder that becomes ``stage`` whole, marker included."""
     with atomic_path(stage) as tmp:
         tmp.mkdir(parents=True)
         out = model.predict(
@@ -175,34 +188,114 @@ def _predict_nuclei(model: Any, row: pd.Series, stage: Path, params: dict | None
         if out.empty:
             raise MicrosegError("expected one row per input image, found an empty table")
         out = out.copy().reset_index(drop=True)
-        records = []
-        for labels_path in out["labels_path"].astype(str):
-            rec: dict[str, Any] = {"labels_readable": False}
-            try:
-                labels = read_labels(Path(labels_path))
-                rec.update(
-                    labels_readable=True,
-                    labels_shape=shape_text(labels.shape),
-                    labels_dtype=labels.dtype.name,
-                    n_labels=int(np.unique(labels[labels > 0]).size),
-                )
-            except MicrosegError as exc:
-                rec["labels_error"] = str(exc)
-            # the staging folder becomes ``stage``: point at where the file will be
-            p = Path(labels_path)
-            if p.is_relative_to(tmp):
-                labels_path = str(stage / p.relative_to(tmp))
-            records.append({**rec, "labels_path": labels_path})
-        checked = pd.concat([out.drop(columns="labels_path"), pd.DataFrame(records)], axis=1)
-        checked.drop(
-            columns=["labels_readable", "labels_shape", "labels_dtype", "n_labels"], errors="ignore"
-        ).to_csv(tmp / PREDICTIONS_NAME, index=False)
+        # the staging folder becomes ``stage``: point at where the files will be
+        moved = [Path(p) for p in out["labels_path"].astype(str)]
+        out["labels_path"] = [str(stage / p.relative_to(tmp)) if p.is_relative_to(tmp) else str(p)
+                              for p in moved]  # fmt: skip
+        out.to_csv(tmp / PREDICTIONS_NAME, index=False)
+        _write_done(tmp, row)
+
+
+def _nuclei_frame(row: dict[str, Any], stage: Path) -> pd.DataFrame:
+    """The saved answer with its label images checked (readable, shape, dtype, object count)."""
+    out = pd.read_csv(stage / PREDICTIONS_NAME).drop(columns="labels_error", errors="ignore")
+    records = []
+    for labels_path in out["labels_path"].astype(str):
+        rec: dict[str, Any] = {"labels_readable": False}
+        try:
+            labels = read_labels(Path(labels_path))
+            rec.update(
+                labels_readable=True,
+                labels_shape=shape_text(labels.shape),
+                labels_dtype=labels.dtype.name,
+                n_labels=int(np.unique(labels[labels > 0]).size),
+            )
+        except MicrosegError as exc:
+            rec["labels_error"] = str(exc)
+        records.append({**rec, "labels_path": labels_path})
+    checked = pd.concat([out.drop(columns="labels_path"), pd.DataFrame(records)], axis=1)
     checked["n_objects"] = pd.to_numeric(checked["n_objects"], errors="coerce")
     return checked.assign(
         sample_id=row["sample_id"],
         image_path=row["image_path"],
         input_shape=_spatial_shape(str(row["shape"])),
     )
+
+
+def input_key(
+    image_path: str | Path, uri: str, task: str, params: dict | None, device: str | None
+) -> str:
+    """What an output depends on: the input's bytes, the pinned model, its params and device;
+    a rerun skips an input only when all are the same (no clock: the folder is a DVC output)."""
+    with open(image_path, "rb") as f:
+        digest = hashlib.file_digest(f, "md5").hexdigest()
+    text = json.dumps(
+        {"input_md5": digest, "model": uri, "task": task, "params": params, "device": device},
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_done(stage: Path, row: dict[str, Any]) -> None:
+    with atomic_path(stage / DONE_NAME) as tmp:
+        tmp.write_text(json.dumps({"key": row["key"]}) + "\n")
+
+
+def is_done(stage: Path, key: str) -> bool:
+    """The input's answer is on disk, whole, from the same input, model, params and device."""
+    marker = stage / DONE_NAME
+    if not (marker.is_file() and (stage / PREDICTIONS_NAME).is_file()):
+        return False
+    try:
+        return json.loads(marker.read_text()).get("key") == key
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@dataclass(frozen=True)
+class BatchWorker:
+    """Builds the per-input prediction function; called once per worker (Ray: per actor).
+
+    ``model`` is the model loaded here (``engine=local``); without it, the worker loads
+    ``uri`` itself, against the MLflow store the driver uses, and moves it to ``device``.
+    """
+
+    uri: str
+    task: str
+    out_dir: str
+    device: str | None = None
+    predict_params: dict[str, Any] | None = None
+    tracking_uri: str | None = None
+    registry_uri: str | None = None
+    model: Any = field(default=None, compare=False, repr=False)
+
+    def __call__(self) -> Callable[[dict[str, Any]], str | None]:
+        model = self.model
+        if model is None:
+            if self.tracking_uri:
+                mlflow.set_tracking_uri(self.tracking_uri)
+            if self.registry_uri:
+                mlflow.set_registry_uri(self.registry_uri)
+            model, _ = load_model(self.uri, self.task)
+            if self.device is not None:
+                use_device(model, self.device, self.uri)
+        predict = _predict_spines if self.task == "spines" else _predict_nuclei
+        out_dir, params = Path(self.out_dir), self.predict_params
+
+        def one(row: dict[str, Any]) -> str | None:
+            """None when the answer is saved, else why not (one file's failure is its own)."""
+            stage = out_dir / row["sample_id"]
+            clear_output(stage)
+            try:
+                predict(model, row, stage, params)
+                if self.task == "spines":  # nuclei write theirs inside the staged folder
+                    _write_done(stage, row)
+            except Exception as exc:
+                return f"prediction failed: {type(exc).__name__}: {exc}"
+            return None
+
+        return one
 
 
 def _check_frame(out: Any, columns: Sequence[str]) -> None:
@@ -217,34 +310,53 @@ def _check_frame(out: Any, columns: Sequence[str]) -> None:
 
 
 def predict_all(
-    model: Any,
-    task: str,
+    worker: BatchWorker,
     good: pd.DataFrame,
-    out_dir: Path,
-    predict_params: dict[str, Any] | None,
     validator: Validator,
     progress: bool,
+    options: EngineOptions | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, list[str]], list[Failure], dict[str, Any]]:
-    """Predict file by file (a failure costs that file only), then judge all outputs with GE."""
-    predict = _predict_spines if task == "spines" else _predict_nuclei
+    """Predict file by file on ``options``' engine (a failure costs that file only; an input
+    whose answer is on disk from the same model is skipped), then judge all outputs with GE."""
+    out_dir = Path(worker.out_dir)
+    rows = [
+        {
+            "sample_id": row["sample_id"],
+            "image_path": row["image_path"],
+            "file": row["file"],
+            "shape": row["shape"],
+            "key": input_key(
+                row["image_path"], worker.uri, worker.task, worker.predict_params, worker.device
+            ),
+        }
+        for _, row in good.iterrows()
+    ]
+    outcomes = run_inputs(
+        rows,
+        worker,
+        options,
+        done=lambda r: is_done(out_dir / r["sample_id"], r["key"]),
+        name=lambda r: r["file"],
+        desc="batch-eval",
+        progress=progress,
+    )
+    read = _spines_frame if worker.task == "spines" else _nuclei_frame
     outputs: dict[str, pd.DataFrame] = {}
     out_bad: dict[str, list[str]] = {}
-    bar = tqdm(
-        list(good.iterrows()), desc="batch-eval", unit="file", disable=bar_disabled(progress)
-    )
-    for _, row in bar:
-        bar.set_postfix_str(row["file"])
-        clear_output(out_dir / row["sample_id"])
-        try:
-            outputs[row["file"]] = predict(model, row, out_dir / row["sample_id"], predict_params)
-        except Exception as exc:  # one file's failure must not end the batch
+    for row, outcome in zip(rows, outcomes, strict=True):
+        if outcome.value is not None:
+            out_bad[row["file"]] = [outcome.value]
+            continue
+        try:  # fresh or from an earlier run, every answer is read back from disk alike
+            outputs[row["file"]] = read(row, out_dir / row["sample_id"])
+        except Exception as exc:
             out_bad[row["file"]] = [f"prediction failed: {type(exc).__name__}: {exc}"]
     frames = [f for f in outputs.values() if len(f)]
     failures: list[Failure] = []
     ge_json: dict[str, Any] = {}
     if frames:
         expectations = (
-            spine_output_expectations() if task == "spines" else nuclei_output_expectations()
+            spine_output_expectations() if worker.task == "spines" else nuclei_output_expectations()
         )
         checked, failures, ge_json = validator.run(
             "outputs", pd.concat(frames, ignore_index=True), expectations

@@ -10,7 +10,9 @@ the files are checked against the sha256 recorded at registration before anythin
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -27,7 +29,10 @@ from microseg.utils.extras import require
 MLMODEL = "MLmodel"
 #: the URI schemes this module resolves (MLflow's model registry and run artifacts)
 SCHEMES = ("models:/", "runs:/")
+log = logging.getLogger(__name__)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+ALIAS_URI = re.compile(r"^models:/([^/@]+)@([^/@]+)$")
+VERSION_URI = re.compile(r"^models:/([^/@]+)/(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -57,18 +62,37 @@ def cache_root() -> Path:
     return Path(base) / "registry"
 
 
+def resolve_model_uri(model_uri: str, client: Any = None) -> tuple[str, str | None, str | None]:
+    """``(uri to load, registered name, version)``; an alias is pinned to its version now."""
+    from microseg.registry.promotion import alias_version
+
+    if m := ALIAS_URI.match(model_uri):
+        name, alias = m.groups()
+        mv = alias_version(name, alias, client)
+        if mv is None:
+            raise MicrosegError(
+                f"expected a version of registered model {name!r} with alias {alias!r}, "
+                "found none (register and promote a model first)",
+                model_uri,
+            )
+        return f"models:/{name}/{mv.version}", name, str(mv.version)
+    if m := VERSION_URI.match(model_uri):
+        return model_uri, m.group(1), m.group(2)
+    return model_uri, None, None
+
+
 def resolve_registered_model(
     uri: str, *, params: Params | None = None, cache_dir: Path | None = None
 ) -> LocalModel:
     """Download (once) and read the model at ``uri``; an alias is pinned to its version first.
 
     ``params`` points MLflow at the configured store (``MLFLOW_TRACKING_URI`` wins, as for
-    every stage); ``cache_dir`` defaults to :func:`cache_root`. A core install (no MLflow)
+    every stage); ``cache_dir`` defaults to :func:`cache_root`, keyed by the registry (a hash
+    of its URI), name and version. A cached copy that fails the sha256 check is downloaded
+    again; a fresh download that fails it is refused. A core install (no MLflow)
     gets one line that names the ``pipeline`` extra.
     """
     require("pipeline", "mlflow")
-    from microseg.registry.batch_predict import resolve_model_uri
-
     if params is not None:
         from microseg.registry import runs
 
@@ -79,12 +103,24 @@ def resolve_registered_model(
         raise
     except Exception as exc:  # the store cannot be reached or read
         raise MicrosegError(f"could not resolve ({type(exc).__name__}: {exc})", uri) from exc
-    key = [name, version] if name and version else ["uri", _UNSAFE.sub("_", pinned)]
+    import mlflow
+
+    # a version number is unique within one registry only: the store is part of the key
+    store = hashlib.sha256(mlflow.get_registry_uri().encode()).hexdigest()[:12]
+    key = [store, name, version] if name and version else ["uri", _UNSAFE.sub("_", pinned)]
     folder = (cache_dir or cache_root()).joinpath(*key)
-    if not (folder / MLMODEL).is_file() or not (name and version):
+    cached = (folder / MLMODEL).is_file() and bool(name and version)
+    if not cached:
         _download(pinned, folder)
     if name and version:
-        _verify(folder, name, version, pinned)
+        try:
+            _verify(folder, name, version, pinned)
+        except MicrosegError:
+            if not cached:
+                raise
+            log.warning("%s: the cached copy in %s differs; downloading it again", pinned, folder)
+            _download(pinned, folder)
+            _verify(folder, name, version, pinned)
     local = read_model_folder(folder, uri=uri)
     return LocalModel(
         uri=uri,
@@ -187,10 +223,13 @@ def read_model_folder(folder: str | Path, uri: str | None = None) -> LocalModel:
 
 
 __all__ = [
+    "ALIAS_URI",
     "SCHEMES",
+    "VERSION_URI",
     "LocalModel",
     "cache_root",
     "is_registry_uri",
     "read_model_folder",
+    "resolve_model_uri",
     "resolve_registered_model",
 ]

@@ -15,12 +15,17 @@ A folder run is resumable: an input whose outputs are complete is skipped unless
 ``overwrite``; every output is written atomically, so an interrupted run leaves no half
 result; an input that cannot be read or predicted is named, marked ``failed`` and the rest
 go on. ``<out>/summary.csv`` lists every input with its status (done, skipped, failed).
+
+A folder runs on :func:`microseg.utils.engine.run_inputs`: in this process (``engine`` local,
+the default) or on Ray actors that each load the model once (``ray``; params ``scale``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +35,11 @@ import pandas as pd
 from microseg.config import Params
 from microseg.errors import MicrosegError
 from microseg.stages.predict_inputs import ReadOptions, is_single, list_inputs, read_input, stem
-from microseg.stages.predict_models import default_model, resolve_spec
+from microseg.stages.predict_models import ModelSpec, default_model, resolve_spec
 from microseg.stages.predict_result import RESULTS, Result, SaveOptions
 from microseg.stages.predict_runner import Runner
 from microseg.utils.atomic import atomic_path
+from microseg.utils.engine import EngineOptions, run_inputs
 
 log = logging.getLogger(__name__)
 
@@ -97,37 +103,48 @@ def predict_stacks(
     task: str | None = None,
     options: PredictOptions | None = None,
     device: str | None = None,
+    engine: EngineOptions | None = None,
 ) -> PredictResult:
     """Any model on ``source`` (one input, or a folder of inputs) into ``out``; see the
-    module docstring. One input's errors are raised; a folder's are reported per input."""
+    module docstring. One input's errors are raised; a folder's are reported per input.
+    ``engine`` (default: params ``scale``) says where a folder's inputs run."""
     options = options or PredictOptions()
     if voxel_size is not None:
         read = dataclasses.replace(options.read, voxel_size_nm=voxel_size)
         options = dataclasses.replace(options, read=read)
-    runner = load_runner(params, model, task=task, weights=weights, device=device)
-    task = runner.task
-    result = PredictResult(0, task=task, model=runner.name)
-    if is_single(source, task):
+    engine = engine or EngineOptions.from_mapping(params.scale.model_dump())
+    name = model if model is not None else default_model(params, task)
+    spec = resolve_spec(params, name, task=task, weights=weights, device=device)
+    single = is_single(source, spec.task)
+    # Ray workers load their own copies: the model is loaded here only to be used here
+    runner = Runner(params, spec) if single or engine.engine == "local" else None
+    result = PredictResult(0, task=spec.task, model=spec.name)
+    if runner is not None and single:
         result.n_stacks = 1
         predicted, target = _predict_one(runner, source, out, options, single=True)
-        result.messages.append(_message(runner, predicted, target))
+        result.messages.append(_message(spec, predicted, target))
         return result
-    inputs = list_inputs(source, task)
+    inputs = list_inputs(source, spec.task)
     result.n_stacks, result.folder = len(inputs), True
-    result.summary = _predict_folder(runner, inputs, out, options, result)
+    make_worker: Callable[[], Callable[[Path], dict[str, Any]]]
+    if runner is not None:
+        make_worker = functools.partial(_folder_worker, params, spec, out, options, runner)
+    else:
+        make_worker = functools.partial(_folder_worker, params, spec, out, options)
+    result.summary = _predict_folder(spec, make_worker, inputs, out, options, result, engine)
     return result
 
 
-def _target(runner: Runner, path: Path, out: Path, single: bool) -> Path:
+def _target(spec: ModelSpec | Runner, path: Path, out: Path, single: bool) -> Path:
     """Where an input's files go: spines get a folder each (``out`` for one stack), the other
     tasks write ``<stem>_*`` files into ``out``."""
-    return out / stem(path) if runner.task == "spines" and not single else out
+    return out / stem(path) if spec.task == "spines" and not single else out
 
 
-def _done(runner: Runner, path: Path, out: Path) -> bool:
+def _done(spec: ModelSpec | Runner, path: Path, out: Path) -> bool:
     """The input's marker (its last output, see ``predict_result``) exists."""
-    target = _target(runner, path, out, single=False)
-    return RESULTS[runner.task].marker(target, stem(path), runner.family).exists()
+    target = _target(spec, path, out, single=False)
+    return RESULTS[spec.task].marker(target, stem(path), spec.family).exists()
 
 
 def _predict_one(
@@ -140,7 +157,7 @@ def _predict_one(
     return result, target
 
 
-def _message(runner: Runner, result: Any, target: Path) -> str:
+def _message(runner: ModelSpec | Runner, result: Any, target: Path) -> str:
     if runner.task == "spines":
         if runner.family == "yolo":
             n_boxes = len(result.boxes) if result.boxes is not None else 0
@@ -155,35 +172,70 @@ def _message(runner: Runner, result: Any, target: Path) -> str:
     return f"{result.name}: {result.n_objects} objects -> {target}"
 
 
-def _predict_folder(
-    runner: Runner, inputs: list[Path], out: Path, options: PredictOptions, result: PredictResult
-) -> pd.DataFrame:
-    from tqdm.auto import tqdm
+def _folder_worker(
+    params: Params,
+    spec: ModelSpec,
+    out: Path,
+    options: PredictOptions,
+    runner: Runner | None = None,
+) -> Callable[[Path], dict[str, Any]]:
+    """The per-input function of a folder run: ``spec``'s model loaded once per worker (or
+    ``runner``, loaded here already); returns the input's summary row and message."""
+    runner = runner if runner is not None else Runner(params, spec)
 
+    def one(path: Path) -> dict[str, Any]:
+        try:
+            predicted, target = _predict_one(runner, path, out, options, single=False)
+        except (MicrosegError, OSError, ValueError) as exc:
+            log.warning("%s: failed, skipped: %s", path.name, exc)
+            return {"row": _row(path, "failed", error=str(exc)), "message": None}
+        msg = _message(runner, predicted, target)
+        log.info("%s: %s", path.name, msg)
+        row = _row(path, "done", target, predicted.n_objects, round(predicted.seconds, 3))
+        return {"row": row, "message": msg}
+
+    return one
+
+
+def _predict_folder(
+    spec: ModelSpec,
+    make_worker: Callable[[], Callable[[Path], dict[str, Any]]],
+    inputs: list[Path],
+    out: Path,
+    options: PredictOptions,
+    result: PredictResult,
+    engine: EngineOptions,
+) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
-    for path in tqdm(inputs, desc=f"predict {runner.name}", unit=result.noun):
-        target = _target(runner, path, out, single=False)
-        if not options.overwrite and _done(runner, path, out):
+    rows: dict[int, dict[str, Any]] = {}
+    index = {path: i for i, path in enumerate(inputs)}
+
+    def record(path: Path, outcome: Any) -> None:
+        if outcome.skipped:
+            target = _target(spec, path, out, single=False)
             log.info("%s: predicted earlier (%s); skipped", path.name, target)
             result.skipped.append(path.name)
-            rows.append(_row(path, "skipped", output=target))
+            rows[index[path]] = _row(path, "skipped", output=target)
         else:
-            try:
-                predicted, target = _predict_one(runner, path, out, options, single=False)
-            except (MicrosegError, OSError, ValueError) as exc:
-                log.warning("%s: failed, skipped: %s", path.name, exc)
-                result.failed.append((path.name, str(exc)))
-                rows.append(_row(path, "failed", error=str(exc)))
+            rows[index[path]] = row = outcome.value["row"]
+            if row["status"] == "failed":
+                result.failed.append((path.name, row["error"]))
             else:
-                msg = _message(runner, predicted, target)
-                log.info("%s: %s", path.name, msg)
-                result.messages.append(msg)
-                rows.append(
-                    _row(path, "done", target, predicted.n_objects, round(predicted.seconds, 3))
-                )
-        _write_summary(out, rows)  # after every input: an interrupted run keeps its record
-    return pd.DataFrame(rows, columns=SUMMARY_COLS)
+                result.messages.append(outcome.value["message"])
+        # after every input: an interrupted run keeps its record
+        _write_summary(out, [rows[i] for i in sorted(rows)])
+
+    run_inputs(
+        inputs,
+        make_worker,
+        engine,
+        done=None if options.overwrite else functools.partial(_done, spec, out=out),
+        name=lambda p: p.name,
+        desc=f"predict {spec.name}",
+        progress=True,
+        on_result=record,
+    )
+    return pd.DataFrame([rows[i] for i in sorted(rows)], columns=SUMMARY_COLS)
 
 
 def _row(
@@ -220,33 +272,94 @@ def fuse_folder(
     voxel_size: Voxel = None,
     annotations: Path | None = None,
     overwrite: bool = False,
+    engine: EngineOptions | None = None,
 ) -> pd.DataFrame:
     """YOLO + Prob-UNet + fusion on a stack or a folder of stacks, one result folder each,
-    resumable; the summary has one row per stack (``status`` done, skipped or failed)."""
-    from microseg.infer.spine_pipeline import (
-        SpinePipelineConfig,
-        predict_folder,
-        read_fusion_params,
-    )
-    from microseg.models import get_model
-    from microseg.stages import spines
+    resumable; the summary has one row per stack (``status`` done, skipped or failed).
+    ``engine`` (default: params ``scale``) ``ray`` spreads the stacks over Ray actors that
+    each load both models once."""
+    from microseg.infer.spine_pipeline import SpinePipelineConfig, read_fusion_params
 
     cfg = SpinePipelineConfig.from_params(params)
     if params.punet.predict.device is not None:
         cfg = dataclasses.replace(cfg, device=params.punet.predict.device)
     fp = read_fusion_params(fusion_params) if fusion_params.exists() else None
-    return predict_folder(
-        input_,
-        out,
-        spines.load_yolo(yolo_weights, params),
-        get_model("punet").load(punet_weights),
-        fp or cfg.default_fusion_params(),
-        cfg,
-        voxel_size_nm=voxel_size,
-        annotations=annotations,
-        overwrite=overwrite,
-        models_key=_weights_key(yolo_weights=yolo_weights, punet_weights=punet_weights),
+    fp = fp or cfg.default_fusion_params()
+    models_key = _weights_key(yolo_weights=yolo_weights, punet_weights=punet_weights)
+    engine = engine or EngineOptions.from_mapping(params.scale.model_dump())
+    kw = {"voxel_size_nm": voxel_size, "annotations": annotations, "overwrite": overwrite,
+          "models_key": models_key}  # fmt: skip
+    make_worker = functools.partial(
+        _fuse_worker, params, yolo_weights, punet_weights, fp, cfg, out, **kw
     )
+    if engine.engine == "local":  # one call: the pipeline's own loop, bar and summary
+        return make_worker()(input_)
+    return _fuse_on_ray(make_worker, input_, out, engine, fp, cfg, kw)
+
+
+def _fuse_worker(
+    params: Params,
+    yolo_weights: Path,
+    punet_weights: Path,
+    fp: Any,
+    cfg: Any,
+    out: Path,
+    **kwargs: Any,
+) -> Callable[[Any], pd.DataFrame]:
+    """Both models loaded once per worker; the pipeline's folder loop on what it is given
+    (a folder, or one stack of a Ray run)."""
+    from microseg.infer.spine_pipeline import predict_folder
+    from microseg.models import get_model
+    from microseg.stages import spines
+
+    yolo = spines.load_yolo(yolo_weights, params)
+    punet = get_model("punet").load(punet_weights)
+    return functools.partial(
+        predict_folder, out_dir=out, yolo=yolo, punet=punet, fusion_params=fp, cfg=cfg, **kwargs
+    )
+
+
+def _fuse_on_ray(
+    make_worker: Callable[[], Callable[[list[Path]], pd.DataFrame]],
+    input_: Path,
+    out: Path,
+    engine: EngineOptions,
+    fp: Any,
+    cfg: Any,
+    kw: dict[str, Any],
+) -> pd.DataFrame:
+    """One stack per Ray task; finished stacks are read here without loading a model."""
+    from microseg.infer import spine_pipeline as sp
+
+    stacks = sp.list_stacks(input_)
+    key = sp.run_key(fp, cfg, kw["voxel_size_nm"], kw["models_key"])
+
+    def finished(one: list[Path]) -> bool:
+        points = sp.find_points(one[0], kw["annotations"])
+        return not kw["overwrite"] and sp.is_finished(one[0], out / one[0].stem, points, key)
+
+    outcomes = run_inputs(
+        [[s] for s in stacks],
+        make_worker,
+        engine,
+        done=finished,
+        name=lambda one: one[0].name,
+        desc="stacks",
+    )
+    skipped = [stacks[o.index] for o in outcomes if o.skipped]
+    frames = [o.value for o in outcomes if not o.skipped]
+    if skipped:  # the pipeline's loop reads their results.json; no model is touched
+        frames.append(sp.predict_folder(skipped, out, None, None, fp, cfg, progress=False, **kw))
+    order = {s.name: i for i, s in enumerate(stacks)}
+    records = [r for frame in frames for r in frame.to_dict(orient="records")]
+    summary = pd.DataFrame(records, columns=sp.SUMMARY_COLS)
+    summary = summary.sort_values("stack", key=lambda c: c.map(order)).reset_index(drop=True)
+    with atomic_path(out / sp.SUMMARY_NAME) as tmp:  # the whole run's, over the workers' own
+        summary.to_csv(tmp, index=False)
+    failed = summary.loc[summary["status"] == "failed", "stack"].tolist()
+    if failed:
+        log.warning("%d of %d stack(s) failed: %s", len(failed), len(summary), failed)
+    return summary
 
 
 def _weights_key(**paths: Path) -> dict[str, str]:

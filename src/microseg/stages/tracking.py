@@ -9,6 +9,11 @@ segmenter's per-frame instance masks (``masks: model``), or, to test the linker 
 ground truth with every frame's ids shuffled (``masks: gt``). ``evaluate_tracking`` scores
 every segmenter's tracks on the same sequences: ``metrics/tracking.json`` holds
 ``{"masks": ..., "<name>": {"<seq>": {SEG, DET, TRA, ...}}}``.
+
+Every linker of ``tracking.linker`` + ``tracking.compare_linkers`` links the same masks: our
+linker's result is ``reports/tracking/<name>`` (row ``<name>``), another linker's is
+``reports/tracking/<name>/<linker>`` (row ``<name>+<linker>``), inside the folder that
+``track@<name>`` owns.
 """
 
 from __future__ import annotations
@@ -155,18 +160,49 @@ def shuffled_ids(masks: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
+def linkers(params: Params) -> list[str]:
+    """``tracking.linker`` then ``tracking.compare_linkers``, each once."""
+    cfg = params.tracking
+    return list(dict.fromkeys([cfg.linker, *cfg.compare_linkers]))
+
+
+def row_name(name: str, linker: str) -> str:
+    """The ``metrics/tracking.json`` key: ``<name>`` for our linker, ``<name>+<linker>``."""
+    return name if linker == "ours" else f"{name}+{linker}"
+
+
+def linker_dir(root: Path, linker: str) -> Path:
+    """Where a linker's CTC results go inside a segmenter's result folder ``root``."""
+    return root if linker == "ours" else root / linker
+
+
+def linker_function(params: Params, linker: str):
+    """``(masks, frames) -> (tracked, tracks)`` for ``linker`` with its params (checked now, so
+    a bad key fails before any sequence is read). laptrack links centroids and ignores the
+    frames; ours reads their intensity for the division cue."""
+    if linker == "laptrack":
+        from microseg.infer.tracking_laptrack import link_laptrack, make_laptrack
+
+        make_laptrack(params.tracking.laptrack)
+        return lambda masks, frames: link_laptrack(masks, params.tracking.laptrack)
+    from microseg.infer.tracking import LinkConfig, link
+
+    link_cfg = LinkConfig.from_mapping(params.tracking.link)
+    return lambda masks, frames: link(masks, link_cfg, images=frames)
+
+
 def track(params: Params, name: str, out_dir: Path | None = None) -> dict[str, Any]:
     """Link segmenter ``name``'s masks (or shuffled ground truth, ``masks: gt``) of every
-    sequence of the tracking split into ``reports/tracking/<name>/`` (CTC results, figures)."""
-    from microseg.infer.tracking import LinkConfig, link
+    sequence of the tracking split into ``reports/tracking/<name>/`` (CTC results, figures),
+    once per linker (:func:`linkers`)."""
     from microseg.report.tracking_figures import save_lineage_plot, save_track_montage
 
     cfg = params.tracking
     segmenter(params, name)
     out_dir = RESULT_DIR / name if out_dir is None else out_dir
     gt_root = params.dataset_source("tracking")
-    link_cfg = LinkConfig.from_mapping(cfg.link)
-    summary = {}
+    functions = {lk: linker_function(params, lk) for lk in linkers(params)}
+    summary: dict[str, Any] = {}
     for seq in _sequences(params, cfg.split):
         gt = ctc.read_ctc_gt(gt_root, seq)
         if cfg.masks == "gt":
@@ -178,31 +214,48 @@ def track(params: Params, name: str, out_dir: Path | None = None) -> dict[str, A
                     f"segmentation of the sequence missing; run train_tracking_seg@{name}", pred
                 )
             masks = tiff.read_stack(pred)
-        tracked, tracks = link(masks, link_cfg)
-        ctc.write_ctc_result(out_dir, seq, tracked, tracks)
-        save_track_montage(tracked, out_dir / f"{seq}_montage.png", images=gt.frames)
-        save_lineage_plot(tracks, out_dir / f"{seq}_lineage.png", title=f"sequence {seq} ({name})")
-        summary[seq] = {
-            "n_tracks": len(tracks),
-            "n_divisions": int((tracks["P"] > 0).sum() // 2),
-        }
+        summary[seq] = {}
+        for lk, function in functions.items():
+            start = time.perf_counter()
+            tracked, tracks = function(masks, gt.frames)
+            seconds = time.perf_counter() - start
+            where = linker_dir(out_dir, lk)
+            ctc.write_ctc_result(where, seq, tracked, tracks)
+            title = f"sequence {seq} ({row_name(name, lk)})"
+            save_track_montage(tracked, where / f"{seq}_montage.png", images=gt.frames)
+            save_lineage_plot(tracks, where / f"{seq}_lineage.png", title=title)
+            suffix = "" if lk == "ours" else f"_{lk}"
+            summary[seq] |= {
+                f"n_tracks{suffix}": len(tracks),
+                f"n_divisions{suffix}": _n_divisions(tracks),
+                f"link_seconds{suffix}": round(seconds, 3),
+            }
     return summary
+
+
+def _n_divisions(tracks) -> int:
+    """Parents with two or more daughters (a single daughter is a closed gap)."""
+    children = tracks.loc[tracks["P"] > 0, "P"].value_counts()
+    return int((children >= 2).sum())
 
 
 def evaluate_tracking(params: Params, res_root: Path = RESULT_DIR) -> dict[str, Any]:
     """CTC scores of every segmenter's tracks on the test sequences -> one row per segmenter
-    and sequence in ``metrics/tracking.json``."""
+    x linker (:func:`row_name`) and sequence in ``metrics/tracking.json``."""
     from microseg.evaluate.tracking import evaluate_ctc, per_frame_scores
 
     gt_root = params.dataset_source("tracking")
     out: dict[str, Any] = {"masks": params.tracking.masks}
     seqs = _sequences(params, params.tracking.split)
-    for name in params.tracking.segmenters:
-        res_dir = res_root / name
+    pairs = [(n, lk) for n in params.tracking.segmenters for lk in linkers(params)]
+    for name, lk in pairs:
+        res_dir = linker_dir(res_root / name, lk)
         rows = {}
         for seq in seqs:
             if not (res_dir / f"{seq}_RES").is_dir():
-                raise MissingFileError(f"no tracks of {name!r}; run track@{name}", res_dir)
+                raise MissingFileError(
+                    f"no tracks of {name!r} by linker {lk!r}; run track@{name}", res_dir
+                )
             gt = ctc.read_ctc_gt(gt_root, seq)
             res = ctc.read_ctc_result(res_dir, seq)
             full = [t for t, m in enumerate(res.masks) if m.min() > 0]
@@ -218,6 +271,6 @@ def evaluate_tracking(params: Params, res_root: Path = RESULT_DIR) -> dict[str, 
             scores["mean_fg_iou"] = float(frames["fg_iou"].mean())
             scores["mean_rand_error"] = float(frames["rand_error"].mean())
             rows[seq] = scores
-        out[name] = rows
+        out[row_name(name, lk)] = rows
     write_json(metrics_file(params, "tracking"), out)
     return out

@@ -36,10 +36,16 @@ def metrics_path(params: Params, target: str) -> Path:
 def study_config(params: Params, target: str, family: str):
     """The ``tune.<target>`` entry over ``family``'s default study (a generic one for a family
     without defaults); the study is named ``<target>-train`` unless the entry says otherwise."""
+    from pydantic import ValidationError
+
+    from microseg.config import describe_errors
     from microseg.tune.training import STUDY_CONFIGS, TrainStudyConfig
 
     cls = STUDY_CONFIGS.get(family) if family in STUDY_CONFIGS else TrainStudyConfig
-    return cls.model_validate({"study_name": f"{target}-train", **params.tune.get(target, {})})
+    try:
+        return cls.model_validate({"study_name": f"{target}-train", **params.tune.get(target, {})})
+    except ValidationError as exc:
+        raise ConfigError(f"tune.{target}: {describe_errors(exc)}") from None
 
 
 def tune_training_stage(

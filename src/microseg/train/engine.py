@@ -68,6 +68,18 @@ _TIME_SUFFIX = "_seconds"
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 
 
+#: EngineConfig fields that must be ints (a ``-S key=many`` override reaches them as text)
+_WHOLE_NUMBERS = (
+    "epochs",
+    "steps_per_epoch",
+    "val_every",
+    "early_stop_patience",
+    "num_nodes",
+    "seed",
+    "loader_workers",
+)
+
+
 @dataclass
 class EngineConfig:
     """Knobs every trainable family shares (its train config subclasses this)."""
@@ -103,6 +115,12 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_device(self.device)
+        for name in _WHOLE_NUMBERS:  # before the range checks: "many" >= 1 is a TypeError
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(
+                    f"invalid training config: {name}: expected a whole number, found {value!r}"
+                )
         checks = {
             "epochs": self.epochs >= 1,
             "steps_per_epoch": self.steps_per_epoch >= 1,

@@ -29,6 +29,7 @@ EXTRA_OF: dict[str, str] = {
     "ctc_metrics": "pipeline",
     "ruamel": "pipeline",
     "napari": "viewer",
+    "ray": "scale",
 }
 
 

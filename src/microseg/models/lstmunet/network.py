@@ -35,6 +35,7 @@ from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.infer.watershed import PostprocessConfig
 from microseg.utils.atomic import write_torch
 from microseg.utils.fields import known_fields
+from microseg.utils.torchfiles import read_torch
 
 MODEL_FORMAT = "microseg.lstmunet/1"
 
@@ -215,11 +216,7 @@ def load_lstmunet(
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("expected an lstmunet model file (.pt), found nothing", path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        msg = f"not a readable torch file ({type(exc).__name__}: {exc})"
-        raise DataFormatError(msg, path) from exc
+    ckpt = read_torch(path, map_location=map_location)
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise DataFormatError(f"expected a {MODEL_FORMAT} file; found {found!r}", path)

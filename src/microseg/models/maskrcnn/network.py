@@ -43,6 +43,7 @@ from microseg.models.maskrcnn.config import (
 )
 from microseg.utils.atomic import write_torch
 from microseg.utils.devices import resolve_device
+from microseg.utils.torchfiles import read_torch
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,7 @@ def load_local_weights(model: nn.Module, path: str | Path) -> tuple[int, int]:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("expected a local weights file (state dict or .pt checkpoint)", path)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataFormatError(
-            f"not a readable torch file ({type(exc).__name__}: {exc})", path
-        ) from exc
+    obj = read_torch(path, map_location="cpu")
     source = _state_dict_from(obj, path)
     own = model.state_dict()
     take = {k: v for k, v in source.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
@@ -268,12 +264,7 @@ def load_maskrcnn(
     if not path.is_file():
         raise MissingFileError("expected a maskrcnn model file (.pt), found nothing", path)
     device = resolve_device(map_location)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise DataFormatError(
-            f"not a readable torch file ({type(exc).__name__}: {exc})", path
-        ) from exc
+    ckpt = read_torch(path, map_location="cpu")
     if not isinstance(ckpt, dict) or ckpt.get("format") != MODEL_FORMAT:
         raise DataFormatError(f"expected a {MODEL_FORMAT} file with model_config/model", path)
     values = dict(ckpt["model_config"])

@@ -17,8 +17,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.models import register_model
 from microseg.models.nnunet.fingerprint import (
@@ -37,6 +35,7 @@ from microseg.models.nnunet.planner import (
 )
 from microseg.models.unet import InferConfig, UnetSegmenter, load_unet, save_unet
 from microseg.utils.devices import model_device
+from microseg.utils.torchfiles import read_torch
 
 __all__ = [
     "FINGERPRINT_NAME",
@@ -55,11 +54,7 @@ __all__ = [
 
 def saved_plan(path: str | Path) -> Plan:
     """The plan stored in an nnunet ``best.pt``."""
-    try:
-        ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:
-        msg = f"not a readable torch file ({type(exc).__name__}: {exc})"
-        raise DataFormatError(msg, path) from exc
+    ckpt = read_torch(Path(path), map_location="cpu")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("plan"), dict):
         raise DataFormatError(
             "no nnunet plan in this model file (trained by another family?)", path

@@ -45,6 +45,7 @@ from microseg.infer.watershed import PostprocessConfig
 from microseg.utils.atomic import write_torch
 from microseg.utils.fields import known_fields
 from microseg.utils.registry import Registry
+from microseg.utils.torchfiles import read_torch
 
 log = logging.getLogger(__name__)
 
@@ -244,11 +245,7 @@ def load_unet(
     path = Path(path)
     if not path.is_file():
         raise MissingFileError("expected a unet model file (.pt), found nothing", path)
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:
-        msg = f"not a readable torch file ({type(exc).__name__}: {exc})"
-        raise DataFormatError(msg, path) from exc
+    ckpt = read_torch(path, map_location=map_location)
     if not isinstance(ckpt, dict) or "model_config" not in ckpt or "model" not in ckpt:
         raise DataFormatError(f"expected a {MODEL_FORMAT} file with model_config/model", path)
     cfg = UnetConfig.from_mapping(ckpt["model_config"])
