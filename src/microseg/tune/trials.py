@@ -8,10 +8,10 @@ Lost trials are run again with the same params, once each (:func:`requeue_lost`)
 
 * ``KeyboardInterrupt`` inside a trial: Optuna records it FAIL; the study marks it
   ``interrupted``;
-* a process killed outright leaves its trial RUNNING: on SQLite (no heartbeat) a RUNNING
-  trial whose process (host + pid recorded on the trial, :func:`owner`) no longer exists is
-  marked FAIL by the next call; on a server storage Optuna's heartbeat does the same after the
-  grace period.
+* a process killed outright leaves its trial RUNNING: a RUNNING trial whose process (host +
+  pid recorded on the trial, :func:`owner`) no longer exists on this host is marked FAIL by
+  the next call, on any storage; a trial of a process on another host is caught by Optuna's
+  heartbeat (server storages) after its grace period.
 """
 
 from __future__ import annotations
@@ -133,14 +133,14 @@ def requeue_lost(st: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
     changed = False
     retried = {t.user_attrs.get("retry_of") for t in trials}
     retried |= {t.system_attrs.get("failed_trial") for t in trials}  # heartbeat retries
-    heartbeat = getattr(storage, "get_heartbeat_interval", lambda: None)()  # server storages
     host = socket.gethostname()
     for t in trials:
         lost = t.state == TrialState.FAIL and t.user_attrs.get("interrupted", False)
         who = t.user_attrs.get("owner") or {}
+        # a dead process on this host is certain now; heartbeats (server storages) catch the
+        # other hosts' after their grace period
         if (
             t.state == TrialState.RUNNING
-            and not heartbeat
             and who.get("host") == host
             and not _pid_alive(int(who["pid"]))
         ):
