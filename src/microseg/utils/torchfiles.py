@@ -8,6 +8,7 @@ than tensors (a payload, or a whole pickled module) torch refuses with a six-lin
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,15 @@ def read_torch(path: str | Path, map_location: Any = "cpu", *, mmap: bool = Fals
     try:
         return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
+        text = str(exc)
+        code = re.search(r"GLOBAL (\S+)", text)  # torch's weights-only refusal names it
+        if code is None:  # junk, truncated, not a pickle at all
+            detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+            reason = " ".join(detail.group(1).split())[:200] if detail else first_line(exc)
+            raise DataFormatError(f"not a readable torch file ({reason})", path) from exc
         msg = (
-            "refusing to load: the file pickles objects beyond tensors, and loading them "
-            f"could run code ({first_line(exc)})"
+            f"refusing to load: the file pickles {code.group(1)}, not only tensors, and "
+            "loading it could run code"
         )
         raise DataFormatError(msg, path) from exc
     except Exception as exc:  # not a zip, truncated, wrong magic: several exception types
