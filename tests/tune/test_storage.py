@@ -41,6 +41,25 @@ def test_other_database_errors_are_not_swallowed(tmp_path, monkeypatch):
     locked = OperationalError("INSERT", {}, Exception("database is locked"))
     make, calls = _flaky(locked, fails=1)
     monkeypatch.setattr(storage, "optuna_storage", make)
-    with pytest.raises(OperationalError, match="locked"):
+    from microseg.errors import MicrosegError
+
+    with pytest.raises(MicrosegError, match=r"OperationalError.*locked") as err:
         storage.study("s", f"sqlite:///{tmp_path / 'o.db'}", seed=0)
+    assert isinstance(err.value.__cause__, OperationalError)  # not retried, not hidden
     assert calls["n"] == 1
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://nobody@127.0.0.1:1/none",  # nothing listens on port 1
+        "sqlite:////proc/microseg-no-such-folder/optuna.db",  # a folder that cannot exist
+    ],
+    ids=["unreachable-server", "unwritable-sqlite"],
+)
+def test_an_unusable_storage_is_one_clear_error(url):
+    from microseg.errors import MicrosegError
+
+    with pytest.raises(MicrosegError, match="could not open the Optuna storage") as err:
+        storage.study("x", url)
+    assert "\n" not in str(err.value)

@@ -27,7 +27,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
-from microseg.errors import ConfigError
+from microseg.errors import ConfigError, MicrosegError
 
 log = logging.getLogger(__name__)
 
@@ -140,9 +140,16 @@ def study(
             storage = optuna_storage(storage_url)
             n_before = _existing_trials(storage, name)
             break
+        except ConfigError:
+            raise
         except Exception as exc:
             if attempt == 2 or not _lost_table_race(exc):
-                raise
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise MicrosegError(
+                    f"could not open the Optuna storage {_redacted(storage_url or DEFAULT_STORAGE)}"
+                    f" ({type(exc).__name__}: {reason[:300]}); check the URL, that the server "
+                    "answers and that the database (or the SQLite file's folder) is writable"
+                ) from exc
             log.info("another worker is creating the Optuna tables; retrying")
             time.sleep(1.0 + attempt)
     sampler_seed = int(np.random.SeedSequence([seed, worker, n_before]).generate_state(1)[0])
