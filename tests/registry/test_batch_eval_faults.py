@@ -8,7 +8,6 @@ second, so the test can kill the run between answers. The killed runs are separa
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -25,11 +24,9 @@ import pytest
 import tifffile
 
 from microseg.config import load_params
-from microseg.io.tiff import write_stack
 from microseg.registry.batch_eval import batch_eval
 
 REPO = Path(__file__).resolve().parents[2]
-VOXEL = (500.0, 100.0, 100.0)
 COLUMNS = ["path", "z", "y", "x", "x1", "y1", "x2", "y2", "score", "status"]
 N = 6
 
@@ -75,7 +72,7 @@ class SlowSpines(mlflow.pyfunc.PythonModel):
 
 
 @pytest.fixture()
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spine_stacks):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     overrides = {"mlflow.tracking_uri": uri, "mlflow.artifact_root": str(tmp_path / "mlruns")}
     params = load_params(REPO / "params.yaml", overrides)
@@ -94,27 +91,9 @@ def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             metadata={"task": "spines"},
             pip_requirements=[],
         )
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(N):
-        stack = np.full((4, 32, 32), 100, np.uint16)
-        bright = rng.integers(0, (4, 32, 32), size=(3, 3))
-        for z, y, x in bright:
-            stack[z, y, x] = 5000
-        write_stack(inputs / f"s{i}.tif", stack, voxel_size_nm=VOXEL)
-        pts = pd.DataFrame(bright[:2], columns=["z", "y", "x"])
-        pts[["x", "y", "z"]].to_csv(inputs / f"s{i}.csv", index=False)
+    spine_stacks(tmp_path / "in", N)
     yield {"tmp": tmp_path, "uri": uri, "params": params, "model": info.model_uri, "hook": hook}
     mlflow.set_tracking_uri(previous)
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _answered(out: Path) -> set[str]:
@@ -145,7 +124,7 @@ def _run_and_kill(env: dict, out: Path, answered: int, sig: int) -> None:
         assert (out / stem / "predictions.csv").is_file()
 
 
-def test_killed_batch_eval_resumes_to_the_uninterrupted_result(env: dict) -> None:
+def test_killed_batch_eval_resumes_to_the_uninterrupted_result(env: dict, folder_digest) -> None:
     tmp, hook, params = env["tmp"], env["hook"], env["params"]
     full = batch_eval(env["model"], tmp / "in", tmp / "full", progress=False, params=params)
     assert full.summary["n_evaluated"] == N
@@ -172,4 +151,4 @@ def test_killed_batch_eval_resumes_to_the_uninterrupted_result(env: dict) -> Non
     assert not stems(calls2 - calls1) & first
     assert not stems(calls() - calls2) & second
     assert resumed.summary == {**full.summary, "seconds": resumed.summary["seconds"]}
-    assert _digest(cut) == _digest(tmp / "full")
+    assert folder_digest(cut) == folder_digest(tmp / "full")

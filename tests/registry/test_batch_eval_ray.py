@@ -9,7 +9,6 @@ into the same folder predicts nothing.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import sys
@@ -25,7 +24,6 @@ import pytest
 import tifffile
 
 from microseg.config import load_params
-from microseg.io.tiff import write_stack
 from microseg.registry.batch_eval import batch_eval
 
 pytestmark = pytest.mark.slow  # a Ray cluster starts in about 20 s on 2 cores
@@ -33,8 +31,6 @@ pytestmark = pytest.mark.slow  # a Ray cluster starts in about 20 s on 2 cores
 ray = pytest.importorskip("ray")
 
 REPO = Path(__file__).resolve().parents[2]
-VOXEL = (500.0, 100.0, 100.0)
-SHAPE = (4, 32, 32)
 SPINE_OUT = ["path", "z", "y", "x", "x1", "y1", "x2", "y2", "score", "status"]
 KILLED = "s3"
 
@@ -85,7 +81,7 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
+def env(tmp_path_factory: pytest.TempPathFactory, spine_stacks):
     tmp = tmp_path_factory.mktemp("batch_eval_ray")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     params = load_params(
@@ -108,27 +104,9 @@ def env(tmp_path_factory: pytest.TempPathFactory):
                 metadata={"task": "spines"},
                 pip_requirements=[],
             )
-        inputs = tmp / "in"
-        inputs.mkdir()
-        rng = np.random.default_rng(0)
-        for i in range(6):
-            stack = np.full(SHAPE, 100, np.uint16)
-            bright = rng.integers(0, SHAPE, size=(3, 3))
-            for z, y, x in bright:
-                stack[z, y, x] = 5000
-            write_stack(inputs / f"s{i}.tif", stack, voxel_size_nm=VOXEL)
-            pts = pd.DataFrame(bright[:2], columns=["z", "y", "x"])  # two of three annotated
-            pts[["x", "y", "z"]].to_csv(inputs / f"s{i}.csv", index=False)
+        inputs = spine_stacks(tmp / "in", 6)
         yield {"tmp": tmp, "params": params, "model": info.model_uri, "hook": hook, "in": inputs}
     mlflow.set_tracking_uri(previous)
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.md5(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _calls(hook: Path) -> list[str]:
@@ -155,7 +133,9 @@ def _kill_when_waiting(hook: Path, killed: list[int]) -> threading.Thread:
     return thread
 
 
-def test_ray_writes_what_local_writes_and_survives_a_killed_worker(cluster, env) -> None:
+def test_ray_writes_what_local_writes_and_survives_a_killed_worker(
+    cluster, env, folder_digest
+) -> None:
     tmp, hook, params = env["tmp"], env["hook"], env["params"]
     local = batch_eval(env["model"], env["in"], tmp / "local", progress=False, params=params)
     assert local.summary["n_evaluated"] == 6 and local.summary["n_scored"] == 6
@@ -182,7 +162,7 @@ def test_ray_writes_what_local_writes_and_survives_a_killed_worker(cluster, env)
 
     assert res.summary == {**local.summary, "seconds": res.summary["seconds"]}
     assert not res.output_failures
-    assert _digest(tmp / "ray") == _digest(tmp / "local")
+    assert folder_digest(tmp / "ray") == folder_digest(tmp / "local")
     assert sorted(p.name for p in (tmp / "ray").iterdir() if p.is_dir()) == [
         f"s{i}" for i in range(6)
     ]
@@ -195,7 +175,7 @@ def test_ray_writes_what_local_writes_and_survives_a_killed_worker(cluster, env)
     )
     assert _calls(hook) == []
     assert again.summary["f1"] == local.summary["f1"]
-    assert _digest(tmp / "ray") == _digest(tmp / "local")
+    assert folder_digest(tmp / "ray") == folder_digest(tmp / "local")
 
 
 def test_a_worker_that_cannot_load_is_a_clear_error(cluster, env) -> None:
