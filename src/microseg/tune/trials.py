@@ -135,7 +135,13 @@ def requeue_lost(st: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
     retried |= {t.system_attrs.get("failed_trial") for t in trials}  # heartbeat retries
     host = socket.gethostname()
     for t in trials:
-        lost = t.state == TrialState.FAIL and t.user_attrs.get("interrupted", False)
+        # a trial failed for a dead process is queued by the worker that marked it (below),
+        # never from another worker's later snapshot (that would queue it twice)
+        lost = (
+            t.state == TrialState.FAIL
+            and t.user_attrs.get("interrupted", False)
+            and not t.user_attrs.get("process_lost", False)
+        )
         who = t.user_attrs.get("owner") or {}
         # a dead process on this host is certain now; heartbeats (server storages) catch the
         # other hosts' after their grace period
@@ -144,8 +150,15 @@ def requeue_lost(st: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
             and who.get("host") == host
             and not _pid_alive(int(who["pid"]))
         ):
-            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            # the FAIL transition is the claim: the storage refuses it (row-locked) to a
+            # second worker that saw the same RUNNING trial, which must not queue it again
+            try:
+                storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+                storage.set_trial_user_attr(t._trial_id, "process_lost", True)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                changed = True  # another worker marked it: our snapshot is out of date
+                continue
             log.warning("trial %d: its process %s is gone; marked FAIL", t.number, who["pid"])
             lost = changed = True
         if lost and t.number not in retried and t.params:
