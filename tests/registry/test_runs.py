@@ -1,3 +1,9 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -5,6 +11,8 @@ import pandas as pd
 import pytest
 
 from microseg.registry import runs
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _check_run(params, dataset: str) -> None:
@@ -56,3 +64,77 @@ def test_postgres_backend_store(params, pg_database: str, monkeypatch: pytest.Mo
         "MLFLOW_TRACKING_URI", pg_database.replace("postgresql://", "postgresql+psycopg2://")
     )
     _check_run(params, "dsb-pg")
+
+
+_HOLD_RUN = """
+import json, pathlib, sys, time
+from microseg.config import load_params
+from microseg.registry import runs
+repo, overrides, out = sys.argv[1], json.loads(sys.argv[2]), pathlib.Path(sys.argv[3])
+params = load_params(pathlib.Path(repo) / "params.yaml", overrides)
+with runs.stage_run(params, stage="train", task="nuclei", dataset="dsb") as run:
+    out.write_text(run.info.run_id)
+    time.sleep(600)
+"""
+
+
+def _hold_run(params, tmp_path: Path, name: str) -> tuple[subprocess.Popen, str]:
+    """A stage in another process that opens its run and waits (to be killed)."""
+    out = tmp_path / f"{name}.run_id"
+    overrides = {
+        "mlflow.tracking_uri": runs.tracking_uri(params),
+        "mlflow.artifact_root": params.mlflow.artifact_root,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_RUN, str(REPO), json.dumps(overrides), str(out)],
+        env={**os.environ, "MLFLOW_TRACKING_URI": runs.tracking_uri(params)},
+    )
+    deadline = time.monotonic() + 120
+    while not out.exists() or not out.read_text():
+        assert proc.poll() is None, "the stage process ended before opening its run"
+        assert time.monotonic() < deadline, "the stage process never opened its run"
+        time.sleep(0.2)
+    return proc, out.read_text()
+
+
+def _check_dead_runs_end(params, tmp_path: Path) -> None:
+    runs.configure(params)
+    killed, killed_id = _hold_run(params, tmp_path, "killed")
+    alive, alive_id = _hold_run(params, tmp_path, "alive")
+    try:
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        assert mlflow.get_run(killed_id).info.status == "RUNNING"  # nothing could end it
+        with runs.stage_run(params, stage="evaluate", task="nuclei", dataset="dsb"):
+            pass
+        dead = mlflow.get_run(killed_id)
+        assert dead.info.status == "KILLED"
+        assert f"pid {killed.pid}" in dead.data.tags["microseg.ended"]
+        assert mlflow.get_run(alive_id).info.status == "RUNNING"  # its process still runs
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_run_of_a_killed_stage_is_marked_killed_by_the_next(params, tmp_path: Path) -> None:
+    _check_dead_runs_end(params, tmp_path)
+
+
+@pytest.mark.postgres
+def test_run_of_a_killed_stage_is_marked_killed_on_postgres(
+    params, pg_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(
+        "MLFLOW_TRACKING_URI", pg_database.replace("postgresql://", "postgresql+psycopg2://")
+    )
+    _check_dead_runs_end(params, tmp_path)
+
+
+def test_runs_of_other_machines_are_left_alone(params) -> None:
+    """A RUNNING run whose owner ran elsewhere cannot be checked here: it is not touched."""
+    runs.configure(params)
+    exp = runs.ensure_experiment(params, "nuclei")
+    tags = {**runs.owner_tags(), "microseg.owner.host": "another-node"}
+    run = mlflow.MlflowClient().create_run(exp, tags={**tags, "microseg.owner.pid": "1"})
+    assert runs.end_dead_runs([exp]) == []
+    assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"

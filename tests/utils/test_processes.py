@@ -1,4 +1,5 @@
-"""Pool workers end with their parent, even when the parent is killed with SIGKILL."""
+"""Pool workers end with their parent, even when the parent is killed with SIGKILL; a record
+left by a process tells whether that process still runs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import textwrap
 import time
 
 import pytest
+
+from microseg.utils import processes
 
 PARENT = textwrap.dedent(
     """
@@ -74,3 +77,32 @@ def test_die_with_parent_exits_when_the_parent_is_already_gone() -> None:
     assert subprocess.run([sys.executable, "-c", code.format(1)]).returncode == 1
     alive = subprocess.run([sys.executable, "-c", code.format("os.getppid()")])
     assert alive.returncode == 0  # its parent (this test) lives: no exit
+
+
+def test_identity_of_this_process_is_running() -> None:
+    me = processes.identity()
+    assert me["pid"] == str(os.getpid()) and me["host"]
+    assert processes.is_running(me) is True
+
+
+def test_a_finished_process_is_not_running() -> None:
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    who = processes.identity(proc.pid)
+    assert processes.is_running(who) is True
+    proc.kill()
+    proc.wait()
+    assert processes.is_running(who) is False
+
+
+def test_a_reused_pid_is_not_the_same_process() -> None:
+    me = processes.identity()
+    if not me["start"]:  # no /proc: the start time cannot tell
+        return
+    assert processes.is_running({**me, "start": str(int(me["start"]) + 1)}) is False
+
+
+def test_another_machine_or_namespace_cannot_be_told() -> None:
+    me = processes.identity()
+    assert processes.is_running({**me, "host": "elsewhere"}) is None
+    assert processes.is_running({**me, "pidns": "pid:[1]"}) is None
+    assert processes.is_running({**me, "pid": ""}) is None

@@ -311,7 +311,11 @@ def _log_run(result: BatchEvalResult, params: Params | None, input_dir: Path) ->
     else:
         ctx = mlflow.start_run(
             run_name=f"batch_eval-{input_dir.name}",
-            tags={"microseg.stage": "batch_eval", "git_commit": runs.git_commit()},
+            tags={
+                "microseg.stage": "batch_eval",
+                "git_commit": runs.git_commit(),
+                **runs.owner_tags(),
+            },
         )
     with ctx as run:
         mlflow.set_tags(tags)

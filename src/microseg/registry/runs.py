@@ -5,6 +5,12 @@ a hash of the params it read) so that runs can be traced back to code, data and 
 the MLflow UI; a run ends with the command's log file as an artifact (``logs/<file>``). The
 tracking URI comes from ``MLFLOW_TRACKING_URI`` when set (a team server), else from
 ``params.yaml`` (embedded SQLite by default).
+
+A run also carries who ran it (``microseg.owner.*``: host, boot, pid namespace, pid and start
+time, :func:`microseg.utils.processes.identity`). A stage killed with SIGKILL (the OOM killer,
+``kill -9``, a preempted runner) cannot end its run, which would stay RUNNING in the UI
+forever; so before a stage opens its run, :func:`end_dead_runs` marks KILLED every RUNNING run
+whose owner ran on this machine and is gone. Runs owned by other machines are left to them.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from microseg.config import Params
-from microseg.utils import logfile
+from microseg.utils import logfile, processes
 from microseg.utils.convert import flatten
 
 log = logging.getLogger(__name__)
@@ -96,6 +102,49 @@ def params_hash(section: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+OWNER = "microseg.owner."
+
+
+def owner_tags() -> dict[str, str]:
+    """Tags naming this process, so that a later stage can tell whether it still runs."""
+    return {OWNER + k: v for k, v in processes.identity().items()}
+
+
+def end_dead_runs(experiment_ids: list[str]) -> list[str]:
+    """Mark KILLED the RUNNING runs (in ``experiment_ids``) whose owner process ran on this
+    machine and no longer runs; returns their ids. Never fails the caller: a store that
+    refuses the query or the update costs a warning."""
+    from mlflow.tracking import MlflowClient
+
+    host = processes.identity()["host"].replace("'", "")
+    client = MlflowClient()
+    ended: list[str] = []
+    try:
+        found = client.search_runs(
+            experiment_ids,
+            filter_string=f"attributes.status = 'RUNNING' and tags.`{OWNER}host` = '{host}'",
+            max_results=1000,
+        )
+        for run in found:
+            tags = run.data.tags
+            owner = {k.removeprefix(OWNER): v for k, v in tags.items() if k.startswith(OWNER)}
+            if processes.is_running(owner) is not False:
+                continue
+            client.set_tag(
+                run.info.run_id,
+                "microseg.ended",
+                f"KILLED: its process (pid {owner.get('pid')}) was gone when pid "
+                f"{os.getpid()} started a stage",
+            )
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    except MlflowException as exc:
+        log.warning("could not check for runs left RUNNING by killed stages: %s", exc)
+    for run_id in ended:
+        log.warning("MLflow run %s was left RUNNING by a killed process: marked KILLED", run_id)
+    return ended
+
+
 @contextlib.contextmanager
 def stage_run(
     params: Params,
@@ -110,7 +159,10 @@ def stage_run(
     """Open an MLflow run for one pipeline stage with the house tags and params."""
     configure(params)
     exp_id = ensure_experiment(params, task)
+    if not nested:
+        end_dead_runs([exp_id])
     tags = {
+        **owner_tags(),
         "git_commit": git_commit(),
         "microseg.stage": stage,
         "microseg.dataset": dataset,

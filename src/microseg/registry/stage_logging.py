@@ -16,7 +16,7 @@ import mlflow
 import numpy as np
 
 from microseg.registry.mlflow_hooks import clean_metrics
-from microseg.registry.runs import flatten
+from microseg.registry.runs import flatten, owner_tags
 from microseg.utils.atomic import write_text
 
 RUN_ID_FILE = "mlflow_run.json"
@@ -80,7 +80,7 @@ class MlflowTrialLogger:
     """Optuna ``on_trial`` callback: each trial is a nested run of the active study run."""
 
     def __call__(self, trial: Any, metrics: Mapping[str, Any]) -> None:
-        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True):
+        with mlflow.start_run(run_name=f"trial-{trial.number}", nested=True, tags=owner_tags()):
             mlflow.log_params({k: str(v) for k, v in flatten(metrics.get("params", {})).items()})
             if "state" in metrics:
                 mlflow.set_tag("optuna.state", metrics["state"])

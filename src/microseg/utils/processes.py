@@ -5,6 +5,11 @@ SIGKILL (an out-of-memory kill, ``kill -9`` of a stuck ``ingest``) nothing tells
 it lives on, holding memory and open files. :func:`die_with_parent`, run as the pool's
 ``initializer``, asks Linux to send the worker SIGKILL when its parent dies
 (``PR_SET_PDEATHSIG``); elsewhere it does nothing (macOS and Windows have no such call).
+
+:func:`identity` and :func:`is_running` answer "is the process that wrote this record still
+alive?" for records a killed process leaves behind (an MLflow run left RUNNING): a pid alone is
+not enough, since pids are reused, so the identity adds the process's start time, the boot it
+ran in and its pid namespace (two containers on one kernel share pids but not namespaces).
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import ctypes
 import ctypes.util
 import os
 import signal
+import socket
 import sys
+from collections.abc import Mapping
 from concurrent.futures import ProcessPoolExecutor
 
 _PR_SET_PDEATHSIG = 1
@@ -36,4 +43,61 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     )
 
 
-__all__ = ["die_with_parent", "worker_pool"]
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _start_time(pid: int) -> str:
+    """Clock ticks after boot at which ``pid`` started (Linux ``/proc``; "" elsewhere)."""
+    stat = _read(f"/proc/{pid}/stat")
+    # the command name (field 2) may hold spaces and parentheses: fields after its last ")"
+    fields = stat.rpartition(")")[2].split()
+    return fields[19] if len(fields) > 19 else ""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
+def identity(pid: int | None = None) -> dict[str, str]:
+    """Who this process is, as strings (for tags): host, boot id, pid namespace, pid, start."""
+    pid = os.getpid() if pid is None else pid
+    return {
+        "host": socket.gethostname(),
+        "boot": _read("/proc/sys/kernel/random/boot_id"),
+        "pidns": _pid_namespace(),
+        "pid": str(pid),
+        "start": _start_time(pid),
+    }
+
+
+def is_running(other: Mapping[str, str]) -> bool | None:
+    """Whether the process ``other`` (an :func:`identity`) still runs: None when this process
+    cannot tell (another machine, boot or pid namespace, or a record without a pid)."""
+    me = identity()
+    if any(other.get(k, "") != me[k] for k in ("host", "boot", "pidns")):
+        return None
+    try:
+        pid = int(other.get("pid", ""))
+    except ValueError:
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process with that pid: alive, maybe not ours
+        pass
+    start = other.get("start", "")
+    return not start or _start_time(pid) in ("", start)
+
+
+__all__ = ["die_with_parent", "identity", "is_running", "worker_pool"]
