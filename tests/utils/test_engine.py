@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from microseg.errors import ConfigError, MissingExtraError
+from microseg.errors import ConfigError, MicrosegError, MissingExtraError
 from microseg.utils.engine import EngineOptions, run_inputs
 
 
@@ -74,3 +74,42 @@ def test_ray_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     with pytest.raises(MissingExtraError, match=r"microseg\[scale\]"):
         run_inputs([1], lambda: lambda x: x, EngineOptions(engine="ray"), progress=False)
+
+
+def _dies_on(poison: str, tally: str):
+    """A worker factory whose worker kills its own process on ``poison`` (each death is a file
+    in ``tally``): what an out-of-memory kill of one huge stack looks like to the driver."""
+
+    def make():
+        import os
+        import uuid
+        from pathlib import Path
+
+        def work(item: str) -> str:
+            if item == poison:
+                (Path(tally) / uuid.uuid4().hex).touch()
+                os._exit(1)
+            return item.upper()
+
+        return work
+
+    return make
+
+
+@pytest.mark.slow
+def test_ray_input_that_kills_every_worker_ends_the_run_named(tmp_path) -> None:
+    pytest.importorskip("ray")
+    done: list[str] = []
+    opts = EngineOptions(engine="ray", num_workers=2, max_retries=1)
+    with pytest.raises(MicrosegError, match="Ray workers died on this input") as err:
+        run_inputs(
+            ["a", "b", "bad", "c"],
+            _dies_on("bad", str(tmp_path)),
+            opts,
+            on_result=lambda item, outcome: done.append(outcome.value),
+            progress=False,
+        )
+    assert "bad" in str(err.value)
+    # restarts of its worker, then a fresh worker and its restarts: every one died on it
+    assert len(list(tmp_path.iterdir())) == (opts.max_retries + 1) ** 2
+    assert "BAD" not in done
