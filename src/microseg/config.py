@@ -167,6 +167,9 @@ class YoloTrainConfig(_Strict):
     device: str = "cpu"
     workers: int = 0
     seed: int = 0
+    #: torch threads when training on the CPU; null: every usable core (Ultralytics' own
+    #: choice, cores - 1, is one thread on a 2-core runner)
+    num_threads: int | None = Field(None, ge=1)
     #: fine-tuning: a YOLO ``.pt`` (or ``models:/name@alias``) to start from instead of random
     init_from: str | None = None
 

@@ -155,15 +155,16 @@ def test_attach_hooks_registers_model_callbacks():
     assert model.callbacks["on_fit_epoch_end"][0].__self__ is bridge
 
 
-def test_strip_foreign_callbacks_removes_only_ultralytics_mlflow():
+def test_strip_foreign_callbacks_removes_only_ultralytics_mlflow_and_raytune():
     from ultralytics.utils.callbacks import mlflow as ul_mlflow
+    from ultralytics.utils.callbacks import raytune as ul_raytune
 
     def ours(trainer):
         return None
 
     tr = SimpleNamespace(
         callbacks={
-            "on_fit_epoch_end": [ours, ul_mlflow.on_fit_epoch_end],
+            "on_fit_epoch_end": [ours, ul_mlflow.on_fit_epoch_end, ul_raytune.on_fit_epoch_end],
             "on_pretrain_routine_end": [ul_mlflow.on_pretrain_routine_end],
         }
     )

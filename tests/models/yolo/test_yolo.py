@@ -48,11 +48,14 @@ def _blob_dataset(root: Path, n_train: int = 8, n_val: int = 4, size: int = 64) 
 class Recorder(HookBase):
     def __init__(self) -> None:
         self.events: list[tuple] = []
+        self.threads: list[int] = []  # torch's threads in each epoch
+        self.threads_after = 0
 
     def before_train(self, config):
         self.events.append(("before_train", dict(config)))
 
     def after_epoch(self, epoch, metrics):
+        self.threads.append(torch.get_num_threads())
         self.events.append(("after_epoch", epoch, dict(metrics)))
 
     def after_checkpoint(self, path, is_best):
@@ -222,8 +225,23 @@ def trained(tmp_path_factory):
     data = _blob_dataset(root / "data")
     rec = Recorder()
     det = YoloSpineDetector.build("n")
-    result = det.fit(data, root / "runs", epochs=2, patience=50, hooks=rec, **TINY)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = det.fit(
+            data, root / "runs", epochs=2, patience=50, hooks=rec, num_threads=2, **TINY
+        )
+        rec.threads_after = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
     return det, result, rec, data, root
+
+
+def test_training_on_the_cpu_uses_the_threads_asked_for_then_restores(trained):
+    """Ultralytics sets min(8, cores - 1) threads (1 on a 2-core runner) and leaves it set."""
+    rec = trained[2]
+    assert rec.threads == [2, 2]
+    assert rec.threads_after == 1
 
 
 def test_training_writes_checkpoints_and_drives_hooks(trained):

@@ -38,6 +38,7 @@ from microseg.models import register_model
 from microseg.models.yolo.runs import (
     TrainResult,
     _load_ckpt,
+    cpu_threads,
     is_resumable,
     network_classes,
     normalise_run,
@@ -238,6 +239,7 @@ class YoloSpineDetector:
         device: str | int | None = "auto",
         workers: int = 0,
         seed: int = 0,
+        num_threads: int | None = None,
         init_from: str | Path | None = None,
         hooks: HookBase | None = None,
         resume: bool = True,
@@ -317,7 +319,8 @@ class YoloSpineDetector:
             attach_hooks(model, hooks)
         caches_before = set(data_yaml.parent.rglob("*.cache"))
         try:
-            with offline_guards(), quiet_bars(not progress_enabled(sys.stdout)):
+            quiet = quiet_bars(not progress_enabled(sys.stdout))
+            with offline_guards(), cpu_threads(num_threads), quiet:
                 model.train(**args)
         finally:  # Ultralytics caches its label scan inside the dataset (a DVC output)
             for cache in set(data_yaml.parent.rglob("*.cache")) - caches_before:
@@ -387,7 +390,8 @@ class YoloSpineDetector:
         }
         if device is not None:
             kwargs["device"] = ultralytics_device(device)
-        results = self.yolo.predict(source=batch, **kwargs)
+        with cpu_threads(None):
+            results = self.yolo.predict(source=batch, **kwargs)
         out = []
         for r in results:
             boxes = r.boxes

@@ -42,7 +42,11 @@ from microseg.train.hooks import HookBase, should_stop
 log = logging.getLogger(__name__)
 
 #: Ultralytics callback modules we never let run (they open runs/connections of their own)
-FOREIGN_CALLBACK_MODULES = ("ultralytics.utils.callbacks.mlflow",)
+FOREIGN_CALLBACK_MODULES = (
+    "ultralytics.utils.callbacks.mlflow",
+    # reports to a Ray Tune session when it finds one; our studies are Optuna's (tune/)
+    "ultralytics.utils.callbacks.raytune",
+)
 
 #: trainer arguments passed to ``before_train`` (the knobs that change a result)
 CONFIG_KEYS = (
@@ -202,7 +206,7 @@ def strip_foreign_callbacks(trainer: Any) -> None:
         removed += len(fns) - len(keep)
         trainer.callbacks[event] = keep
     if removed:
-        log.debug("removed %d Ultralytics MLflow callbacks", removed)
+        log.debug("removed %d Ultralytics integration callbacks", removed)
 
 
 def disable_ultralytics_mlflow(yolo_model: Any) -> None:

@@ -154,6 +154,34 @@ def _amp_without_download(model: Any) -> bool:
     return device.type not in ("cpu", "mps")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, else ``os.cpu_count()``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int | None) -> Iterator[None]:
+    """Run Ultralytics with ``n`` torch threads on the CPU (None: every usable core).
+
+    Ultralytics' ``select_device`` sets ``torch.set_num_threads(min(8, cores - 1))``: one
+    thread on a 2-core runner, which halves CPU training speed there, and a setting that
+    outlives the call. Its count is patched for the block and torch's restored after it.
+    """
+    import torch
+    import ultralytics.utils.torch_utils as torch_utils
+
+    before, saved = torch.get_num_threads(), torch_utils.NUM_THREADS
+    torch_utils.NUM_THREADS = max(1, n or usable_cores())
+    try:
+        yield
+    finally:
+        torch_utils.NUM_THREADS = saved
+        torch.set_num_threads(before)
+
+
 @contextlib.contextmanager
 def offline_guards() -> Iterator[None]:
     """Keep Ultralytics from reaching the network while training (restored afterwards)."""
