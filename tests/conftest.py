@@ -16,6 +16,12 @@ os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``heavy`` run first: with ``make test``'s parallel workers (pytest-xdist,
+    work stealing) a test of minutes then starts at once beside the rest, not at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture()
 def one_torch_thread() -> Iterator[None]:
     """Tiny tensors: one thread avoids thread-pool overhead on a busy machine (10x here).

@@ -57,6 +57,7 @@ def _trim_dsb(root: Path, keep_every: int) -> None:
         (root / "labels" / f"{sid}.png").unlink()
 
 
+@pytest.mark.heavy
 def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     """synth -> ingest -> validate for all datasets on tiny params; a second repro is a no-op."""
     params = yaml.safe_load((repo_copy / "params.yaml").read_text())

@@ -13,8 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    import microseg.cli as cli
     from microseg.cli import main
 
+    monkeypatch.setattr(cli, "_log_files", False)  # main sets it; undone afterwards
     monkeypatch.setattr(sys, "argv", ["microseg", *argv])
     with pytest.raises(SystemExit) as exit_:
         main()

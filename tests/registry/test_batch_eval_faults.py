@@ -124,6 +124,7 @@ def _run_and_kill(env: dict, out: Path, answered: int, sig: int) -> None:
         assert (out / stem / "predictions.csv").is_file()
 
 
+@pytest.mark.heavy
 def test_killed_batch_eval_resumes_to_the_uninterrupted_result(env: dict, folder_digest) -> None:
     tmp, hook, params = env["tmp"], env["hook"], env["params"]
     full = batch_eval(env["model"], tmp / "in", tmp / "full", progress=False, params=params)

@@ -79,6 +79,7 @@ def _toy_targets(root: Path) -> Path:
     return root / "targets"
 
 
+@pytest.mark.heavy
 def test_ddp_two_cpu_processes_see_different_shards_and_end_identical(tmp_path):
     targets = _toy_targets(tmp_path)
     script = tmp_path / "train_ddp.py"

@@ -116,6 +116,7 @@ def _run_and_kill(targets: Path, out: Path, at_epoch: int, sig: int) -> None:
         assert "Terminated: SIGTERM after" in proc.stderr.read()
 
 
+@pytest.mark.heavy
 def test_killed_training_resumes_to_the_uninterrupted_result(targets: Path, tmp_path: Path):
     cfg = UnetTrainConfig.from_mapping(CFG)
     full = train_unet(targets, tmp_path / "full", cfg)

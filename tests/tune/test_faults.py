@@ -67,6 +67,7 @@ def _kill_in_a_trial(proc: subprocess.Popen, root: Path, sig: int) -> None:
     proc.wait(timeout=30)
 
 
+@pytest.mark.heavy
 @pytest.mark.postgres
 def test_killed_worker_loses_and_duplicates_no_trial(pg_database: str, tmp_path: Path) -> None:
     (tmp_path / "started").mkdir()

@@ -390,7 +390,7 @@ class YoloSpineDetector:
         }
         if device is not None:
             kwargs["device"] = ultralytics_device(device)
-        with cpu_threads(None):
+        with cpu_threads(0):  # the caller's threads, not Ultralytics' cores - 1
             results = self.yolo.predict(source=batch, **kwargs)
         out = []
         for r in results:

@@ -164,7 +164,8 @@ def usable_cores() -> int:
 
 @contextlib.contextmanager
 def cpu_threads(n: int | None) -> Iterator[None]:
-    """Run Ultralytics with ``n`` torch threads on the CPU (None: every usable core).
+    """Run Ultralytics with ``n`` torch threads on the CPU (None: every usable core; 0: as
+    many as torch uses now).
 
     Ultralytics' ``select_device`` sets ``torch.set_num_threads(min(8, cores - 1))``: one
     thread on a 2-core runner, which halves CPU training speed there, and a setting that
@@ -174,7 +175,7 @@ def cpu_threads(n: int | None) -> Iterator[None]:
     import ultralytics.utils.torch_utils as torch_utils
 
     before, saved = torch.get_num_threads(), torch_utils.NUM_THREADS
-    torch_utils.NUM_THREADS = max(1, n or usable_cores())
+    torch_utils.NUM_THREADS = before if n == 0 else max(1, n or usable_cores())
     try:
         yield
     finally:
