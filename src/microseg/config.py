@@ -346,6 +346,11 @@ class CellsConfig(_Strict):
     post_grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
     #: validation images the post-processing search runs on (stratified by modality); null: all
     post_max_images: int | None = Field(None, ge=1)
+    #: predicted objects larger than this many pixels are dropped once instances are made
+    #: (the neuron seed's outlier filter); ``"p95"`` (any ``"p<q>"``): the q-th percentile of
+    #: the training split's true object areas; null: off. Applied by evaluate_cells only:
+    #: a registered (packaged) model predicts without it
+    max_area: float | str | None = None
     #: learned models (``train_cells@``/``evaluate_cells@`` iterate over these keys)
     models: dict[str, CellModelConfig] = Field(default_factory=dict)
     #: classical references, in every table (``evaluate_baseline@``)
@@ -353,6 +358,19 @@ class CellsConfig(_Strict):
 
     def all_models(self) -> dict[str, CellModelConfig]:
         return {**self.baselines, **self.models}
+
+    @model_validator(mode="after")
+    def _check_max_area(self) -> CellsConfig:
+        v = self.max_area
+        if isinstance(v, str):
+            m = re.fullmatch(r"p(\d+(?:\.\d+)?)", v)
+            if m is None or not 0 < float(m.group(1)) <= 100:
+                raise ValueError(
+                    f"max_area: a number of pixels, 'p<q>' (0 < q <= 100) or null; found {v!r}"
+                )
+        elif v is not None and not v > 0:
+            raise ValueError(f"max_area must be > 0 pixels; found {v}")
+        return self
 
 
 class RegistryTaskConfig(_Strict):

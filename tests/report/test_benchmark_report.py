@@ -183,6 +183,29 @@ def test_deterministic_bytes(results, tmp_path):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
 
 
+def test_count_errors_and_model_figures_are_shown(results, tmp_path):
+    from dataclasses import replace
+
+    from microseg.report.figures import size_histogram
+
+    sizes = tmp_path / "sizes.png"
+    size_histogram([20, 30, 40], [25, 50], sizes)
+    counted = [
+        replace(r, metrics={**r.metrics, "count_mae": mae, "count_mre": mre}, figures=figs)
+        for r, mae, mre, figs in zip(
+            results, (2.5, 0.75), (0.4, 0.125), ([], [(sizes, "object areas")]), strict=True
+        )
+    ]
+    index = build_report(counted, tmp_path / "r")
+    md = index.with_name("index.md").read_text()
+    assert "count err" in md and "count rel" in md
+    unet = _row(index.read_text(), "unet")
+    assert "<strong>0.75</strong>" in unet and "<strong>0.125</strong>" in unet  # lower: best
+    copied = index.parent / "figures" / "unet_sizes.png"
+    assert copied.read_bytes() == sizes.read_bytes()
+    assert "figures/unet_sizes.png" in md and "object areas" in md
+
+
 def test_atomic_replace_and_failure_keeps_old_report(results, tmp_path, monkeypatch):
     out = tmp_path / "benchmark"
     out.mkdir()

@@ -284,7 +284,11 @@ def test_build_benchmark_stage_reads_folders_and_train_info(params):
         (folder / "overlays.json").write_text("[]")
         metrics = params.paths.metrics / "cells" / f"{name}.json"
         metrics.parent.mkdir(parents=True, exist_ok=True)
-        metrics.write_text(json.dumps({"f1_50": 0.5 + shift, "n_images": len(IDS)}))
+        counting = {"count_mae": 1.0 + k, "count_mre": 0.1 * k, "true_area_p50": 90.0}
+        metrics.write_text(
+            json.dumps({"f1_50": 0.5 + shift, "n_images": len(IDS), "counting": counting})
+        )
+    (cells.REPORTS_ROOT / "unet" / "sizes.png").write_bytes(b"\x89PNG not drawn here")
     info = cells.MODELS_ROOT / "sac" / cells.INFO_NAME
     info.parent.mkdir(parents=True)
     info.write_text(json.dumps({"seconds": 60.0, "encoder": "mobilesam", "profile": "demo"}))
@@ -292,6 +296,11 @@ def test_build_benchmark_stage_reads_folders_and_train_info(params):
     index = cells.build_benchmark(params)
     md = index.with_name("index.md").read_text()
     assert "| sac | sac | mobilesam | demo |" in md  # description falls back to the family
+    models = pd.read_csv(index.with_name("models.csv")).set_index("model")
+    assert models.loc["sac", "count_mae"] == 3.0 and models.loc["unet", "count_mre"] == 0.1
+    assert "counting" not in models and "true_area_p50" not in models  # the block, flattened
+    assert (index.parent / "figures" / "unet_sizes.png").is_file()  # a model's own figure
+    assert "figures/unet_sizes.png" in md and "figures/sac_sizes.png" not in md
     assert re.search(r"\| sac \[encoder: mobilesam, profile: demo\] \| \*\*-0\.\d+ \[.*worse", md)
     summary = json.loads(index.with_name("comparison.json").read_text())
     assert summary["primary_baseline"] == "otsu"

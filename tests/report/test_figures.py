@@ -15,9 +15,11 @@ from microseg.evaluate.calibration import reliability_table
 from microseg.evaluate.inter_rater import compare_uncertainty_to_disagreement, disagreement_map
 from microseg.evaluate.uncertainty import from_samples, uncertainty_maps
 from microseg.report.figures import (
+    confusion_figure,
     pr_curve_figure,
     reliability_diagram,
     roc_figure,
+    size_histogram,
     uncertainty_panel,
 )
 
@@ -149,3 +151,20 @@ def test_pr_curve_figure(tmp_path: Path) -> None:
     _check_png(tmp_path / "one.png")
     with pytest.raises(MicrosegError, match="columns"):
         pr_curve_figure(df.drop(columns="recall"), tmp_path / "x.png")
+
+
+def test_size_histogram_and_confusion_figure(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    true, pred = rng.lognormal(5, 0.4, 200).round() + 1, rng.lognormal(5.3, 0.5, 150).round() + 1
+    size_histogram(true, pred, tmp_path / "sizes.png", max_area=600)
+    _check_png(tmp_path / "sizes.png")
+    size_histogram(true, pred, tmp_path / "again.png", max_area=600)
+    assert (tmp_path / "sizes.png").read_bytes() == (tmp_path / "again.png").read_bytes()
+    size_histogram([30, 30], [], tmp_path / "one_size.png")  # one area, no predictions
+    _check_png(tmp_path / "one_size.png", min_bytes=2000)
+    with pytest.raises(MicrosegError, match="at least one object"):
+        size_histogram([], [], tmp_path / "x.png")
+    confusion_figure(900, 50, 80, 9000, tmp_path / "confusion.png")
+    _check_png(tmp_path / "confusion.png", min_bytes=2000)
+    with pytest.raises(MicrosegError, match=">= 0"):
+        confusion_figure(-1, 0, 0, 0, tmp_path / "x.png")

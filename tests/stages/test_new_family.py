@@ -169,6 +169,59 @@ def test_a_registered_family_runs_the_train_and_evaluate_stages(toy_dataset):
     assert (cells.REPORTS_ROOT / "toy" / "per_image.csv").is_file()
 
 
+def test_evaluation_counts_objects_and_drops_large_ones(toy_dataset):
+    """``evaluate_cells``: objects.csv per predicted object, count errors per image, the
+    counting block and figures; ``cells.max_area: p<q>`` from the train split's true areas."""
+    import json
+
+    from microseg.config import CellsConfig
+    from microseg.data.manifest import read_manifest
+    from microseg.evaluate.counting import area_percentile
+    from microseg.io.tiff import read_stack
+
+    params = toy_dataset
+    net = torch.nn.Conv2d(3, 1, 1)  # no training: bright (normalised ~1) pixels are foreground
+    with torch.no_grad():
+        net.weight.fill_(10.0)
+        net.bias.fill_(-15.0)
+    weights = cells.MODELS_ROOT / "toy" / "best.pt"
+    weights.parent.mkdir(parents=True)
+    torch.save({"format": "toy/1", "model": net.state_dict()}, weights)
+    metrics = cells.evaluate_cell_model(params, "toy")
+    folder = cells.REPORTS_ROOT / "toy"
+    per_image = pd.read_csv(folder / "per_image.csv")
+    assert (per_image["count_error"] == per_image["n_pred"] - per_image["n_gt"]).all()
+    objects = pd.read_csv(folder / "objects.csv")
+    assert list(objects)[:6] == ["image_id", "id", "y_px", "x_px", "area_px", "score"]
+    assert len(objects) == per_image["n_pred"].sum() == metrics["n_pred"]
+    for sid, rows in objects.groupby("image_id"):
+        labels = read_stack(folder / "labels" / f"{sid}.tif")
+        assert rows["area_px"].tolist() == np.bincount(labels.ravel())[rows["id"]].tolist()
+    assert objects["score"].between(0.5, 1).all()  # mean p(fg) inside objects cut at p > 0.5
+    c = json.loads((params.paths.metrics / "cells" / "toy.json").read_text())["counting"]
+    assert c["count_mae"] == pytest.approx(per_image["count_error"].abs().mean())
+    assert c["max_area"] is None and c["n_pred_objects"] == len(objects)
+    px = metrics["pixel_confusion"]
+    assert px == {k: int(per_image[f"px_{k}"].sum()) for k in ("tp", "fp", "fn", "tn")}
+    assert all((folder / f).is_file() for f, _ in cells.COUNT_FIGURES)
+
+    params.cells.max_area = "p90"
+    rows = read_manifest(params.paths.prepared / "toyds")
+    train = [read_stack(params.paths.prepared / "toyds" / r.label_path)
+             for r in rows[rows["split"] == "train"].itertuples()]  # fmt: skip
+    cut = area_percentile(train, 90)
+    assert cells.resolve_max_area(params) == cut
+    small = cells.evaluate_cell_model(params, "toy", out_dir=Path("small"), write_metrics=False)
+    kept = pd.read_csv(Path("small") / "objects.csv")
+    assert kept["area_px"].max() <= cut < objects["area_px"].max()
+    assert len(kept) == (objects["area_px"] <= cut).sum() == small["n_pred"]
+    assert small["counting"]["max_area"] == cut
+    with pytest.raises(ValueError, match="max_area"):
+        CellsConfig(max_area="q95")
+    with pytest.raises(ValueError, match="max_area"):
+        CellsConfig(max_area=0)
+
+
 def test_unknown_family_is_a_clear_error(toy_dataset):
     params = toy_dataset
     params.cells.models = {"x": CellModelConfig(family="nope")}

@@ -62,9 +62,11 @@ def _as_masks(masks: Sequence[np.ndarray], min_raters: int = 3) -> list[np.ndarr
     return out
 
 
-def vote_counts(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
-    """Per-pixel number of positive votes (uint8/uint16) and the number of raters ``R``."""
-    ms = _as_masks(masks)
+def vote_counts(masks: Sequence[np.ndarray], min_raters: int = 3) -> tuple[np.ndarray, int]:
+    """Per-pixel number of positive votes (uint8/uint16) and the number of raters ``R``.
+
+    ``min_raters`` (3 by default: a majority needs an odd count) may be 2 for user files."""
+    ms = _as_masks(masks, min_raters)
     dt = np.uint8 if len(ms) < 256 else np.uint16
     k = np.zeros(ms[0].shape, dt)
     for m in ms:
@@ -72,16 +74,18 @@ def vote_counts(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
     return k, len(ms)
 
 
-def disagreement_map(masks: Sequence[np.ndarray]) -> np.ndarray:
+def disagreement_map(masks: Sequence[np.ndarray], min_raters: int = 3) -> np.ndarray:
     """Population variance across raters of the 0/1 labels, ``k (R - k) / R^2`` (float64)."""
-    k, r = vote_counts(masks)
+    k, r = vote_counts(masks, min_raters)
     k = k.astype(np.int64)
     return (k * (r - k)) / float(r * r)
 
 
-def majority_vote(masks: Sequence[np.ndarray], tie: bool = False) -> np.ndarray:
+def majority_vote(
+    masks: Sequence[np.ndarray], tie: bool = False, min_raters: int = 3
+) -> np.ndarray:
     """Pixels marked by more than half of the raters; an exact tie (even ``R``) gives ``tie``."""
-    k, r = vote_counts(masks)
+    k, r = vote_counts(masks, min_raters)
     k = k.astype(np.int64)
     out = 2 * k > r
     if tie and r % 2 == 0:
@@ -89,14 +93,16 @@ def majority_vote(masks: Sequence[np.ndarray], tie: bool = False) -> np.ndarray:
     return out
 
 
-def agreement_fraction(masks: Sequence[np.ndarray], kind: str = "majority") -> np.ndarray:
+def agreement_fraction(
+    masks: Sequence[np.ndarray], kind: str = "majority", min_raters: int = 3
+) -> np.ndarray:
     """Per-pixel agreement in [0, 1], 1 where the raters are unanimous.
 
     ``"majority"``: the fraction of raters who side with the majority, ``max(k, R - k) / R``
     (2/3 for 2-vs-1); ``"pairwise"``: the fraction of rater pairs that agree,
     ``(k(k-1) + (R-k)(R-k-1)) / (R(R-1))`` (1/3 for 2-vs-1; Fleiss' ``P_i``).
     """
-    k, r = vote_counts(masks)
+    k, r = vote_counts(masks, min_raters)
     k = k.astype(np.int64)
     if kind == "majority":
         return np.maximum(k, r - k) / float(r)
@@ -129,13 +135,15 @@ def fleiss_kappa_from_counts(table: np.ndarray) -> float:
     return float((p_bar - p_e) / (1.0 - p_e))
 
 
-def fleiss_kappa(masks: Sequence[np.ndarray], mask: np.ndarray | None = None) -> float:
+def fleiss_kappa(
+    masks: Sequence[np.ndarray], mask: np.ndarray | None = None, min_raters: int = 3
+) -> float:
     """Fleiss' kappa of binary masks, every pixel (inside ``mask``) one subject.
 
     Computed in closed form from the per-pixel vote counts, so no ``N x 2`` table is built.
     Over a whole volume it is dominated by the easy background; see the module notes.
     """
-    k, r = vote_counts(masks)
+    k, r = vote_counts(masks, min_raters)
     if mask is not None:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != k.shape:
@@ -153,9 +161,11 @@ def fleiss_kappa(masks: Sequence[np.ndarray], mask: np.ndarray | None = None) ->
     return (p_bar - p_e) / (1.0 - p_e)
 
 
-def pairwise_dice(masks: Sequence[np.ndarray], names: Sequence[str] | None = None) -> pd.DataFrame:
+def pairwise_dice(
+    masks: Sequence[np.ndarray], names: Sequence[str] | None = None, min_raters: int = 3
+) -> pd.DataFrame:
     """Dice between every pair of raters: columns rater_a, rater_b, dice."""
-    ms = _as_masks(masks)
+    ms = _as_masks(masks, min_raters)
     names = [f"rater{i}" for i in range(len(ms))] if names is None else list(names)
     if len(names) != len(ms):
         raise MicrosegError(f"{len(names)} rater names for {len(ms)} masks")

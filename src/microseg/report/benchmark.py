@@ -10,11 +10,12 @@
     figures/pr_curves.png           foreground pixel PR curves of all models
     figures/differences_<baseline>.png  the paired differences with their intervals
     figures/reliability_<model>.png reliability diagram per model
+    figures/<model>_<figure>.png    a model's own figures (object sizes, pixel confusion, ROC)
     overlays/<model>_<kind>_<k>.png best and worst images per model (copied in)
     runs.mlflow.html  runs.mlflow.csv   this build's training times and MLflow run links
 
 Tables: all models x metrics (F1 at IoU 0.5/0.7/0.9, COCO mask AP/AP50/AP75, DSB score, Dice,
-adapted Rand error, VOI, ECE) and parameter count; a
+adapted Rand error, VOI, ECE, mean absolute and relative count error) and parameter count; a
 per-modality table (micro F1 from summed counts); the images hardest across models. The best
 value of each column is bold; the classical baseline row is marked, and a report without one
 is refused unless ``require_baseline=False``: a learnt model's number means little without
@@ -106,6 +107,8 @@ METRIC_COLUMNS: tuple[Column, ...] = (
     Column("are", "ARE", higher_is_better=False, help="adapted Rand error (mean per image)"),
     Column("voi", "VOI", higher_is_better=False, help="variation of information, bits"),
     Column("ece", "ECE", 4, False, help="expected calibration error of p(foreground)"),
+    Column("count_mae", "count err", 2, False, help="mean |predicted - true| objects per image"),
+    Column("count_mre", "count rel", 3, False, help="mean |count error| / true count per image"),
 )
 
 #: Keys of a training's ``train_info.json`` shown next to a model's description when present
@@ -181,6 +184,8 @@ class ModelResult:
     description: str = ""
     #: short facts shown with the description, e.g. ``{"encoder": "resnet34"}``
     details: Mapping[str, str] = field(default_factory=dict)
+    #: the model's own figures (path, caption), copied in under its name (e.g. object sizes)
+    figures: Sequence[tuple[Path, str]] = ()
 
     @classmethod
     def from_evaluation(
@@ -436,7 +441,7 @@ def build_report(
         doc.table(_models_table(results, columns))
         doc.para(
             "; ".join(f"{c.header}: {c.help}" for c in columns if c.help)
-            + ". Best per column in bold; lower is better for ARE, VOI and ECE.",
+            + ". Best per column in bold; lower is better for ARE, VOI, ECE and count errors.",
             "legend",
         )
         if _has_runs(results):
@@ -559,6 +564,13 @@ def build_report(
             if items:
                 doc.figures(items)
                 doc.para("green: ground truth; magenta: prediction; white: both.", "legend")
+            own = []
+            for path, caption in r.figures:
+                rel = f"figures/{slug(r.name)}_{slug(Path(path).stem)}{Path(path).suffix.lower()}"
+                shutil.copyfile(path, tmp / rel)
+                own.append((rel, caption))
+            if own:
+                doc.figures(own)
 
         body = "\n".join(doc.html)
         page = (

@@ -13,7 +13,9 @@ never leaves a truncated image behind.
 - :func:`roc_figure`: ROC curves of uncertainty maps against rater disagreement;
 - :func:`pr_curve_figure`: precision-recall curves of one or more methods;
 - :func:`difference_figure`: paired differences to a baseline with their intervals, one panel
-  per group (all images, each modality).
+  per group (all images, each modality);
+- :func:`size_histogram`: true vs predicted object areas; :func:`confusion_figure`: a 2 x 2
+  pixel confusion matrix.
 """
 
 from __future__ import annotations
@@ -403,4 +405,78 @@ def difference_figure(
         ax.set_xlabel("mean difference")
     legend = "interval excludes 0" if filled == "excludes_zero" else filled.replace("_", " ")
     fig.suptitle(f"{title}\nfilled: {legend}")
+    return save_figure(fig, out_png, out_pdf)
+
+
+@_with_rc
+def size_histogram(
+    true_areas: np.ndarray,
+    pred_areas: np.ndarray,
+    out_png: str | Path,
+    out_pdf: str | Path | None = None,
+    *,
+    title: str = "object sizes",
+    max_area: float | None = None,
+    bins: int = 40,
+) -> list[Path]:
+    """Histograms of true and predicted object areas (pixels) on shared log-spaced bins, with
+    their medians; ``max_area`` (a size filter's threshold) is marked when given."""
+    t = np.asarray(true_areas, dtype=np.float64)
+    p = np.asarray(pred_areas, dtype=np.float64)
+    both = np.concatenate([t, p])
+    if both.size == 0:
+        raise MicrosegError("size_histogram needs at least one object")
+    if (both <= 0).any():
+        raise MicrosegError("object areas must be > 0 pixels")
+    # a margin either side: the bins increase even when every object has one area
+    lo, hi = float(both.min()) / 1.25, max(float(both.max()), max_area or 0.0) * 1.25
+    edges = np.geomspace(lo, hi, bins + 1)
+    fig = _new_figure(4.6, 3.4)
+    ax = fig.subplots()
+    for areas, name, colour in ((t, "true", "tab:green"), (p, "predicted", "tab:purple")):
+        if areas.size:
+            label = f"{name}: {areas.size} objects, median {np.median(areas):.0f} px"
+            ax.hist(areas, bins=edges, histtype="step", linewidth=1.4, color=colour, label=label)
+    if max_area is not None:
+        ax.axvline(
+            max_area, color="gray", linestyle="--", linewidth=1, label=f"max_area {max_area:g}"
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("object area (pixels)")
+    ax.set_ylabel("objects")
+    ax.set_title(title)
+    ax.legend(loc="upper right", fontsize=7)
+    return save_figure(fig, out_png, out_pdf)
+
+
+@_with_rc
+def confusion_figure(
+    tp: int,
+    fp: int,
+    fn: int,
+    tn: int,
+    out_png: str | Path,
+    out_pdf: str | Path | None = None,
+    *,
+    title: str = "pixel confusion",
+    labels: tuple[str, str] = ("background", "foreground"),
+) -> list[Path]:
+    """A 2 x 2 confusion matrix (rows: truth, columns: prediction) with counts and the
+    fraction of each true class, coloured by that fraction."""
+    counts = np.array([[tn, fp], [fn, tp]], dtype=np.int64)
+    if (counts < 0).any():
+        raise MicrosegError("confusion counts must be >= 0")
+    rows = counts.sum(axis=1, keepdims=True)
+    frac = np.divide(counts, rows, out=np.zeros(counts.shape), where=rows > 0)
+    fig = _new_figure(3.6, 3.2)
+    ax = fig.subplots()
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(2):
+        for j in range(2):
+            colour = "white" if frac[i, j] > 0.5 else "black"
+            ax.text(j, i, f"{counts[i, j]:,}\n{frac[i, j]:.1%}", ha="center", va="center",
+                    color=colour)  # fmt: skip
+    ax.set_xticks([0, 1], [f"pred {x}" for x in labels])
+    ax.set_yticks([0, 1], [f"true {x}" for x in labels])
+    ax.set_title(title)
     return save_figure(fig, out_png, out_pdf)

@@ -5,7 +5,8 @@ nuclei dataset; ``train_cells@<model>`` trains one model of ``cells.models`` (a 
 architecture or Mask R-CNN; the classical baseline has nothing to train);
 ``evaluate_cells@<model>`` predicts the held-out split and scores it with the same metric
 names for every model (instance F1 at IoU thresholds, COCO AP, Dice, Rand error, VOI,
-calibration, error categories); ``report`` puts all of them into ``reports/benchmark/``.
+calibration, error categories, count errors and object sizes); ``report`` puts all of them
+into ``reports/benchmark/``.
 
 Every family is reduced to one predictor type, ``raw image -> (labels uint16, foreground
 probability or None, per-instance scores or None)``, so evaluation never asks which family
@@ -18,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -30,6 +31,9 @@ from microseg.io.tiff import read_stack, write_stack
 from microseg.models import InstanceSegmenter, Predictor, get_model
 from microseg.stages.common import metrics_file, write_json
 from microseg.utils.atomic import atomic_path
+
+if TYPE_CHECKING:
+    from microseg.evaluate.instances import InstanceEvaluation
 
 log = logging.getLogger(__name__)
 
@@ -247,18 +251,26 @@ def evaluate_cell_model(
 ) -> dict[str, Any]:
     """Predict the held-out split with one model; write predictions, tables and metrics
     (``metrics/cells/<name>.json`` unless ``write_metrics`` is False). ``model_dir``: weights
-    other than ``models/cells/<name>`` (a seed-spread run)."""
+    other than ``models/cells/<name>`` (a seed-spread run).
+
+    Predicted objects above ``cells.max_area`` are dropped first (:func:`resolve_max_area`).
+    ``out_dir`` gets ``per_image.csv`` (scores, error categories, ``count_error`` and
+    ``count_rel_error``), ``objects.csv`` (one row per predicted object: ``image_id``, ``id``,
+    centroid, ``area_px``, ``score`` = mean foreground probability when the family gives one)
+    and the :data:`COUNT_FIGURES`; the metrics gain a ``counting`` block
+    (:func:`microseg.evaluate.counting.counting_summary`) and ``pixel_confusion``."""
     from microseg.evaluate.coco_eval import coco_evaluate, coco_metrics
+    from microseg.evaluate.counting import drop_large_objects, object_areas, object_table
     from microseg.evaluate.errors_analysis import error_table
     from microseg.evaluate.instances import InstanceSample, evaluate_instances
-    from microseg.infer.objects import object_stats
     from microseg.io.coco import write_coco
 
     mc = model_config(params, name)
     out_dir = out_dir or REPORTS_ROOT / name
     prepared = params.paths.prepared / params.cells.dataset
-    samples, objects, seconds = [], [], 0.0
+    samples, objects, true_areas, seconds = [], [], [], 0.0
     rows = _rows(params)
+    max_area = resolve_max_area(params)
     with atomic_path(out_dir) as tmp:
         model_dir = model_dir or MODELS_ROOT / name
         post = tune_postprocess(params, name, tmp, model_dir)
@@ -271,9 +283,12 @@ def evaluate_cell_model(
             labels, prob, scores = predictor(image)
             seconds += time.perf_counter() - t0
             labels = np.asarray(labels).astype(np.uint16, copy=False)
+            labels = drop_large_objects(labels, max_area)
             write_stack(tmp / "labels" / f"{sid}.tif", labels)
             samples.append(InstanceSample(sid, gt, labels, scores, prob))
-            objects.append(object_stats(sid, labels) | {"modality": str(row.modality)})
+            table = object_table(labels, prob)
+            objects.append(table.assign(image_id=sid, modality=str(row.modality)))
+            true_areas.append(object_areas(gt))
         evaluation = evaluate_instances(samples, params.cells.iou_thresholds)
         coco = coco_evaluate(samples)
         metrics = {**evaluation.summary, **coco_metrics(coco)}
@@ -290,9 +305,18 @@ def evaluate_cell_model(
         )
         modality = {str(r.sample_id): str(r.modality) for r in rows.itertuples()}
         per_image["modality"] = per_image["image_id"].map(modality)
+        per_image = _with_counts(per_image)
         per_image.to_csv(tmp / "per_image.csv", index=False)
         _write_overlays(samples, prepared, rows, per_image, tmp, name, params.cells.n_overlays)
-        pd.DataFrame(objects).to_csv(tmp / "objects.csv", index=False)
+        objects_df = pd.concat([t for t in objects if len(t)] or objects[:1], ignore_index=True)
+        objects_df = objects_df[["image_id", *(c for c in objects_df if c != "image_id")]]
+        objects_df.to_csv(tmp / "objects.csv", index=False)
+        metrics["counting"] = _counting(
+            per_image, np.concatenate(true_areas), objects_df["area_px"].to_numpy(), max_area
+        )
+        metrics["pixel_confusion"] = _write_count_figures(
+            per_image, np.concatenate(true_areas), objects_df, evaluation, tmp, name, max_area
+        )
         if evaluation.curves is not None:
             evaluation.curves.to_csv(tmp / "pixel_curves.csv", index=False)
         if evaluation.reliability is not None:
@@ -316,6 +340,85 @@ def _num(v: Any) -> Any:
     return v
 
 
+# ------------------------------------------------------------------------------- counting
+#: per-model figures of ``evaluate_cells`` in ``REPORTS_ROOT/<name>/`` (file, caption); the
+#: benchmark report copies the ones a model has
+COUNT_FIGURES = (
+    ("sizes.png", "object areas, true vs predicted"),
+    ("confusion.png", "pixel confusion of the predicted foreground"),
+    ("roc.png", "foreground pixel ROC"),
+)
+
+
+def resolve_max_area(params: Params) -> float | None:
+    """``cells.max_area`` in pixels: as given, or for ``"p<q>"`` the q-th percentile of the
+    training split's true object areas (read from the prepared labels); None when off."""
+    from microseg.data.manifest import read_manifest
+    from microseg.evaluate.counting import area_percentile
+
+    v = params.cells.max_area
+    if v is None or not isinstance(v, str):
+        return v
+    prepared = params.paths.prepared / params.cells.dataset
+    m = read_manifest(prepared)
+    rows = m[(m["split"] == "train") & (m["label_kind"] == "instance")]
+    if rows.empty:
+        raise ConfigError(
+            f"cells.max_area {v!r} needs train samples with instance labels in {prepared}"
+        )
+    labels = (read_stack(prepared / r.label_path) for r in rows.itertuples())
+    area = area_percentile(labels, float(v[1:]))
+    log.info("max_area %s: %.1f px (train split, %d images)", v, area, len(rows))
+    return area
+
+
+def _with_counts(per_image: pd.DataFrame) -> pd.DataFrame:
+    """``per_image`` with the count errors of its ``n_gt``/``n_pred`` columns."""
+    from microseg.evaluate.counting import count_errors
+
+    errors = count_errors(per_image["n_gt"], per_image["n_pred"])
+    return per_image.drop(columns=list(errors), errors="ignore").join(errors)
+
+
+def _counting(
+    per_image: pd.DataFrame, true_areas: np.ndarray, pred_areas: np.ndarray, max_area: float | None
+) -> dict[str, Any]:
+    from microseg.evaluate.counting import counting_summary
+
+    out = counting_summary(per_image["n_gt"], per_image["n_pred"], true_areas, pred_areas)
+    return out | {"max_area": max_area}
+
+
+def _write_count_figures(
+    per_image: pd.DataFrame,
+    true_areas: np.ndarray,
+    objects: pd.DataFrame,
+    evaluation: InstanceEvaluation,
+    folder: Path,
+    name: str,
+    max_area: float | None,
+) -> dict[str, int]:
+    """The :data:`COUNT_FIGURES` of one model; returns the summed pixel confusion counts (of
+    the predicted labels' foreground, i.e. at the chosen post-processing threshold)."""
+    from microseg.report.figures import confusion_figure, roc_figure, size_histogram
+
+    pred_areas = objects["area_px"].to_numpy()
+    if true_areas.size or pred_areas.size:
+        size_histogram(
+            true_areas, pred_areas, folder / "sizes.png", title=f"{name}: object areas",
+            max_area=max_area,
+        )  # fmt: skip
+    counts = {k: int(per_image[f"px_{k}"].sum()) for k in ("tp", "fp", "fn", "tn")}
+    confusion_figure(**counts, out_png=folder / "confusion.png", title=f"{name}: pixels")
+    curves = evaluation.curves  # pixel_curves.csv: tp/fp/fn/tn at every probability threshold
+    if curves is not None and not curves.empty:
+        fpr, tpr = curves["fpr"].to_numpy()[::-1], curves["tpr"].to_numpy()[::-1]
+        auc = evaluation.summary.get("auroc")
+        roc = {name: (np.r_[0.0, fpr, 1.0], np.r_[0.0, tpr, 1.0], auc)}
+        roc_figure(roc, folder / "roc.png", title=f"{name}: foreground pixels ROC")
+    return counts
+
+
 # ------------------------------------------------------------------------------- report
 def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Path:
     """``reports/benchmark/index.html`` (+ ``index.md``, ``comparison.csv|json``) of every
@@ -336,6 +439,10 @@ def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Pa
                 f"metrics of {name} missing; run evaluate_cells@{name}", metrics_path
             )
         metrics = json.loads(metrics_path.read_text())
+        # flat for the tables: the counting block's scores join the others (count_mae, ...)
+        counting = metrics.get("counting") or {}
+        metrics = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+        metrics |= {k: v for k, v in counting.items() if k.startswith("count_")}
         per_image = pd.read_csv(folder / "per_image.csv")
         curves = folder / "pixel_curves.csv"
         rel = folder / "reliability.csv"
@@ -363,6 +470,7 @@ def build_benchmark(params: Params, run_ids: dict[str, str] | None = None) -> Pa
                 baseline=mc.family == "classical",
                 description=mc.description or mc.family,
                 details=details_from_info(info),
+                figures=[(folder / f, c) for f, c in COUNT_FIGURES if (folder / f).is_file()],
             )
         )
     context = {

@@ -18,7 +18,6 @@ from microseg.data.ingest import SPINE_CLASSES
 from microseg.errors import MissingFileError
 from microseg.io import tiff
 from microseg.stages.common import Sample, metrics_file, samples, torch_device, write_json
-from microseg.utils.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -167,42 +166,37 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
 
 
 def _maps(pred_dir: Path, head: str) -> dict[str, np.ndarray]:
-    from microseg.evaluate.uncertainty import UncertaintySums, uncertainty_maps
-
-    def read(name: str) -> np.ndarray:
-        return tiff.read_stack(pred_dir / f"{name}_{head}.tif").astype(np.float64)
-
-    info = (pred_dir / "punet_prediction.json").read_text()
     import json
 
-    n = int(json.loads(info)["n_samples"])
-    sums = UncertaintySums(read("sum_p"), read("sum_p2"), read("sum_entropy"), n=n)
-    return uncertainty_maps(sums)
+    from microseg.stages.uncertainty_tools import maps_from_sums
+
+    def read(name: str) -> np.ndarray:
+        return tiff.read_stack(pred_dir / f"{name}_{head}.tif")
+
+    n = int(json.loads((pred_dir / "punet_prediction.json").read_text())["n_samples"])
+    return maps_from_sums(read("sum_p"), read("sum_p2"), read("sum_entropy"), n)
 
 
 def uncertainty(params: Params, out_dir: Path = UNC_DIR) -> dict[str, Any]:
-    """Mean, variance, entropy, MI and aleatoric maps of the benchmark, plus panel figures."""
-    from microseg.report.figures import uncertainty_panel
+    """Mean, variance, entropy, MI and aleatoric maps of the benchmark, plus panel figures
+    (written as ``microseg uncertainty STACK`` writes a user's stack)."""
+    from microseg.stages.uncertainty_tools import write_uncertainty_maps
 
     prepared = params.prepared_dir("spines")
     (bench,) = samples(prepared, "test")
     image = tiff.read_stack(bench.image_path)
     summary = {}
     for head in HEADS:
-        maps = _maps(PRED_DIR / bench.sample_id, head)
-        for name, arr in maps.items():
-            tiff.write_stack(out_dir / f"{head}_{name}.tif", arr, bench.voxel_size_nm)
-        planes = params.punet.uncertainty_planes or [image.shape[0] // 2]
-        uncertainty_panel(
+        summary[head] = write_uncertainty_maps(
+            out_dir,
+            head,
             image,
-            maps,
-            out_dir / f"panel_{head}.png",
-            out_dir / f"panel_{head}.pdf",
-            gt=_targets(bench)[head],
-            planes=planes,
+            _maps(PRED_DIR / bench.sample_id, head),
+            bench.voxel_size_nm,
+            planes=params.punet.uncertainty_planes or [image.shape[0] // 2],
             title=f"Prob-UNet {head} uncertainty (benchmark)",
+            gt=_targets(bench)[head],
         )
-        summary[head] = {f"mean_{k}": float(np.mean(v)) for k, v in maps.items()}
     return summary
 
 
@@ -210,13 +204,13 @@ def inter_rater(params: Params, out_dir: Path = RATER_DIR) -> dict[str, Any]:
     """Rater disagreement vs model uncertainty: Spearman and AUROC, with the ROC figure
     (``metrics/spines_inter_rater.json``)."""
     from microseg.evaluate.inter_rater import (
-        compare_uncertainty_to_disagreement,
         disagreement_map,
         fleiss_kappa,
         near_foreground,
         pairwise_dice,
     )
-    from microseg.report.figures import roc_figure, uncertainty_panel
+    from microseg.report.figures import uncertainty_panel
+    from microseg.stages.uncertainty_tools import write_disagreement_scores
 
     raters_dir = _source(params) / "raters"
     prepared = params.prepared_dir("spines")
@@ -233,11 +227,7 @@ def inter_rater(params: Params, out_dir: Path = RATER_DIR) -> dict[str, Any]:
         tiff.write_stack(out_dir / f"disagreement_{head}.tif", dis.astype(np.float32))
         region = near_foreground(masks, radius=params.punet.rater_region_px)
         maps = _maps(PRED_DIR / bench.sample_id, head)
-        table = compare_uncertainty_to_disagreement(maps, dis, mask=region, seed=params.seed)
-        curves = table.attrs.get("roc_curves", {})
-        with atomic_path(out_dir / f"uncertainty_vs_disagreement_{head}.csv") as tmp:
-            table.to_csv(tmp, index=False)
-        roc_figure(curves, out_dir / f"roc_{head}.png", out_dir / f"roc_{head}.pdf")
+        table = write_disagreement_scores(out_dir, head, maps, dis, region, params.seed)
         z = int(np.argmax(dis.sum(axis=(1, 2))))
         uncertainty_panel(
             tiff.read_stack(bench.image_path),
