@@ -87,7 +87,7 @@ class SynthConfig(_Strict):
 class DatasetConfig(_Strict):
     """One ingestable dataset: where its native files are and how to read them."""
 
-    format: Literal["synthetic_spines", "dsb2018", "ctc", "coco", "png_pairs", "ome-tiff"]
+    format: Literal["synthetic_spines", "deepd3", "dsb2018", "ctc", "coco", "png_pairs", "ome-tiff"]
     source: Path
     #: COCO JSON for ``format: coco`` (default ``<source>/annotations.json``)
     annotations: Path | None = None
@@ -495,8 +495,12 @@ class Params(_Strict):
         return self.paths.prepared / self.task_dataset(task)
 
     def dataset_source(self, task: str) -> Path:
-        """The native files of the task's dataset (``datasets.<name>.source``)."""
-        return Path(self.datasets[self.task_dataset(task)].source)
+        """The native files of the task's dataset (``datasets.<name>.source``); for ``deepd3``
+        the prepared folder, where ingest rewrote them in the ``synthetic_spines`` layout."""
+        name = self.task_dataset(task)
+        if self.datasets[name].format == "deepd3":
+            return self.paths.prepared / name
+        return Path(self.datasets[name].source)
 
     def with_device(self, device: str | None) -> Params:
         """A copy whose every training and inference ``device`` is ``device`` (None: self).

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +23,13 @@ from tqdm import tqdm
 from microseg.config import DatasetConfig, SplitConfig
 from microseg.data.manifest import normalise, write_manifest
 from microseg.data.stats import image_stats, label_stats
-from microseg.errors import AnnotationError, MissingFileError, ShapeMismatchError
-from microseg.io import coco, ctc, d3set, dsb, png, points, tiff
+from microseg.errors import (
+    AnnotationError,
+    DataFormatError,
+    MissingFileError,
+    ShapeMismatchError,
+)
+from microseg.io import coco, ctc, d3set, deepd3, dsb, png, points, tiff
 from microseg.utils.atomic import atomic_path
 from microseg.utils.processes import worker_pool
 from microseg.utils.registry import Registry
@@ -391,6 +397,105 @@ def ingest_spines(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: 
     rows.append(
         _spine_sample(name, cfg, out, "benchmark", "test", stack_path, image, labels, voxel, pts)
     )
+    return rows
+
+
+def _spine_voxel(
+    stack_voxel: tuple[float, float, float] | None,
+    cfg_voxel: tuple[float, float, float] | None,
+    path: Path,
+) -> tuple[float, float, float]:
+    """The TIFF's own voxel size, axes it leaves out (NaN) taken from the dataset entry."""
+    if stack_voxel is None and cfg_voxel is None:
+        raise DataFormatError(
+            "no voxel size in the TIFF metadata; set voxel_size_nm (z, y, x) in the dataset "
+            "entry (DeepD3's benchmark pitch is 94 nm in xy)",
+            path,
+        )
+    own = stack_voxel if stack_voxel is not None else (np.nan,) * 3
+    fill = cfg_voxel if cfg_voxel is not None else (np.nan,) * 3
+    voxel = tuple(float(a) if np.isfinite(a) else float(b) for a, b in zip(own, fill, strict=True))
+    if not np.isfinite(voxel).all():
+        raise DataFormatError(
+            f"the TIFF metadata gives the voxel size {own} (z, y, x) nm; set voxel_size_nm in "
+            "the dataset entry for the missing axes",
+            path,
+        )
+    return voxel  # type: ignore[return-value]
+
+
+def _write_spine_layout(
+    out: Path,
+    files: deepd3.DeepD3Files,
+    image: np.ndarray,
+    voxel: tuple[float, float, float],
+    pts: pd.DataFrame,
+    raters: dict[str, tuple[np.ndarray, np.ndarray]],
+    consensus: tuple[np.ndarray, np.ndarray],
+) -> None:
+    """The ``synthetic_spines`` source layout inside the prepared folder: the stages that read
+    a spine dataset's native files (YOLO conversion, Prob-UNet data, inter-rater) find them
+    there (``Params.dataset_source``), and every rater mask is kept."""
+    shutil.copyfile(files.training, out / "train.d3set")  # d3sets as they are
+    shutil.copyfile(files.validation, out / "val.d3set")
+    tiff.write_stack(out / "benchmark" / "stack.tif", image, voxel_size_nm=voxel)
+    points.write_points(out / "benchmark" / "spines.csv", pts)
+    spine, dendrite = consensus
+    for stem, mask in (("spine_mask", spine), ("dendrite_mask", dendrite)):
+        tiff.write_stack(out / "benchmark" / f"{stem}.tif", mask.astype(np.uint8), voxel)
+    for rater, (sp, de) in raters.items():
+        for head, mask in (("spines", sp), ("dendrites", de)):
+            tiff.write_stack(
+                out / "raters" / f"rater{rater}_{head}.tif", mask.astype(np.uint8), voxel
+            )
+    for head, mask in (("spines", spine), ("dendrites", dendrite)):
+        tiff.write_stack(out / "raters" / f"consensus_{head}.tif", mask.astype(np.uint8), voxel)
+
+
+@register("deepd3")
+def ingest_deepd3(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: int) -> list[dict]:
+    """The DeepD3 dataset's own files (io/deepd3.py): training/validation d3sets keep their
+    split, the benchmark stack is the test split with the raters' majority vote as its labels
+    and one point per annotation cluster (centroid; pixels and nm)."""
+    files = deepd3.find_files(cfg.source)
+    with tiff.open_stack(files.benchmark, expect_ndim=3) as st:
+        image = st.asarray()
+        voxel = _spine_voxel(st.voxel_size_nm, cfg.voxel_size_nm, files.benchmark)
+    clicks = deepd3.read_annotations(files.annotations, image.shape)
+    pts = deepd3.collapse_clusters(clicks, voxel)
+    raters = {
+        r: (deepd3.read_rater_mask(sp, image.shape), deepd3.read_rater_mask(de, image.shape))
+        for r, (sp, de) in files.raters.items()
+    }
+    consensus = (
+        deepd3.majority([sp for sp, _ in raters.values()]),
+        deepd3.majority([de for _, de in raters.values()]),
+    )
+    rows = []
+    for split, path in (("train", files.training), ("val", files.validation)):
+        ds = d3set.read_d3set(path)
+        for i, key in enumerate(tqdm(ds.stack_keys(), desc=split)):
+            meta = ds.meta.iloc[i]
+            stack_voxel = (
+                float(meta.Resolution_Z) * 1000,
+                *(float(meta.Resolution_XY) * 1000,) * 2,
+            )
+            labels = semantic_spine_labels(ds.dendrites[key], ds.spines[key])
+            rows.append(
+                _spine_sample(
+                    name, cfg, out, f"{split}_{key}", split, path, ds.stacks[key], labels,
+                    stack_voxel, None,
+                )
+            )  # fmt: skip
+    labels = semantic_spine_labels(consensus[1], consensus[0])
+    rows.append(
+        _spine_sample(
+            name, cfg, out, "benchmark", "test", files.benchmark, image, labels, voxel, pts
+        )
+    )
+    (out / "benchmark").mkdir()
+    (out / "raters").mkdir()
+    _write_spine_layout(out, files, image, voxel, pts, raters, consensus)
     return rows
 
 
