@@ -99,6 +99,17 @@ def params(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 @pytest.fixture()
+def params_unet(params):
+    """``params`` plus the full profile's ``cells.models.unet`` (the demo trains MAUNet only),
+    for tests of two nuclei models or of the name ``unet`` in both nuclei and tracking."""
+    from microseg.stages.profile import read_profile
+
+    entry = read_profile("full", REPO / "profiles")["set"]["cells.models"]["unet"]
+    params.cells.models["unet"] = type(params.cells.models["maunet"]).model_validate(entry)
+    return params
+
+
+@pytest.fixture()
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database on the real server; skipped with the reason when none answers."""
     psycopg2 = pytest.importorskip("psycopg2")

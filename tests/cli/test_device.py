@@ -82,11 +82,11 @@ def test_train_and_evaluate_stages_get_the_device(monkeypatch) -> None:
 
     monkeypatch.setattr(training, "run_train", fake_train)
     monkeypatch.setattr(evaluation, "run_evaluate", fake_evaluate)
-    assert _invoke(["train", "-m", "unet", "--device", "cuda:0"]).exit_code == 0
+    assert _invoke(["train", "-m", "maunet", "--device", "cuda:0"]).exit_code == 0
     assert seen["train"].train["device"] == "cuda:0"
     assert _invoke(["train", "-m", "yolo"]).exit_code == 0  # not set: params.yaml's
     assert seen["train"].device == "auto"
-    assert _invoke(["evaluate", "-m", "unet", "--device", "mps"]).exit_code == 0
+    assert _invoke(["evaluate", "-m", "maunet", "--device", "mps"]).exit_code == 0
     assert seen["evaluate"]["device"] == "mps"
 
 

@@ -195,7 +195,8 @@ def test_family_is_read_from_the_file_without_unpickling(unet_file, tmp_path):
         checkpoint_family(tmp_path / "junk.pt")
 
 
-def test_names_paths_and_folders_resolve(params, unet_file, tmp_path):
+def test_names_paths_and_folders_resolve(params_unet, unet_file, tmp_path):
+    params = params_unet
     otsu = resolve_spec(params, "otsu")
     assert (otsu.task, otsu.family, otsu.weights) == ("nuclei", "classical", None)
     unet = resolve_spec(params, "unet")  # cells.models.unet before tracking.segmenters.unet

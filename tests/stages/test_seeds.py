@@ -41,7 +41,8 @@ def test_summary_means_sd_and_paired_differences_by_hand():
     assert seed_differences(spread)[("m", "b", "tissue")] == [-0.1, 0.0, 0.1]
 
 
-def test_with_seed_changes_one_model_only(params):
+def test_with_seed_changes_one_model_only(params_unet):
+    params = params_unet
     seeded = seeds.with_seed(params, "maunet", 7)
     assert seeded.cells.models["maunet"].train["seed"] == 7
     assert "seed" not in params.cells.models["maunet"].train  # the original is untouched
@@ -51,10 +52,10 @@ def test_with_seed_changes_one_model_only(params):
 
 def test_config_is_checked(params):
     models, chosen, baseline = seeds.spread_config(params)
-    assert set(models) == {"maunet", "unet"} and chosen[0] == 42 and baseline == "otsu"
+    assert set(models) == {"maunet"} and chosen[0] == 42 and baseline == "otsu"
     params.seeds = {"models": ["nope"], "seeds": [1, 2]}
     with pytest.raises(ConfigError, match="nope"):
         seeds.spread_config(params)
-    params.seeds = {"models": ["unet"], "seeds": [3, 3]}
+    params.seeds = {"models": ["maunet"], "seeds": [3, 3]}
     with pytest.raises(ConfigError, match="two different seeds"):
         seeds.spread_config(params)

@@ -33,6 +33,7 @@ from microseg.cli import (
     profiles,
     registry,
     training,
+    uncertainty,
     viewing,
 )
 from microseg.errors import MicrosegError, Terminated
@@ -76,8 +77,8 @@ COMMANDS: tuple[tuple[str, Callable[..., Any] | typer.Typer], ...] = (
     ("report", evaluation.report),
     ("seeds", evaluation.seeds),
     ("compare-spines", evaluation.compare_spines),
-    ("uncertainty", evaluation.uncertainty),
-    ("inter-rater", evaluation.inter_rater),
+    ("uncertainty", uncertainty.uncertainty),
+    ("inter-rater", uncertainty.inter_rater),
     ("track", evaluation.track),
     ("synth", data.synth),
     ("ingest", data.ingest),
