@@ -76,6 +76,7 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         filters=[4, 8],
         latent_filters=[4, 8],
         epochs=1,
+        val_every=1,  # params.yaml validates every second epoch
         steps_per_epoch=2,
         patch_size=32,
         batch_size=2,

@@ -71,7 +71,7 @@ def tiny_params() -> dict:
     p["baseline_log"]["grid"] = {"threshold": [0.1, 0.2], "min_sigma": [1.5], "max_sigma": [3.0]}
     p["punet"]["train"].update(
         filters=[4, 8], latent_filters=[4, 8], dual_decoder=False, head_convs=2,
-        epochs=1, steps_per_epoch=2, patch_size=32, batch_size=2,
+        epochs=1, steps_per_epoch=2, patch_size=32, batch_size=2, val_every=1,
     )  # fmt: skip
     p["punet"]["predict"].update(n_samples=2, batch_planes=4)
     p["fusion"].update(n_trials=4)  # storage: sqlite:///optuna.db in the workdir

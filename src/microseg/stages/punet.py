@@ -168,7 +168,7 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
 def _maps(pred_dir: Path, head: str) -> dict[str, np.ndarray]:
     import json
 
-    from microseg.stages.uncertainty_tools import maps_from_sums
+    from microseg.stages.uncertainty_maps import maps_from_sums
 
     def read(name: str) -> np.ndarray:
         return tiff.read_stack(pred_dir / f"{name}_{head}.tif")
@@ -180,7 +180,7 @@ def _maps(pred_dir: Path, head: str) -> dict[str, np.ndarray]:
 def uncertainty(params: Params, out_dir: Path = UNC_DIR) -> dict[str, Any]:
     """Mean, variance, entropy, MI and aleatoric maps of the benchmark, plus panel figures
     (written as ``microseg uncertainty STACK`` writes a user's stack)."""
-    from microseg.stages.uncertainty_tools import write_uncertainty_maps
+    from microseg.stages.uncertainty_maps import write_uncertainty_maps
 
     prepared = params.prepared_dir("spines")
     (bench,) = samples(prepared, "test")
@@ -210,7 +210,7 @@ def inter_rater(params: Params, out_dir: Path = RATER_DIR) -> dict[str, Any]:
         pairwise_dice,
     )
     from microseg.report.figures import uncertainty_panel
-    from microseg.stages.uncertainty_tools import write_disagreement_scores
+    from microseg.stages.uncertainty_maps import write_disagreement_scores
 
     raters_dir = _source(params) / "raters"
     prepared = params.prepared_dir("spines")
