@@ -109,6 +109,32 @@ def params_unet(params):
     return params
 
 
+def write_tiny_punet_and_stack(root: Path, shape: tuple[int, int, int]) -> tuple[object, object]:
+    """A tiny random Prob-UNet (``root/punet.pt``) and a ZYX stack with one bright blob
+    (``root/stack.tif``, 500 x 94 x 94 nm) for the uncertainty tests; returns the stack as
+    floats and the generator, to draw more from the same stream."""
+    import numpy as np
+    import torch
+
+    from microseg.io.tiff import write_stack
+    from microseg.models.punet import ProbUNet, save_punet
+
+    torch.manual_seed(0)
+    net = ProbUNet(filters=(4, 8), latent_dim_spine=2, latent_dim_dendrite=2, head_convs=2)
+    save_punet(net, root / "punet.pt")
+    rng = np.random.default_rng(0)
+    stack = rng.normal(300, 40, shape)
+    stack[1:3, 8:14, 8:14] += 2000
+    write_stack(root / "stack.tif", np.clip(stack, 0, 65535).astype(np.uint16), (500, 94, 94))
+    return stack, rng
+
+
+@pytest.fixture(scope="session")
+def tiny_punet_and_stack():
+    """:func:`write_tiny_punet_and_stack`, for test modules (they cannot import conftest)."""
+    return write_tiny_punet_and_stack
+
+
 @pytest.fixture()
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database on the real server; skipped with the reason when none answers."""

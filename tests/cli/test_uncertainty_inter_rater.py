@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from microseg.io.tiff import read_stack, write_stack
-from microseg.models.punet import ProbUNet, save_punet
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPE = (4, 32, 32)
@@ -34,15 +33,9 @@ def run_main(argv: list[str], monkeypatch, capsys) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
+def files(tmp_path_factory, tiny_punet_and_stack) -> Path:
     root = tmp_path_factory.mktemp("unc_cli")
-    net = ProbUNet(filters=(4, 8), latent_dim_spine=2, latent_dim_dendrite=2, head_convs=2)
-    save_punet(net, root / "punet.pt")
-    rng = np.random.default_rng(0)
-    stack = rng.normal(300, 40, SHAPE)
-    stack[1:3, 8:14, 8:14] += 2000
-    write_stack(root / "stack.tif", np.clip(stack, 0, 65535).astype(np.uint16), (500, 94, 94))
+    stack, rng = tiny_punet_and_stack(root, SHAPE)
     nan_stack = stack.astype(np.float32)
     nan_stack[2, 5, 5] = np.nan
     write_stack(root / "nan.tif", nan_stack)

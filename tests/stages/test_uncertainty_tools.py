@@ -17,7 +17,6 @@ from microseg.config import load_params
 from microseg.errors import ConfigError
 from microseg.evaluate.inter_rater import fleiss_kappa, pairwise_dice
 from microseg.io.tiff import read_stack, write_stack
-from microseg.models.punet import ProbUNet, save_punet
 from microseg.stages.uncertainty_tools import inter_rater_on_stack, parse_planes
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,15 +60,9 @@ def test_parse_planes() -> None:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
+def files(tmp_path_factory, tiny_punet_and_stack) -> Path:
     root = tmp_path_factory.mktemp("unc_tools")
-    net = ProbUNet(filters=(4, 8), latent_dim_spine=2, latent_dim_dendrite=2, head_convs=2)
-    save_punet(net, root / "punet.pt")
-    rng = np.random.default_rng(0)
-    stack = rng.normal(300, 40, SHAPE)
-    stack[1:3, 8:14, 8:14] += 2000
-    write_stack(root / "stack.tif", np.clip(stack, 0, 65535).astype(np.uint16), (500, 94, 94))
+    tiny_punet_and_stack(root, SHAPE)
     for i, m in enumerate(_raters(7, 3)):
         write_stack(root / f"rater_{'uvw'[i]}.tif", (m * 255).astype(np.uint8))  # 0/255 masks
     return root
