@@ -200,3 +200,41 @@ def test_distance_settings_need_the_fourth_channel():
         PostprocessConfig(seeds="peaks")
     with pytest.raises(ConfigError, match="elevation"):
         PostprocessConfig(elevation="height")
+
+
+def test_interior_weight_separates_a_pair_whose_distance_does_not_dip():
+    """The regression saw one blob (its distance peaks once, between the nuclei); the 3-class
+    head saw the border: weighting by the interior share gives each nucleus its own peak."""
+    truth = two_touching_discs()
+    probs = np.eye(3, dtype=np.float32)[instances_to_classes(truth)].transpose(2, 0, 1)
+    yy, xx = np.mgrid[:64, :64]
+    bump = np.exp(-((xx - 32.5) ** 2 / (2 * 14.0**2) + (yy - 32) ** 2 / (2 * 8.0**2)))
+    four = np.concatenate([probs, (bump * (truth > 0)).astype(np.float32)[None]])
+    base = PostprocessConfig(
+        seeds="distance", elevation="predicted_distance", t_seed=0.1, peak_h=0.1, min_size=5
+    )
+    assert probs_to_instances(four, base).max() == 1
+    weighted = probs_to_instances(four, replace(base, seed_weight="interior"))
+    assert weighted.max() == 2
+    for i in (1, 2):
+        assert max(iou(truth == i, weighted == j) for j in (1, 2)) > 0.85
+
+
+def test_seed_sigma_smooths_ripples_that_split_one_nucleus():
+    truth = np.zeros((48, 48), np.uint16)
+    truth[disk((24, 24), 12, shape=truth.shape)] = 1
+    probs = np.eye(3, dtype=np.float32)[instances_to_classes(truth)].transpose(2, 0, 1)
+    four = with_distance(truth, probs)
+    four[3] = np.minimum(four[3], 0.6)  # a flat top, as a blurred regression gives
+    rng = np.random.default_rng(0)
+    four[3] += np.where(truth > 0, rng.normal(0, 0.04, truth.shape), 0).astype(np.float32)
+    base = PostprocessConfig(
+        seeds="distance", elevation="predicted_distance", t_seed=0.1, peak_h=0.05, min_size=5
+    )
+    assert probs_to_instances(four, base).max() > 1  # ripples become seeds
+    smooth = probs_to_instances(four, replace(base, seed_sigma=2.0))
+    assert smooth.max() == 1 and iou(truth == 1, smooth == 1) > 0.95
+    with pytest.raises(ConfigError, match="seed_sigma"):
+        PostprocessConfig(seed_sigma=-1)
+    with pytest.raises(ConfigError, match="seed_weight"):
+        PostprocessConfig(seed_weight="boundary")  # type: ignore[arg-type]
