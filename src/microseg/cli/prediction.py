@@ -135,6 +135,12 @@ def _index_or_name(text: str | None) -> int | str | None:
     return int(text) if text.strip().lstrip("-").isdigit() else text
 
 
+SAVE_VIS_HELP = (
+    "with --input: PNGs in <stem>/vis/ as DeepD3.V2's --save_vis (YOLO boxes green, Prob-UNet-"
+    "validated orange, fused spines magenta circles; every n-th plane + max projection)"
+)
+
+
 def fuse(
     input_: Annotated[
         Path | None,
@@ -155,6 +161,8 @@ def fuse(
         Path | None, typer.Option(help="folder of <stem>.csv spine points to score against")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="redo stacks that already have results")] = False,
+    save_vis: Annotated[bool, typer.Option("--save-vis", help=SAVE_VIS_HELP)] = False,
+    vis_interval: Annotated[int, typer.Option(min=1, help="--save-vis: planes 0, n, 2n...")] = 10,
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
     device: DeviceOpt = None,
@@ -168,6 +176,8 @@ def fuse(
     """
     params = load(params_path, set_, device)
     if input_ is None:
+        if save_vis:
+            raise ConfigError("--save-vis draws the stacks of --input; give --input and --out")
         from microseg.stages import evaluation
 
         result = evaluation.run_fuse(params)
@@ -182,6 +192,7 @@ def fuse(
         params, input_, out, yolo_weights=yolo_weights, punet_weights=punet_weights,
         fusion_params=fusion_params, voxel_size=parse_voxel(voxel_size),
         annotations=annotations, overwrite=overwrite, engine=_engine(params, engine, address),
+        save_vis=save_vis, vis_interval=vis_interval,
     )  # fmt: skip
     counts = summary["status"].value_counts().to_dict()
     for row in summary[summary["status"] == "failed"].itertuples():
@@ -190,6 +201,8 @@ def fuse(
         f"{counts.get('done', 0)} done, {counts.get('skipped', 0)} skipped, "
         f"{counts.get('failed', 0)} failed -> {out}"
     )
+    if save_vis:
+        typer.echo(f"visualisations: {summary.attrs.get('vis', 0)} drawn -> {out}/<stack>/vis/")
     if counts.get("failed", 0) and not counts.get("done", 0) and not counts.get("skipped"):
         raise typer.Exit(1)
 

@@ -64,6 +64,19 @@ STAT_KEYS = (
     "rejected_no_punet",
 )
 
+#: ``results.json`` keys of DeepD3.V2's ``yolo_prob_fusion.py`` -> ours: written beside ours
+#: with the same values, so tools reading the seed's file read ours too
+SEED_RESULT_ALIASES: dict[str, str] = {"f1_score": "f1", "parameters": "params"}
+#: the seed's command-line names of our :class:`FusionParams` (its ``parameters`` entries)
+SEED_PARAM_NAMES: dict[str, str] = {
+    "yolo_high_conf": "high_conf",
+    "yolo_low_conf": "low_conf",
+    "punet_validation": "punet_thr",
+    "weight_yolo": "w_yolo",
+    "weight_punet": "w_punet",
+    "dedup_nm": "dedup_radius_nm",
+}
+
 #: Elements of one padded gather block in :func:`box_probability` (``quantile``).
 GATHER_BUDGET = 1 << 22
 
@@ -405,7 +418,9 @@ def write_fusion_outputs(
 ) -> dict[str, Path]:
     """Write ``predictions_raw.csv`` (:data:`RAW_COLS`), ``predictions_dedup.csv``
     (:data:`DEDUP_COLS`) and ``results.json`` (precision, recall, f1 -- null without
-    ``metrics`` --, detections, statistics, params, metrics), each atomically."""
+    ``metrics`` --, detections, statistics, params, metrics, and the seed's names for them,
+    :data:`SEED_RESULT_ALIASES`: ``f1_score``, and ``parameters`` = ``params`` plus the seed's
+    option names, :data:`SEED_PARAM_NAMES`), each atomically."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {
@@ -430,6 +445,10 @@ def write_fusion_outputs(
         "params": result.params.to_dict(),
         "metrics": m,
     }
+    summary.update({seed: summary[ours] for seed, ours in SEED_RESULT_ALIASES.items()})
+    params = summary["params"]
+    seed_params = {seed: params[ours] for seed, ours in SEED_PARAM_NAMES.items()}
+    summary["parameters"] = {**params, **seed_params}
     write_text(paths["results"], json.dumps(jsonable(summary), indent=2) + "\n")
     return paths
 
@@ -438,6 +457,8 @@ __all__: Sequence[str] = (
     "AGGS",
     "DEDUP_COLS",
     "RAW_COLS",
+    "SEED_PARAM_NAMES",
+    "SEED_RESULT_ALIASES",
     "STATUSES",
     "FusionParams",
     "FusionResult",

@@ -273,11 +273,15 @@ def fuse_folder(
     annotations: Path | None = None,
     overwrite: bool = False,
     engine: EngineOptions | None = None,
+    save_vis: bool = False,
+    vis_interval: int = 10,
 ) -> pd.DataFrame:
     """YOLO + Prob-UNet + fusion on a stack or a folder of stacks, one result folder each,
     resumable; the summary has one row per stack (``status`` done, skipped or failed).
     ``engine`` (default: params ``scale``) ``ray`` spreads the stacks over Ray actors that
-    each load both models once."""
+    each load both models once. ``save_vis``: PNGs of every ``vis_interval``-th plane and a
+    max projection in ``<stem>/vis/`` (:mod:`microseg.report.fusion_vis`); the number of
+    result folders drawn is ``summary.attrs["vis"]``."""
     from microseg.infer.spine_pipeline import SpinePipelineConfig, read_fusion_params
 
     cfg = SpinePipelineConfig.from_params(params)
@@ -292,9 +296,41 @@ def fuse_folder(
     make_worker = functools.partial(
         _fuse_worker, params, yolo_weights, punet_weights, fp, cfg, out, **kw
     )
+    if save_vis:  # a bad interval fails before any model runs
+        from microseg.report.fusion_vis import vis_planes
+
+        vis_planes(1, vis_interval)
     if engine.engine == "local":  # one call: the pipeline's own loop, bar and summary
-        return make_worker()(input_)
-    return _fuse_on_ray(make_worker, input_, out, engine, fp, cfg, kw)
+        summary = make_worker()(input_)
+    else:
+        summary = _fuse_on_ray(make_worker, input_, out, engine, fp, cfg, kw)
+    if save_vis:
+        summary.attrs["vis"] = _save_vis(summary, input_, vis_interval)
+    return summary
+
+
+def _save_vis(summary: pd.DataFrame, input_: Path, interval: int) -> int:
+    """Draw ``vis/`` for every fused stack whose drawing is missing or older than its result;
+    a stack that cannot be drawn is named in the log and the rest go on."""
+    from microseg.infer.spine_pipeline import list_stacks
+    from microseg.report.fusion_vis import render_fusion_vis, vis_is_current
+
+    stacks = {p.name: p for p in list_stacks(input_)}
+    drawn = 0
+    for row in summary.itertuples():
+        if row.status not in ("done", "skipped") or row.stack not in stacks:
+            continue
+        rdir = Path(row.result_dir)
+        if row.status == "skipped" and vis_is_current(rdir, interval):
+            continue
+        try:
+            pngs = render_fusion_vis(stacks[row.stack], rdir, interval=interval)
+        except (MicrosegError, OSError) as exc:
+            log.warning("%s: visualisation failed: %s", row.stack, exc)
+            continue
+        log.info("%s: %d visualisation PNGs -> %s", row.stack, len(pngs), pngs[0].parent)
+        drawn += 1
+    return drawn
 
 
 def _fuse_worker(
