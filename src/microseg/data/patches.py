@@ -27,6 +27,7 @@ from monai import transforms as mt
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
+from microseg.data.shapes import ShapesConfig
 from microseg.data.transforms import intensity_range, normalize
 from microseg.errors import ShapeMismatchError
 from microseg.io.d3set import D3Set, read_d3set
@@ -75,13 +76,17 @@ def labeled_stacks(
     return out
 
 
-def default_augment() -> mt.Compose:
+def default_augment(shapes: ShapesConfig | None = None) -> mt.Compose:
     """DeepD3-like augmentation as MONAI dictionary transforms on ``image/spine/dendrite``.
 
     Flips, 90-degree rotations, a small affine (±10°, ±10 % scale, reflected borders),
     Gaussian noise, intensity scaling and gamma contrast (the last three on the image only).
+    With ``shapes`` on (``prob > 0``), random occluders (:mod:`microseg.data.shapes`) are drawn
+    on the image (every context plane alike) after the affine and before the noise; the spine
+    and dendrite masks never change.
     """
     keys = list(KEYS)
+    occlude = shapes.transform("image") if shapes is not None else None
     return mt.Compose(
         [
             mt.RandFlipd(keys, prob=0.5, spatial_axis=0),
@@ -95,11 +100,21 @@ def default_augment() -> mt.Compose:
                 mode=("bilinear", "nearest", "nearest"),
                 padding_mode="reflection",
             ),
+            *([occlude] if occlude is not None else []),
             mt.RandGaussianNoised("image", prob=0.5, std=0.05),
             mt.RandScaleIntensityd("image", prob=0.3, factors=0.2),
             mt.RandAdjustContrastd("image", prob=0.3, gamma=(0.7, 1.5)),
         ]
     )
+
+
+def build_augment(augment: bool, shapes: ShapesConfig | None = None) -> mt.Compose | None:
+    """The pipeline of a training config: :func:`default_augment` when ``augment``, else the
+    occluders alone when ``shapes`` is on (its own knob), else none."""
+    if augment:
+        return default_augment(shapes)
+    occlude = shapes.transform("image") if shapes is not None else None
+    return mt.Compose([occlude]) if occlude is not None else None
 
 
 class PatchDataset(Dataset):

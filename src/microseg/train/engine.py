@@ -47,6 +47,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from microseg.errors import ConfigError, Terminated
 from microseg.train.family import FamilyModule
 from microseg.train.hooks import HookBase, should_stop
+from microseg.train.phases import PhaseConfig, PhaseSchedule, check_phases, parse_phases
 from microseg.utils.atomic import atomic_path, write_torch
 from microseg.utils.devices import auto_device, check_device, lightning_devices
 from microseg.utils.progress import progress_enabled
@@ -112,6 +113,9 @@ class EngineConfig:
     #: state dict; ``models:/name@alias`` is resolved to a file by the stage); tensors are
     #: matched by name and shape (:mod:`microseg.train.init_weights`). Unused when resuming.
     init_from: str | None = None
+    #: a staged schedule (:mod:`microseg.train.phases`): epochs, lr and augmentation per
+    #: phase; empty (default): one phase of ``epochs`` with the config's values
+    phases: list[PhaseConfig] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_device(self.device)
@@ -137,6 +141,7 @@ class EngineConfig:
             raise ConfigError(
                 "invalid training config: " + ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
             )
+        self.phases = parse_phases(self.phases, self)
 
 
 class StderrProgressBar(TQDMProgressBar):
@@ -480,6 +485,7 @@ def fit(
     False makes every epoch's weights the best.
     """
     out_dir = Path(out_dir)
+    check_phases(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     last = out_dir / LAST
     config = dict(model_config or {})
@@ -509,9 +515,14 @@ def fit(
         has_val = bool(getattr(datamodule, "has_val", True))
     fresh = TrainState(model_config=config)
     run = RunCallback(out_dir, hooks or HookBase(), fresh, has_val)
+    staged = [PhaseSchedule(cfg.phases)] if cfg.phases else []
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer = build_trainer(
-        cfg, out_dir, monitor=module.monitor, mode=module.mode, callbacks=[run, *callbacks]
+        cfg,
+        out_dir,
+        monitor=module.monitor,
+        mode=module.mode,
+        callbacks=[*staged, run, *callbacks],
     )
     ckpt = str(last) if state is not None else None
     if ckpt:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from microseg.errors import ConfigError, DataFormatError
+from microseg.train.phases import phase_at, phase_config
 from microseg.train.schedules import warmup_cosine
 from microseg.utils.atomic import write_torch
 
@@ -154,10 +155,36 @@ class SampledDataModule(L.LightningDataModule):
         s = self.sampler
         if s is None:
             raise ConfigError("the data module has no sampler: call setup() first")
-        return batches_loader(
-            EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed),
-            workers=int(getattr(self.cfg, "loader_workers", 0)),
-        )
+        dataset = EpochBatches(s.batch, self.cfg.steps_per_epoch, self.cfg.seed, s.reseed)
+        # Lightning creates the first epoch's iterator (a worker process, with workers=1)
+        # before ``on_train_epoch_start``: the epoch and phase a run starts (or resumes) at
+        # must be in place already
+        trainer = getattr(self, "trainer", None)
+        # the epoch Lightning's own samplers get (``current_epoch`` lags it on resume here)
+        epoch = int(trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else 0
+        dataset.set_epoch(epoch)
+        phases = getattr(self.__dict__.get("_base_cfg", self.cfg), "phases", None)
+        if phases:
+            self.set_phase(phase_at(phases, epoch).overrides())
+        return batches_loader(dataset, workers=int(getattr(self.cfg, "loader_workers", 0)))
+
+    def set_phase(self, overrides: Mapping[str, Any]) -> None:
+        """Start a phase of a staged schedule (:mod:`microseg.train.phases`): the train config
+        with the phase's data knobs (over the config this module was built with, not the
+        previous phase's) goes to the sampler's ``configure(cfg)``, which rebuilds its
+        augmentation. A sampler without ``configure`` can only run phases that change no data
+        knob."""
+        base = self.__dict__.setdefault("_base_cfg", self.cfg)
+        configure = getattr(self.sampler, "configure", None)
+        if configure is None:
+            if overrides:
+                raise ConfigError(
+                    f"{type(self).__name__} cannot change {sorted(overrides)} per phase: its "
+                    "sampler has no configure(cfg)"
+                )
+            return
+        self.cfg = phase_config(base, overrides)
+        configure(self.cfg)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader | list:
         if not self.val_samples:

@@ -9,8 +9,9 @@ One epoch = ``steps_per_epoch`` batches of ``batch_size`` windows of ``window`` 
 frames of the train sequences. A window's frames are stacked along the channel axis, so the
 U-Net family's patch pipeline (:func:`microseg.models.unet.train.patch_transforms`: crop
 centred on a nucleus of any frame with probability ``fg_fraction``, flips, 90-degree
-rotations, elastic deformation, intensity scale/shift, noise) applies the *same* crop and
-augmentation to every frame of the window; the batches are drawn by the U-Net family's
+rotations, elastic deformation, intensity scale/shift, noise, and the random-shape occluders
+of ``shapes`` when on) applies the *same* crop and augmentation to every frame of the window
+(an occluder sits still through a window); the batches are drawn by the U-Net family's
 :class:`~microseg.models.unet.train.PatchSampler`, seeded per epoch as every family's are.
 The LSTM starts every window from a zero state.
 
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 from monai.transforms.utils import map_binary_to_indices
 
+from microseg.data.shapes import ShapesConfig
 from microseg.data.targets import TargetSample, load_targets, match_channels
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import validation_scores
@@ -76,6 +78,8 @@ class LstmUnetTrainConfig(EngineConfig):
     elastic_prob: float = 0.2
     intensity_prob: float = 0.5
     noise_prob: float = 0.2
+    #: random-shape occluders on the image (:mod:`microseg.data.shapes`); prob 0: off
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
     # schedule
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -89,6 +93,7 @@ class LstmUnetTrainConfig(EngineConfig):
             self.model = LstmUnetConfig.from_mapping(self.model)
         if isinstance(self.post, Mapping):
             self.post = PostprocessConfig.from_mapping(self.post)
+        self.shapes = ShapesConfig.from_mapping(self.shapes)
         self.loss_params = dict(self.loss_params or {})
         checks = {
             "window": self.window >= 1,
@@ -119,7 +124,7 @@ class LstmUnetTrainConfig(EngineConfig):
         """Flat, JSON-friendly (``model.*``, ``post.*``, ``loss.*``) for logging as params."""
         out: dict[str, Any] = {}
         for k, v in asdict(self).items():
-            if isinstance(v, dict) and k in ("model", "post", "loss_params"):
+            if isinstance(v, dict) and k in ("model", "post", "shapes", "loss_params"):
                 prefix = "loss" if k == "loss_params" else k
                 out.update(
                     {

@@ -73,6 +73,10 @@ class PatchSampler:
             raise ConfigError("no training samples: the 'train' split is empty")
         self.samples, self.cfg = list(samples), cfg
 
+    def configure(self, cfg: MaskRCNNTrainConfig) -> None:
+        """A phase's data knobs (:mod:`microseg.train.phases`: ``augment`` here)."""
+        self.cfg = cfg
+
     def reseed(self, seed: int) -> None:
         """Start of an epoch: torch's global generator drives the RPN/RoI sampling."""
         seed_globals(seed + 1)

@@ -140,6 +140,11 @@ def train_detectron2(
     resume: bool = True,
 ) -> TrainResult:
     """detectron2's trainer on our patches; ``out_dir/{best,last}.pt`` (see module)."""
+    if cfg.phases:
+        raise ConfigError(
+            "phases (a staged schedule) need the engine's training loop; the detectron2 "
+            "backend has its own: drop phases or train with the torchvision backend"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"

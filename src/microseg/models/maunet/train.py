@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from monai.transforms.utils import map_binary_to_indices
 from scipy import ndimage
 
+from microseg.data.shapes import ShapesConfig
 from microseg.data.targets import TargetSample, load_targets, match_channels
 from microseg.errors import ConfigError, DataFormatError
 from microseg.evaluate.instances import validation_scores
@@ -102,6 +103,8 @@ class MaunetTrainConfig(EngineConfig):
     elastic_prob: float = 0.2
     intensity_prob: float = 0.5
     noise_prob: float = 0.2
+    #: random-shape occluders on the image (:mod:`microseg.data.shapes`); prob 0: off
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
     # schedule
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -117,6 +120,7 @@ class MaunetTrainConfig(EngineConfig):
             self.model = MaunetConfig.from_mapping(self.model)
         if isinstance(self.post, Mapping):
             self.post = PostprocessConfig.from_mapping({**asdict(DEFAULT_POST), **self.post})
+        self.shapes = ShapesConfig.from_mapping(self.shapes)
         self.loss_params = dict(self.loss_params or {})
         checks = {
             "batch_size": self.batch_size >= 1,
@@ -144,10 +148,11 @@ class MaunetTrainConfig(EngineConfig):
         return cls(**known_fields(cls, values, "maunet training"))
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat, JSON-friendly (``model.*``, ``post.*``, ``loss.*`` prefixed) for logging."""
+        """Flat, JSON-friendly (``model.*``, ``post.*``, ``shapes.*``, ``loss.*`` prefixed) for
+        logging."""
         out: dict[str, Any] = {}
         for k, v in asdict(self).items():
-            if k in ("model", "post"):
+            if k in ("model", "post", "shapes"):
                 out.update(
                     {f"{k}.{kk}": list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
                 )

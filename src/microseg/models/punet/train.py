@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,9 +43,11 @@ from microseg.data.patches import (
     KEYS,
     LabeledStack,
     PatchDataset,
+    build_augment,
     iter_planes,
     labeled_stacks,
 )
+from microseg.data.shapes import ShapesConfig
 from microseg.errors import ConfigError, MicrosegError
 from microseg.io.d3set import D3Set
 from microseg.models.punet.network import (
@@ -107,6 +109,8 @@ class PunetTrainConfig(EngineConfig):
     batch_size: int = 8
     fg_fraction: float = 0.5
     augment: bool = True
+    #: random-shape occluders on the image (:mod:`microseg.data.shapes`); prob 0: off
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
     percentiles: tuple[float, float] = DEFAULT_PERCENTILES
     # schedule
     lr: float = 2e-3
@@ -138,6 +142,7 @@ class PunetTrainConfig(EngineConfig):
         if self.latent_filters is not None:
             self.latent_filters = tuple(int(f) for f in self.latent_filters)
         self.percentiles = tuple(float(p) for p in self.percentiles)  # type: ignore[assignment]
+        self.shapes = ShapesConfig.from_mapping(self.shapes)
         checks = {
             "batch_size": self.batch_size >= 1,
             "lr": self.lr > 0,
@@ -184,7 +189,8 @@ class PunetTrainConfig(EngineConfig):
         return net.config
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat and JSON-friendly (tuples as lists), for logging as params."""
+        """JSON-friendly (tuples as lists), for logging as params; ``from_mapping`` reads it
+        back (``shapes`` and ``phases`` stay nested)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
 
@@ -278,9 +284,14 @@ class PatchBatches:
             samples_per_epoch=cfg.batch_size,
             fg_fraction=cfg.fg_fraction,
             context=cfg.context,
-            augment=cfg.augment,
+            augment=build_augment(cfg.augment, cfg.shapes) or False,
             seed=cfg.seed,
         )
+
+    def configure(self, cfg: PunetTrainConfig) -> None:
+        """A phase's data knobs (:mod:`microseg.train.phases`): the augmentation rebuilt."""
+        self.cfg = cfg
+        self.dataset.augment = build_augment(cfg.augment, cfg.shapes)
 
     def reseed(self, seed: int) -> None:
         """Start of an epoch: the global generators (latent ``rsample``) follow its seed."""

@@ -11,7 +11,9 @@ drawn with MONAI dictionary transforms on the keys ``image``/``target``/``weight
 ``RandCropByPosNegLabeld`` (patches centred on a nucleus with probability ``fg_fraction``),
 ``RandFlipd`` on both axes, ``RandRotate90d``, ``Rand2DElasticd`` (bilinear for the image,
 nearest for target and weight map; small rotation/scale), ``RandScaleIntensityd`` and
-``RandShiftIntensityd`` (intensity jitter) and ``RandGaussianNoised`` on the image. Images
+``RandShiftIntensityd`` (intensity jitter) and ``RandGaussianNoised`` on the image; with
+``shapes.prob > 0``, random occluders (:class:`~microseg.data.shapes.RandShapesd`, image only)
+are drawn after the spatial transforms and before the intensity jitter. Images
 smaller than a patch are zero-padded beforehand, with weight 0 in the padding. The streams
 are re-seeded from ``(seed, epoch, rank)`` every epoch
 (:class:`~microseg.train.family.EpochBatches`).
@@ -50,6 +52,7 @@ from monai.transforms import (
 )
 from monai.transforms.utils import map_binary_to_indices
 
+from microseg.data.shapes import ShapesConfig
 from microseg.data.targets import TargetSample, load_targets, match_channels
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import validation_scores
@@ -92,6 +95,8 @@ class UnetTrainConfig(EngineConfig):
     elastic_prob: float = 0.2
     intensity_prob: float = 0.5
     noise_prob: float = 0.2
+    #: random-shape occluders on the image (:mod:`microseg.data.shapes`); prob 0: off
+    shapes: ShapesConfig = field(default_factory=ShapesConfig)
     # schedule
     lr: float = 3e-3
     weight_decay: float = 1e-4
@@ -107,6 +112,7 @@ class UnetTrainConfig(EngineConfig):
             self.model = UnetConfig.from_mapping(self.model)
         if isinstance(self.post, Mapping):
             self.post = PostprocessConfig.from_mapping(self.post)
+        self.shapes = ShapesConfig.from_mapping(self.shapes)
         self.loss_params = dict(self.loss_params or {})
         checks = {
             "batch_size": self.batch_size >= 1,
@@ -135,10 +141,11 @@ class UnetTrainConfig(EngineConfig):
         return cls(**known_fields(cls, values, "unet training"))
 
     def as_dict(self) -> dict[str, Any]:
-        """Flat, JSON-friendly (``model.*``, ``post.*`` prefixed) for logging as params."""
+        """Flat, JSON-friendly (``model.*``, ``post.*``, ``shapes.*`` prefixed) for logging as
+        params."""
         out: dict[str, Any] = {}
         for k, v in asdict(self).items():
-            if isinstance(v, dict) and k in ("model", "post"):
+            if isinstance(v, dict) and k in ("model", "post", "shapes"):
                 out.update(
                     {f"{k}.{kk}": list(vv) if isinstance(vv, tuple) else vv for kk, vv in v.items()}
                 )
@@ -202,8 +209,15 @@ def patch_transforms(cfg: UnetTrainConfig) -> Compose:
         fg_indices_key="fg",
         bg_indices_key="bg",
     )
-    if not cfg.augment:
-        return Compose([crop])
+    shapes = getattr(cfg, "shapes", None)
+    occlude = shapes.transform("image") if shapes is not None else None
+    if not cfg.augment:  # shapes are their own knob: drawn when asked for, even so
+        return Compose([crop, occlude] if occlude is not None else [crop])
+    jitter = [
+        RandScaleIntensityd(keys="image", factors=0.25, prob=cfg.intensity_prob),
+        RandShiftIntensityd(keys="image", offsets=0.1, prob=cfg.intensity_prob),
+        RandGaussianNoised(keys="image", std=0.03, prob=cfg.noise_prob),
+    ]
     return Compose(
         [
             crop,
@@ -220,9 +234,8 @@ def patch_transforms(cfg: UnetTrainConfig) -> Compose:
                 mode=("bilinear", "nearest", "nearest"),
                 padding_mode="reflection",
             ),
-            RandScaleIntensityd(keys="image", factors=0.25, prob=cfg.intensity_prob),
-            RandShiftIntensityd(keys="image", offsets=0.1, prob=cfg.intensity_prob),
-            RandGaussianNoised(keys="image", std=0.03, prob=cfg.noise_prob),
+            *([occlude] if occlude is not None else []),
+            *jitter,
         ]
     )
 
@@ -249,6 +262,11 @@ class PatchSampler:
         self.transforms = patch_transforms(cfg)
         #: indices of the samples drawn so far this epoch (DDP tests read the shards from it)
         self.drawn: list[int] = []
+
+    def configure(self, cfg: UnetTrainConfig) -> None:
+        """A phase's data knobs (:mod:`microseg.train.phases`): the augmentation rebuilt."""
+        self.cfg = cfg
+        self.transforms = patch_transforms(cfg)
 
     def reseed(self, seed: int) -> None:
         self.transforms.set_random_state(seed=seed)
