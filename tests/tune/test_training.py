@@ -631,3 +631,13 @@ def test_yolo_study_prunes_through_ultralytics(tmp_path):
     assert trial.intermediate_values[0] == pytest.approx(map50, abs=1e-5)
     # stopped through trainer.stop: the run ended normally (hooks told, checkpoint finalised)
     assert ended.ended == 1 and run_state(run / "weights" / "last.pt") == "finished"
+
+
+def test_budget_knobs_are_not_searched():
+    """A value tuned at the study's per-trial budget must carry over to the training stage's:
+    image and patch size (compute per epoch) are refused, and the default spaces hold none."""
+    for knob in ("imgsz", "patch_size"):
+        with pytest.raises(ValueError, match="training budget"):
+            TrainStudyConfig(space={knob: {"choices": [96, 128]}})
+    for family in STUDY_CONFIGS:
+        assert not {"epochs", "imgsz", "patch_size"} & set(default_study_config(family).space)

@@ -12,7 +12,9 @@ from microseg.infer.fusion import FusionParams
 from microseg.tune.fusion import (
     pooled_metrics,
     prepare,
+    read_best_file,
     read_best_params,
+    read_tuned,
     tune_fusion,
     write_best_params,
 )
@@ -76,7 +78,8 @@ def test_tuning_beats_defaults_and_yolo_alone_then_resumes(val_items, tmp_path):
         val_items, 30, url, "fusion-test", seed=0, on_trial=lambda t, m: seen.append(m)
     )
     prepared = prepare(val_items)
-    tuned = pooled_metrics(prepared, FusionParams.from_dict(best))["f1"]
+    fp, conf = read_tuned(best)
+    tuned = pooled_metrics(prepared, fp, yolo_conf=conf)["f1"]
     default = pooled_metrics(prepared, FusionParams())["f1"]
     yolo_only = _yolo_only_best_f1(prepared)
     assert tuned == pytest.approx(st.best_value)
@@ -91,7 +94,13 @@ def test_tuning_beats_defaults_and_yolo_alone_then_resumes(val_items, tmp_path):
     assert len(st2.trials) == 34
     assert st2.best_value >= st.best_value
     path = write_best_params(tmp_path / "params" / "tuned_fusion.yaml", best2)
-    assert read_best_params(path) == FusionParams.from_dict(best2)
+    assert read_best_file(path) == read_tuned(best2)
+    assert 0.01 <= best2["yolo_conf"] <= 0.3
+    # folded into the cuts: the same kept boxes, so the same F1
+    fp2, conf2 = read_best_file(path)
+    assert pooled_metrics(prepared, read_best_params(path))["f1"] == pytest.approx(
+        pooled_metrics(prepared, fp2, yolo_conf=conf2)["f1"]
+    )
 
 
 @pytest.mark.postgres

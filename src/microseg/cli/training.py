@@ -32,15 +32,43 @@ def train(
 
 
 def tune(
-    target: Annotated[str, typer.Option("--target", help="fusion, yolo or punet")] = "fusion",
+    target: Annotated[
+        str, typer.Option("--target", help="fusion, yolo, punet or a cells model (cells:<model>)")
+    ] = "fusion",
     worker: Annotated[int, typer.Option(help="worker index when several share a study")] = 0,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            help="training studies: write best.yaml, summary.json, trials.csv here instead of "
+            "params/tuned_<target>.yaml (studies/dvc.yaml)",
+        ),
+    ] = None,
+    adopt: Annotated[
+        str | None,
+        typer.Option(
+            "--adopt",
+            help="run no study: copy studies/<TARGET>/best.yaml over params/tuned_<TARGET>.yaml",
+        ),
+    ] = None,
     params_path: ParamsOpt = Path("params.yaml"),
     set_: SetOpt = None,
 ) -> None:
     """Optuna study; each trial is a nested MLflow run; best params -> params/tuned_*.yaml."""
     from microseg.stages import tuning
 
-    result = tuning.run_tune(load(params_path, set_), target, worker)
+    params = load(params_path, set_)
+    if adopt is not None:
+        from microseg.stages.tuning import adopt as adopt_study
+        from microseg.utils.convert import flatten
+
+        old, new, dst = adopt_study(params, adopt)
+        before, after = flatten(old), flatten(new)
+        for key in sorted(before.keys() | after.keys()):
+            typer.echo(f"{key}: {before.get(key, '-')} -> {after.get(key, '-')}")
+        typer.echo(f"{adopt}: adopted into {dst}")
+        return
+    result = tuning.run_tune(params, target, worker, out_dir)
     out = result.metrics
     if target == "fusion":
         typer.echo(f"best validation F1 {out['best_val_f1']:.3f}; params in {result.out}")

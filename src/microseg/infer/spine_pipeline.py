@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -200,7 +200,45 @@ def read_fusion_params(path: str | Path) -> FusionParams:
         ) from exc
     if not isinstance(data, Mapping):
         raise ConfigError(f"expected a mapping of fusion params, found {type(data).__name__}", path)
-    return FusionParams.from_dict(data)
+    fields_, conf = split_yolo_conf(data, path)
+    return with_yolo_conf(FusionParams.from_dict(fields_), conf)
+
+
+#: the fusion study's YOLO confidence (``params/tuned_fusion.yaml``): boxes below it are dropped
+#: before fusion; not a :class:`FusionParams` field
+YOLO_CONF_KEY = "yolo_conf"
+
+
+def split_yolo_conf(
+    data: Mapping[str, Any], path: str | Path | None = None
+) -> tuple[dict[str, Any], float]:
+    """A tuned fusion mapping -> its :class:`FusionParams` fields and ``yolo_conf`` (0.0 when
+    absent: every box goes to fusion)."""
+    rest = dict(data)
+    conf = rest.pop(YOLO_CONF_KEY, None)
+    conf = 0.0 if conf is None else conf
+    if not isinstance(conf, int | float) or not 0.0 <= float(conf) <= 1.0:
+        raise ConfigError(f"fusion params: {YOLO_CONF_KEY} must be in [0, 1]; found {conf!r}", path)
+    return rest, float(conf)
+
+
+def drop_low_conf(detections: pd.DataFrame, conf: float) -> pd.DataFrame:
+    """The boxes fusion sees: those scoring at least ``conf`` (``yolo_conf``), reindexed."""
+    if conf <= 0.0:
+        return detections
+    return detections.loc[detections["score"].to_numpy() >= conf].reset_index(drop=True)
+
+
+def with_yolo_conf(params: FusionParams, conf: float) -> FusionParams:
+    """``params`` whose decision tree drops what :func:`drop_low_conf` drops: raising both
+    cuts to ``conf`` rejects every box below it and keeps the rest's statuses and scores (a
+    box at or above ``high_conf`` is kept as is; one below it is validated or rejected as
+    before), so paths that take whole stacks (``predict_spines``) need no extra filter."""
+    if conf <= 0.0:
+        return params
+    return replace(
+        params, low_conf=max(params.low_conf, conf), high_conf=max(params.high_conf, conf)
+    )
 
 
 def yolo_conf(cfg: SpinePipelineConfig, fusion_params: FusionParams) -> float:
@@ -566,7 +604,9 @@ def predict_folder(
 
 __all__: Sequence[str] = (
     "SUMMARY_COLS",
+    "YOLO_CONF_KEY",
     "SpinePipelineConfig",
+    "drop_low_conf",
     "find_points",
     "is_finished",
     "list_stacks",
@@ -574,7 +614,9 @@ __all__: Sequence[str] = (
     "predict_spines",
     "read_fusion_params",
     "resolve_voxel_size",
+    "split_yolo_conf",
     "streamed_box_probability",
+    "with_yolo_conf",
     "yolo_boxes",
     "yolo_conf",
 )

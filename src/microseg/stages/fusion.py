@@ -73,17 +73,23 @@ def tune_fusion_stage(
 def fuse_stage(params: Params, out_dir: Path = FUSION_DIR) -> dict[str, Any]:
     """Tuned fusion on the benchmark stack -> ``out_dir`` and ``metrics/spines_fusion.json``."""
     from microseg.infer.fusion import FusionParams, evaluate_fusion, fuse, write_fusion_outputs
-    from microseg.tune.fusion import read_best_params
+    from microseg.infer.spine_pipeline import drop_low_conf
+    from microseg.tune.fusion import read_best_file
 
-    fp = read_best_params(TUNED) if TUNED.exists() else FusionParams()
+    fp, yolo_conf = read_best_file(TUNED) if TUNED.exists() else (FusionParams(), 0.0)
     (bench,) = samples(params.prepared_dir("spines"), "test")
     dets, prob = _item(bench, params)
-    result = fuse(dets, prob, fp, bench.voxel_size_nm)
+    # the study's YOLO confidence: boxes below it never reach fusion (as in the study)
+    result = fuse(drop_low_conf(dets, yolo_conf), prob, fp, bench.voxel_size_nm)
     metrics = evaluate_fusion(
         result, bench.points(), bench.voxel_size_nm, params.spines.match_dist_nm
     )
     write_fusion_outputs(out_dir, result, metrics)
-    out = {"benchmark": metrics, "statistics": result.stats, "params": fp.to_dict()}
+    out = {
+        "benchmark": metrics,
+        "statistics": result.stats,
+        "params": {**fp.to_dict(), "yolo_conf": yolo_conf},
+    }
     write_json(metrics_file(params, "spines_fusion"), out)
     return out
 

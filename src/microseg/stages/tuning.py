@@ -8,6 +8,13 @@ searched keys); the training stage merges that file over its ``params.yaml`` sec
 tracks the file as a dependency of the training stage, so ``dvc repro`` retrains with the
 tuned values after a study. The file is committed empty (``{}``: nothing tuned yet); studies
 are run on purpose (they cost many trainings), not by every ``dvc repro``.
+
+With ``out_dir`` (``microseg tune --target yolo --out-dir studies/yolo``, the stages of
+``studies/dvc.yaml``) a study leaves its own files instead: ``best.yaml``, ``summary.json`` and
+``trials.csv``, and ``params/tuned_<target>.yaml`` is untouched until
+``microseg tune --adopt <target>`` (:func:`adopt`) copies ``best.yaml``
+over it, so the root pipeline never has a study upstream. A model of ``cells.models`` may be
+named ``cells:<model>`` as well as ``<model>``.
 """
 
 from __future__ import annotations
@@ -21,11 +28,19 @@ from microseg.config import Params
 from microseg.errors import ConfigError
 from microseg.stages.common import write_json
 from microseg.stages.result import StageResult, run_stage
-from microseg.stages.tuned import TUNED_DIR, tuned_path, tuned_train_config  # noqa: F401
+from microseg.stages.tuned import (  # noqa: F401
+    STUDIES_DIR,
+    TUNED_DIR,
+    resolve_target,
+    tuned_path,
+    tuned_train_config,
+)
 
 log = logging.getLogger(__name__)
 
 WORK_DIR = Path("models/tune")
+#: the files a study run with ``out_dir`` leaves there
+BEST_FILE, SUMMARY_FILE, TRIALS_FILE = "best.yaml", "summary.json", "trials.csv"
 
 
 def metrics_path(params: Params, target: str) -> Path:
@@ -54,9 +69,11 @@ def tune_training_stage(
     on_trial: Callable | None = None,
     trial_hooks: Callable | None = None,
     worker: int = 0,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Run (or continue) the study; write the best params and the summary
-    (``metrics/tune_<target>.json``); return the summary."""
+    (``params/tuned_<target>.yaml`` and ``metrics/tune_<target>.json``, or with ``out_dir``
+    its ``best.yaml``, ``summary.json`` and ``trials.csv``); return the summary."""
     from microseg.stages.training import tunable
     from microseg.tune.training import (
         family_train_fn,
@@ -65,11 +82,14 @@ def tune_training_stage(
         write_best_params,
     )
 
+    target = resolve_target(params, target)
     families = tunable(params)
     if target not in families:
         raise ConfigError(f"unknown training study {target!r}; available: {sorted(families)}")
     fam = families[target]
     cfg = study_config(params, target, fam.name)
+    if out_dir is not None:  # holds the study's SQLite storage too (studies/dvc.yaml)
+        out_dir.mkdir(parents=True, exist_ok=True)
     fn = family_train_fn(
         fam.name, fam.data(), cfg.epochs, metric=cfg.metric, direction=cfg.direction
     )
@@ -85,18 +105,43 @@ def tune_training_stage(
         trial_hooks=trial_hooks,
         family=fam.name,
     )
-    write_best_params(tuned_path(target), best, fam.name)
     out = {"best": best, **study_summary(st)}
-    write_json(metrics_path(params, target), out)
+    if out_dir is None:
+        write_best_params(tuned_path(target), best, fam.name)
+        write_json(metrics_path(params, target), out)
+        return out
+    write_best_params(out_dir / BEST_FILE, best, fam.name)
+    write_json(out_dir / SUMMARY_FILE, {"target": target, **out})
+    write_trials(st, out_dir / TRIALS_FILE)
     return out
 
 
-def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
-    """An Optuna study (each trial a nested MLflow run); best params -> ``params/tuned_*``."""
+def write_trials(st: Any, path: Path) -> Path:
+    """One row per trial (number, state, value, params, duration) as CSV, atomically."""
+    from microseg.utils.atomic import write_text
+
+    df = st.trials_dataframe(attrs=("number", "state", "value", "params", "duration"))
+    if "duration" in df:
+        df["duration"] = df["duration"].dt.total_seconds().round(1)
+    write_text(path, df.to_csv(index=False))
+    return path
+
+
+def run_tune(
+    params: Params, target: str, worker: int = 0, out_dir: Path | None = None
+) -> StageResult:
+    """An Optuna study (each trial a nested MLflow run); best params -> ``params/tuned_*``
+    (training studies with ``out_dir``: ``<out_dir>/best.yaml``)."""
     from microseg.registry.stage_logging import MlflowTrialLogger
     from microseg.stages.training import trainers
     from microseg.utils.convert import flatten
 
+    target = resolve_target(params, target)
+    if out_dir is not None and target == "fusion":
+        raise ConfigError(
+            "--out-dir is for training studies; the fusion study writes "
+            "params/tuned_fusion.yaml (its dvc.yaml stage's output)"
+        )
     runners = {} if target == "fusion" else trainers(params)
     if target != "fusion" and (target not in runners or runners[target].family is None):
         names = ", ".join(["fusion", *(n for n, t in runners.items() if t.family is not None)])
@@ -125,15 +170,16 @@ def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
         )
 
     def tune_training() -> StageResult:
-        out = tune_training_stage(params, target, on_trial=on_trial, worker=worker)
+        out = tune_training_stage(params, target, on_trial=on_trial, worker=worker, out_dir=out_dir)
+        best = tuned_path(target) if out_dir is None else out_dir / BEST_FILE
         return StageResult(
             f"tune_{target}",
             out,
-            metrics_file=metrics_path(params, target),
+            metrics_file=metrics_path(params, target) if out_dir is None else None,
             log_metrics={k: v for k, v in out.items() if k != "best"},
             log_params={f"best.{k}": v for k, v in flatten(out["best"]).items()},
-            artifacts=[(tuned_path(target), "tuned")],
-            out=tuned_path(target),
+            artifacts=[(best, "tuned")],
+            out=best,
         )
 
     return run_stage(
@@ -144,3 +190,51 @@ def run_tune(params: Params, target: str, worker: int = 0) -> StageResult:
         dataset=runners[target].dataset,
         section=params.tune.get(target, {}),
     )
+
+
+def adopt(
+    params: Params, target: str, src: Path | None = None
+) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """Copy a study's best params (``studies/<target>/best.yaml`` unless ``src``) over
+    ``params/tuned_<target>.yaml``, atomically; (old, new, written path).
+
+    The keys are checked against the target's model family before anything is written, so a
+    stale or hand-edited ``best.yaml`` cannot leave a tuned file the training stage refuses.
+    A study whose ``trials.csv`` (beside ``best.yaml``) shows no trial beating another (one
+    complete trial, or all scoring the same, e.g. a per-trial budget too short to learn
+    anything) is refused: its "best" params are arbitrary, not tuned.
+    """
+    from microseg.stages.training import tunable
+    from microseg.tune.training import read_best_params, write_best_params
+
+    target = resolve_target(params, target)
+    families = tunable(params)
+    if target not in families:
+        raise ConfigError(f"cannot adopt a study of {target!r}; trainable: {sorted(families)}")
+    src = src if src is not None else STUDIES_DIR / target / "best.yaml"
+    new = read_best_params(src)
+    if not new:
+        raise ConfigError(f"{src}: the study's best params are empty; nothing to adopt")
+    _check_signal(src.parent / "trials.csv", target)
+    dst = tuned_path(target)
+    old = read_best_params(dst) if dst.is_file() else {}
+    write_best_params(dst, new, families[target].name)
+    log.info("adopted %s into %s", src, dst)
+    return old, new, dst
+
+
+def _check_signal(trials_csv: Path, target: str) -> None:
+    """Refuse a study none of whose complete trials beat another (see :func:`adopt`)."""
+    import csv
+
+    if not trials_csv.is_file():
+        return
+    with trials_csv.open(newline="") as f:
+        values = [float(r["value"]) for r in csv.DictReader(f) if r.get("state") == "COMPLETE"]
+    if len(set(values)) < 2:
+        raise ConfigError(
+            f"no trial of the study beat another ({len(values)} complete, values "
+            f"{sorted(set(values))}): its best params are arbitrary, not adopted; give it more "
+            f"trials or epochs per trial (params.yaml tune.{target}) and rerun it",
+            trials_csv,
+        )

@@ -10,7 +10,13 @@ Search space (TPE; fixed-range distributions, so every trial informs every later
   which keeps ``low_conf <= high_conf`` by construction instead of wasting rejected trials;
 * ``punet_thr`` in [0.05, 0.95]; ``w_yolo`` in [0, 1] with ``w_punet = 1 - w_yolo``;
 * ``agg`` in {mean, max, quantile} (the quantile level stays the base params' one);
-* ``dedup_radius_nm`` in [500, 3000].
+* ``dedup_radius_nm`` in [500, 3000];
+* ``yolo_conf`` in [0.01, 0.3]: YOLO's own confidence cut, boxes below it are dropped before
+  fusion. The boxes are predicted once at the YOLO sweep's lowest confidence (``eval_yolo``,
+  0.05 by default, so values below it drop nothing) and each trial filters them, so the study
+  stays cheap. ``params/tuned_fusion.yaml`` holds it beside the :class:`FusionParams` fields;
+  ``fuse`` drops the boxes the same way and the inference paths (``read_fusion_params``) fold
+  it into the decision tree's cuts (:func:`microseg.infer.spine_pipeline.with_yolo_conf`).
 
 Every box's Prob-UNet probability is aggregated once per stack and per ``agg`` before the
 search (:func:`prepare`), so a trial costs only thresholding, 3D de-duplication and matching.
@@ -48,6 +54,7 @@ from microseg.infer.fusion import (
     box_probability,
     fuse_with_probabilities,
 )
+from microseg.infer.spine_pipeline import YOLO_CONF_KEY, split_yolo_conf, with_yolo_conf
 from microseg.tune.storage import study as open_study
 from microseg.utils.atomic import write_text
 from microseg.utils.convert import to_builtin
@@ -63,6 +70,7 @@ OnTrial = Callable[[optuna.Trial, dict[str, Any]], None]
 HIGH_CONF = (0.05, 1.0)
 PUNET_THR = (0.05, 0.95)
 DEDUP_RADIUS_NM = (500.0, 3000.0)
+YOLO_CONF = (0.01, 0.3)
 
 
 @dataclass(frozen=True)
@@ -99,13 +107,20 @@ def prepare(val_items: Sequence[ValItem], quantile: float = 0.9) -> list[Prepare
 
 
 def pooled_metrics(
-    prepared: Sequence[PreparedStack], params: FusionParams, max_dist_nm: float = 1000.0
+    prepared: Sequence[PreparedStack],
+    params: FusionParams,
+    max_dist_nm: float = 1000.0,
+    yolo_conf: float = 0.0,
 ) -> dict[str, Any]:
-    """Precision, recall, F1 from TP, FP, FN summed over the stacks, plus ``f1_per_stack``."""
+    """Precision, recall, F1 from TP, FP, FN summed over the stacks, plus ``f1_per_stack``;
+    boxes scoring below ``yolo_conf`` are dropped before fusion."""
     tp = fp = fn = 0
     per_stack = []
     for st in prepared:
-        res = fuse_with_probabilities(st.detections, st.probs[params.agg], params, st.voxel_size_nm)
+        keep = st.detections["score"].to_numpy() >= yolo_conf
+        det = st.detections.loc[keep].reset_index(drop=True)
+        prob = np.asarray(st.probs[params.agg])[keep]
+        res = fuse_with_probabilities(det, prob, params, st.voxel_size_nm)
         pred = res.dedup[["z", "y", "x"]].to_numpy(dtype=float)
         m = match_points(pred, st.gt_zyx, st.voxel_size_nm, max_dist_nm)
         tp, fp, fn = tp + m.tp, fp + m.fp, fn + m.fn
@@ -130,8 +145,8 @@ def params_from_search(values: Mapping[str, Any], base: FusionParams | None = No
     )
 
 
-def suggest(trial: optuna.Trial, base: FusionParams | None = None) -> FusionParams:
-    """Sample one parameter set (see module notes for the space)."""
+def suggest(trial: optuna.Trial, base: FusionParams | None = None) -> tuple[FusionParams, float]:
+    """Sample one parameter set and ``yolo_conf`` (see module notes for the space)."""
     values = {
         "high_conf": trial.suggest_float("high_conf", *HIGH_CONF),
         "low_frac": trial.suggest_float("low_frac", 0.0, 1.0),
@@ -140,7 +155,7 @@ def suggest(trial: optuna.Trial, base: FusionParams | None = None) -> FusionPara
         "agg": trial.suggest_categorical("agg", list(AGGS)),
         "dedup_radius_nm": trial.suggest_float("dedup_radius_nm", *DEDUP_RADIUS_NM),
     }
-    return params_from_search(values, base)
+    return params_from_search(values, base), trial.suggest_float(YOLO_CONF_KEY, *YOLO_CONF)
 
 
 def tune_fusion(
@@ -162,27 +177,31 @@ def tune_fusion(
     or continued when it exists). ``on_trial(trial, metrics)`` runs after each trial's
     evaluation (an exception there fails the trial and stops the search). ``base`` supplies the
     knobs not searched (``quantile``, ``dedup_mode``). ``worker`` distinguishes concurrent
-    workers' sampler seeds. The best params dict has every :class:`FusionParams` field.
+    workers' sampler seeds. The best params dict has every :class:`FusionParams` field and
+    ``yolo_conf``.
     """
     base = base or FusionParams()
     prepared = prepare(val_items, base.quantile)
     st = open_study(study_name, storage_url, seed, "maximize", worker=worker)
 
     def objective(trial: optuna.Trial) -> float:
-        params = suggest(trial, base)
-        metrics = pooled_metrics(prepared, params, max_dist_nm)
+        params, conf = suggest(trial, base)
+        metrics = pooled_metrics(prepared, params, max_dist_nm, conf)
         # one attribute each: every set_user_attr is a storage round trip (a commit)
         trial.set_user_attr(
             "metrics", {k: metrics[k] for k in ("precision", "recall", "tp", "fp", "fn")}
         )
-        trial.set_user_attr("fusion_params", params.to_dict())
+        trial.set_user_attr("fusion_params", {**params.to_dict(), YOLO_CONF_KEY: conf})
         if on_trial is not None:
-            on_trial(trial, {**metrics, "params": params.to_dict()})
+            on_trial(trial, {**metrics, "params": {**params.to_dict(), YOLO_CONF_KEY: conf}})
         return metrics["f1"]
 
     st.optimize(objective, n_trials=n_trials, timeout=timeout)
     best = st.best_trial
-    best_params = params_from_search(best.params, base).to_dict()
+    best_params = {
+        **params_from_search(best.params, base).to_dict(),
+        YOLO_CONF_KEY: float(best.params.get(YOLO_CONF_KEY, 0.0)),
+    }
     log.info(
         "fusion study %r: %d trial(s); best F1 %.4f (trial %d): %s",
         study_name,
@@ -197,14 +216,29 @@ def tune_fusion(
 def write_best_params(path: str | Path, best: Mapping[str, Any]) -> Path:
     """Write ``best`` as a plain YAML mapping (e.g. ``params/tuned_fusion.yaml``), atomically.
 
-    The values are checked against :class:`FusionParams` first, so a bad file is never written.
+    The values are checked against :class:`FusionParams` (and ``yolo_conf`` in [0, 1]) first,
+    so a bad file is never written.
     """
-    FusionParams.from_dict(best)
+    read_tuned(best)
     plain = {str(k): to_builtin(v) for k, v in best.items()}
     write_text(path, yaml.safe_dump(plain, sort_keys=False))
     return Path(path)
 
 
+def read_tuned(
+    values: Mapping[str, Any], path: str | Path | None = None
+) -> tuple[FusionParams, float]:
+    """A tuned mapping -> (:class:`FusionParams`, ``yolo_conf``; 0.0 when absent)."""
+    fields_, conf = split_yolo_conf(values, path)
+    return FusionParams.from_dict(fields_), conf
+
+
+def read_best_file(path: str | Path) -> tuple[FusionParams, float]:
+    """The params and ``yolo_conf`` a :func:`write_best_params` file holds."""
+    return read_tuned(yaml.safe_load(Path(path).read_text()) or {}, path)
+
+
 def read_best_params(path: str | Path) -> FusionParams:
-    """The params a :func:`write_best_params` file holds."""
-    return FusionParams.from_dict(yaml.safe_load(Path(path).read_text()) or {})
+    """The params a :func:`write_best_params` file holds, ``yolo_conf`` folded into the cuts
+    (:func:`~microseg.infer.spine_pipeline.with_yolo_conf`: the same kept boxes)."""
+    return with_yolo_conf(*read_best_file(path))

@@ -1,6 +1,6 @@
 """What a training study searches and for how long: search spaces, budgets, per-family defaults.
 
-A study searches training knobs (learning rate, image/patch size, augmentation strength ...)
+A study searches training knobs (learning rate, regularisation, augmentation strength ...)
 given as a ``space`` of ``param -> spec``; dotted names (``augment.scale``) reach nested keys
 of the family's params ``train`` section. :func:`check_keys` asks the family
 (``check_train_keys``) whether it knows them, so typos fail before anything trains.
@@ -21,6 +21,10 @@ from microseg.tune.storage import DEFAULT_STORAGE
 from microseg.utils.registry import Registry
 
 Direction = Literal["maximize", "minimize"]
+
+#: knobs that set how much a trial computes rather than how it learns: the adopted best params
+#: must apply unchanged to the training stage's own budget (``epochs`` is the study's budget)
+BUDGET_KNOBS = frozenset({"imgsz", "patch_size"})
 
 
 class ParamSpec(BaseModel):
@@ -105,11 +109,20 @@ class TrainStudyConfig(BaseModel):
             raise ValueError("'epochs' is the per-trial budget (study 'epochs'), not a knob")
         return self
 
+    @model_validator(mode="after")
+    def _no_budget_knobs(self) -> TrainStudyConfig:
+        knobs = sorted(BUDGET_KNOBS & set(self.space))
+        if knobs:
+            raise ValueError(
+                f"{knobs} set the training budget (compute per epoch); a value tuned at the "
+                "study's budget would not carry over to the training stage's, so they are not knobs"
+            )
+        return self
+
 
 def _yolo_space() -> dict[str, ParamSpec]:
     return {
         "lr0": ParamSpec(low=1e-4, high=1e-2, log=True),
-        "imgsz": ParamSpec(choices=[192, 256, 320]),
         "augment.scale": ParamSpec(low=0.0, high=0.5),
         "augment.degrees": ParamSpec(low=0.0, high=30.0),
         "augment.translate": ParamSpec(low=0.0, high=0.2),
@@ -122,7 +135,6 @@ def _punet_space() -> dict[str, ParamSpec]:
     return {
         "lr": ParamSpec(low=3e-4, high=1e-2, log=True),
         "weight_decay": ParamSpec(low=1e-6, high=1e-3, log=True),
-        "patch_size": ParamSpec(choices=[96, 128]),
         "fg_fraction": ParamSpec(low=0.3, high=0.8),
         "tversky_alpha": ParamSpec(low=0.2, high=0.5),
         "kl_beta": ParamSpec(low=0.1, high=3.0, log=True),
