@@ -456,6 +456,9 @@ class Params(_Strict):
     tune: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: ``microseg seeds``: the seed spread's models, seeds and pipelines (read by stages/seeds*)
     seeds: dict[str, Any] = Field(default_factory=dict)
+    #: ``microseg synth-study``: arms, seeds and budget of the synthetic-data study, validated
+    #: by ``microseg.stages.synth_study.StudyConfig`` when the study starts
+    synth_study: dict[str, Any] = Field(default_factory=dict)
 
     # a typo'd section (``yollo:``) must fail, not fall back to the defaults silently
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -18,8 +18,8 @@ COMMANDS_BEFORE_SPLIT = [
     "visualize", "register", "promote", "batch-eval", "where",
 ]  # fmt: skip
 #: commands added after the split (issue 15: pack-dsb, profile; issue 16: seeds; issue 17:
-#: view, the dataset group)
-COMMANDS_ADDED = ["pack-dsb", "profile", "seeds", "view", "dataset"]
+#: view, the dataset group; issue 21: synth-nuclei, synth-study)
+COMMANDS_ADDED = ["pack-dsb", "profile", "seeds", "view", "dataset", "synth-nuclei", "synth-study"]
 
 
 def test_help_lists_every_command_once_grouped_in_panels() -> None:

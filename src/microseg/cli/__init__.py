@@ -53,11 +53,12 @@ log = logging.getLogger("microseg")
 PANELS: dict[str, tuple[str, ...]] = {
     "Use a model": ("predict", "fuse", "visualize", "view"),
     "Train and evaluate": (
-        "train", "evaluate", "tune", "report", "seeds", "compare-spines", "uncertainty",
-        "inter-rater", "track",
+        "train", "evaluate", "tune", "report", "seeds", "synth-study", "compare-spines",
+        "uncertainty", "inter-rater", "track",
     ),
     "Pipeline stages and data": (
-        "synth", "ingest", "pack-dsb", "validate", "convert", "prepare-targets", "dataset",
+        "synth", "ingest", "pack-dsb", "synth-nuclei", "validate", "convert", "prepare-targets",
+        "dataset",
     ),
     "Registry": ("register", "promote", "batch-eval", "where"),
     "Setup": ("profile",),
@@ -76,6 +77,7 @@ COMMANDS: tuple[tuple[str, Callable[..., Any] | typer.Typer], ...] = (
     ("tune", training.tune),
     ("report", evaluation.report),
     ("seeds", evaluation.seeds),
+    ("synth-study", evaluation.synth_study),
     ("compare-spines", evaluation.compare_spines),
     ("uncertainty", uncertainty.uncertainty),
     ("inter-rater", uncertainty.inter_rater),
@@ -83,6 +85,7 @@ COMMANDS: tuple[tuple[str, Callable[..., Any] | typer.Typer], ...] = (
     ("synth", data.synth),
     ("ingest", data.ingest),
     ("pack-dsb", data.pack_dsb),
+    ("synth-nuclei", data.synth_nuclei),
     ("validate", data.validate),
     ("convert", data.convert),
     ("prepare-targets", data.prepare_targets),

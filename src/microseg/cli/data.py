@@ -1,5 +1,5 @@
-"""Data commands: ``synth``, ``ingest``, ``pack-dsb``, ``validate``, ``convert``,
-``prepare-targets``."""
+"""Data commands: ``synth``, ``ingest``, ``pack-dsb``, ``synth-nuclei``, ``validate``,
+``convert``, ``prepare-targets``."""
 
 from __future__ import annotations
 
@@ -54,6 +54,26 @@ def pack_dsb(
         f"{r.n_instances} instances, {r.n_overlap_pixels} contested pixels) -> {r.out} "
         f"({r.n_bytes / 1e6:.1f} MB)"
     )
+
+
+def synth_nuclei(
+    prepared: Annotated[Path, typer.Argument(help="ingested nuclei dataset (data/prepared/<ds>)")],
+    out: Annotated[Path, typer.Argument(help="output folder, prepared layout")],
+    n: Annotated[int, typer.Option("--n", help="images in all, in the real modality mix")] = 100,
+    per_modality: Annotated[
+        int | None, typer.Option(help="images per modality instead of --n")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="generator seed")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="share of each modality in val")] = 0.15,
+) -> None:
+    """Synthetic DSB-like nuclei fitted to a dataset's training split, written in the layout
+    the nuclei stages read (images/, labels/, manifest.parquet, synth_nuclei.json)."""
+    from microseg.data.synth_nuclei import fit_nuclei_stats, generate
+
+    stats = fit_nuclei_stats(prepared, split="train")
+    total = None if per_modality is not None else n
+    result = generate(stats, out, seed, per_modality, total, val_fraction)
+    typer.echo(f"synthetic nuclei ({', '.join(sorted(stats.modalities))}) -> {result}")
 
 
 def validate(

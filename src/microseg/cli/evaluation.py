@@ -1,5 +1,5 @@
-"""Evaluation commands: ``report``, ``track``, ``evaluate``, ``compare-spines`` and ``seeds``
-(``uncertainty`` and ``inter-rater``: :mod:`microseg.cli.uncertainty`)."""
+"""Evaluation commands: ``report``, ``track``, ``evaluate``, ``compare-spines``, ``seeds`` and
+``synth-study`` (``uncertainty`` and ``inter-rater``: :mod:`microseg.cli.uncertainty`)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,33 @@ def seeds(
         summary = seed_experiments.run_pipeline_seeds(params, t)
         for key, st in summary["measures"].items():
             typer.echo(f"{t:<9} {key:<28} {st['mean']:.3f} ± {st['sd']:.3f} {st['per_seed']}")
+
+
+def synth_study(
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", help="runs at a time (1 core each)")] = 2,
+) -> None:
+    """Synthetic-data study (params `synth_study`): one nuclei model per arm (R, S, R+S@p)
+    and seed, scored on the real test split: metrics/synth_study.json, reports/synth_study/."""
+    from microseg.stages import synth_study as stage
+
+    result = stage.run_synth_study(load(params_path, set_), jobs=jobs)
+    m = result.metrics
+    for arm, row in m["arms"].items():
+        test = m["vs_R"].get(arm)
+        vs = (
+            f"; minus R {test['mean_diff']:+.3f} [{test['ci_low']:+.3f}, {test['ci_high']:+.3f}]"
+            f" p={test['wilcoxon_p']:.3g}"
+            if test
+            else ""
+        )
+        typer.echo(
+            f"{arm:<8} F1@0.5 pooled {row['pooled_f1_50']['mean']:.3f} ± "
+            f"{row['pooled_f1_50']['sd']:.3f}, per-image {row['mean_f1_50']['mean']:.3f} ± "
+            f"{row['mean_f1_50']['sd']:.3f}{vs}"
+        )
+    typer.echo(m["sentence"])
 
 
 def track(

@@ -59,13 +59,17 @@ def model_config(params: Params, name: str) -> CellModelConfig:
     return models[name]
 
 
-def prepare_targets_stage(params: Params, out_dir: Path | None = None) -> dict[str, Any]:
+def prepare_targets_stage(
+    params: Params, out_dir: Path | None = None, prepared: Path | None = None
+) -> dict[str, Any]:
+    """Targets of ``cells.dataset`` (or of another prepared folder, ``prepared``: e.g. the
+    synthetic images of ``microseg synth-study``) with the ``cells.targets`` settings."""
     from microseg.data.targets import WeightMapConfig, prepare_targets
 
     t = params.cells.targets
     out_dir = out_dir or targets_dir(params)
     index = prepare_targets(
-        params.paths.prepared / params.cells.dataset,
+        prepared or params.paths.prepared / params.cells.dataset,
         out_dir,
         WeightMapConfig(w0=t.w0, sigma=t.sigma, max_class_weight=t.max_class_weight),
         tuple(t.percentiles),
@@ -77,10 +81,15 @@ def prepare_targets_stage(params: Params, out_dir: Path | None = None) -> dict[s
 
 # ------------------------------------------------------------------------------- training
 def train_cell_model(
-    params: Params, name: str, hooks=None, out_dir: Path | None = None
+    params: Params,
+    name: str,
+    hooks=None,
+    out_dir: Path | None = None,
+    targets: Path | None = None,
 ) -> dict[str, Any]:
     """Train one model of ``cells.models`` through its registered family (into
-    ``models/cells/<name>`` unless ``out_dir`` says otherwise, e.g. a seed-spread run)."""
+    ``models/cells/<name>`` unless ``out_dir`` says otherwise, e.g. a seed-spread run; on
+    ``data/targets/<dataset>`` unless ``targets`` names another cache, e.g. a synth-study arm)."""
     mc = model_config(params, name)
     family = get_model(mc.family)
     if not getattr(family, "trainable", True):
@@ -90,7 +99,7 @@ def train_cell_model(
     from microseg.stages.finetune import resolve_init_from
 
     train = resolve_init_from(params.engine.train_section(mc.train), params, "weights")
-    result = family.train(targets_dir(params), out_dir, train, hooks)
+    result = family.train(targets or targets_dir(params), out_dir, train, hooks)
     out = {
         "best": dict(result.best),
         "best_epoch": result.best_epoch,
