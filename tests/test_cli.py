@@ -118,7 +118,9 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     _trim_dsb(repo_copy / "data" / "raw" / "dsb2018", keep_every=18)
     _run([str(BIN / "dvc"), "add", "-q", "data/raw"], repo_copy)  # the trimmed copy's data.dvc
     _run([str(BIN / "dvc"), "repro"], repo_copy)
-    status = _run([str(BIN / "dvc"), "status"], repo_copy).stdout
+    # the demo's pipeline; studies/dvc.yaml (make studies) is not part of `dvc repro` and is
+    # stale whenever its deps change, by design
+    status = _run([str(BIN / "dvc"), "status", "dvc.yaml"], repo_copy).stdout
     assert "up to date" in status, status
     again = _run([str(BIN / "dvc"), "repro"], repo_copy).stdout
     assert "Running stage" not in again
