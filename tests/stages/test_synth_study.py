@@ -193,3 +193,29 @@ def test_study_runs_end_to_end_and_writes_its_summary(tiny_dataset):
     assert res.exit_code == 0, res.output
     again = json.loads((params.paths.metrics / study.METRICS_NAME).read_text())
     assert again["arms"] == summary["arms"]
+
+
+def test_variant_arms_train_on_their_data_arm_with_their_overrides(params):
+    variants = {"R+shapes": study.ArmVariant(data="R", train={"shapes": {"prob": 0.5}})}
+    arm = study.parse_arm("R+shapes", variants)
+    assert (arm.real, arm.percent, arm.slug) == (True, 0.0, "R_shapes")
+    assert arm.train == {"shapes": {"prob": 0.5}}
+    with pytest.raises(ConfigError, match="variants"):
+        study.parse_arm("R+blur", variants)
+    with pytest.raises(ConfigError, match="data arm"):
+        study.parse_arm("V", {"V": study.ArmVariant(data="V")})
+
+    params.cells.models = {"tiny": CellModelConfig(family="unet", train=TINY_UNET)}
+    params.synth_study = {"model": "tiny", "arms": ["R", "R+shapes"], "variants": variants}
+    cfg, arms = study.study_config(params)
+    assert [a.name for a in arms] == ["R", "R+shapes"]
+    plain = study.study_params(params, cfg, 3, arms[0]).cells.models["tiny"].train
+    shaped = study.study_params(params, cfg, 3, arms[1]).cells.models["tiny"].train
+    assert "shapes" not in plain and shaped["shapes"] == {"prob": 0.5}
+    assert shaped["seed"] == plain["seed"] == 3
+    # the same images as R: the training sets are equal, so only the overrides differ
+    real = _index(6, "train", "r", ["fluorescence"])
+    synth = _index(6, "train", "s", ["fluorescence"])
+    pd.testing.assert_frame_equal(
+        study.arm_index(real, synth, arms[0]), study.arm_index(real, synth, arms[1])
+    )

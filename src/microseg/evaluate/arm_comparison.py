@@ -13,6 +13,7 @@ claimed only when its CI excludes 0. Pure functions of tables (``synth_study`` u
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -100,7 +101,7 @@ def verdict(low: float, high: float) -> str:
 
 def sentence(paired: dict[str, dict[str, Any]]) -> str:
     """One sentence on the real + synthetic arms (S alone is reported, not judged here)."""
-    added = {a: r for a, r in paired.items() if a.startswith("R+S")}
+    added = {a: r for a, r in paired.items() if re.fullmatch(r"R\+S@[\d.]+", a)}
     if not added:
         return "no real + synthetic arm was run: nothing to decide"
     helped = [a for a, r in added.items() if r["verdict"] == "helped"]
@@ -123,6 +124,17 @@ def sentence(paired: dict[str, dict[str, Any]]) -> str:
         "synthetic data did not help: no real + synthetic arm's 95% CI of the per-image "
         f"F1@0.5 difference to R excludes 0 ({cite(list(added))})"
     )
+
+
+def variant_sentence(paired: dict[str, dict[str, Any]], variants: Sequence[str]) -> str:
+    """One clause per variant arm (same images as its data arm, other training knobs)."""
+    parts = [
+        f"{a} {paired[a]['verdict']} ({paired[a]['mean_diff']:+.3f} "
+        f"[{paired[a]['ci_low']:+.3f}, {paired[a]['ci_high']:+.3f}] vs R)"
+        for a in variants
+        if a in paired
+    ]
+    return "; ".join(parts)
 
 
 def summarise(

@@ -37,7 +37,8 @@ import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from microseg.config import Params
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
-from microseg.evaluate.arm_comparison import REFERENCE, pooled_f1, summarise, summary_table
+from microseg.evaluate.arm_comparison import (
+    REFERENCE,
+    pooled_f1,
+    summarise,
+    summary_table,
+    variant_sentence,
+)
 from microseg.stages import cells
 from microseg.stages.common import write_json
 from microseg.stages.result import StageResult, run_stage
@@ -65,6 +72,16 @@ ARM_RE = re.compile(r"R|S|R\+S@(\d+(?:\.\d+)?)")
 TARGET_COLS = ("image_path", "target_path", "weight_path", "label_path")
 
 
+class ArmVariant(BaseModel):
+    """An arm that differs from ``data`` (R, S or R+S@p) only by its training overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = "R"
+    #: merged over the study model's train section (top-level keys replace)
+    train: dict[str, Any] = Field(default_factory=dict)
+
+
 class StudyConfig(BaseModel):
     """params ``synth_study``: which model, at which budget, which arms and seeds."""
 
@@ -78,6 +95,10 @@ class StudyConfig(BaseModel):
     infer: dict[str, Any] = Field(default_factory=dict)
     seeds: list[int] = Field(default_factory=lambda: [1, 2, 3])
     arms: list[str] = Field(default_factory=lambda: ["R", "S", "R+S@10", "R+S@25", "R+S@50"])
+    #: named arms that train on another arm's images with train-config overrides (e.g.
+    #: ``R+shapes: {data: R, train: {shapes: {prob: 0.5}}}``): the augmentation and schedule
+    #: knobs measured against their data arm in the same framework; listed in ``arms`` to run
+    variants: dict[str, ArmVariant] = Field(default_factory=dict)
     #: synthetic images rendered; null: as many as the arms need (``S`` and ``R+S@50``: n_real)
     n_synthetic: int | None = Field(None, ge=1)
     generator_seed: int = 0
@@ -98,11 +119,14 @@ class Arm:
     real: bool
     #: percentage of the training set that is synthetic (100 for ``S``, 0 for ``R``)
     percent: float
+    #: train-config overrides of a variant arm (empty for the data arms)
+    train: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def slug(self) -> str:
         """A folder name (``R+S@10`` -> ``R_S10``)."""
-        return self.name.replace("+", "_").replace("@", "").replace(".", "p")
+        slug = self.name.replace("+", "_").replace("@", "").replace(".", "p")
+        return re.sub(r"[^A-Za-z0-9_-]", "_", slug)
 
     def n_synthetic(self, n_real: int) -> int:
         """Synthetic images in this arm's training set, given ``n_real`` real ones."""
@@ -111,10 +135,19 @@ class Arm:
         return round(n_real * self.percent / (100 - self.percent))
 
 
-def parse_arm(name: str) -> Arm:
+def parse_arm(name: str, variants: Mapping[str, ArmVariant] | None = None) -> Arm:
+    """``R``, ``S``, ``R+S@<percent>`` or a key of ``variants`` (its data arm + overrides)."""
+    if variants and name.strip() in variants:
+        v = variants[name.strip()]
+        if v.data.strip() in variants:
+            raise ConfigError(f"synth_study.variants.{name}: data {v.data!r} must be a data arm")
+        base = parse_arm(v.data)
+        return Arm(name.strip(), base.real, base.percent, dict(v.train))
     m = ARM_RE.fullmatch(name.strip())
     if m is None:
-        raise ConfigError(f"synth_study.arms: {name!r} is not R, S or R+S@<percent>")
+        raise ConfigError(
+            f"synth_study.arms: {name!r} is not R, S, R+S@<percent> or a synth_study.variants key"
+        )
     if name.strip() in ("R", "S"):
         return Arm(name.strip(), name.strip() == "R", 0.0 if name.strip() == "R" else 100.0)
     percent = float(m.group(1))
@@ -133,7 +166,7 @@ def study_config(params: Params) -> tuple[StudyConfig, list[Arm]]:
         raise ConfigError(
             f"synth_study.model {cfg.model!r} is not in cells.models {sorted(params.cells.models)}"
         )
-    arms = [parse_arm(a) for a in dict.fromkeys(cfg.arms)]
+    arms = [parse_arm(a, cfg.variants) for a in dict.fromkeys(cfg.arms)]
     if REFERENCE not in [a.name for a in arms]:
         raise ConfigError(f"synth_study.arms must include {REFERENCE!r} (the reference arm)")
     if len(set(cfg.seeds)) < 2:
@@ -143,11 +176,13 @@ def study_config(params: Params) -> tuple[StudyConfig, list[Arm]]:
     return cfg, arms
 
 
-def study_params(params: Params, cfg: StudyConfig, seed: int) -> Params:
-    """``params`` whose study model trains at the study budget with ``seed``."""
+def study_params(params: Params, cfg: StudyConfig, seed: int, arm: Arm | None = None) -> Params:
+    """``params`` whose study model trains at the study budget (and ``arm``'s overrides)
+    with ``seed``."""
     models = dict(params.cells.models)
     mc = models[cfg.model]
-    train = {**mc.train, **cfg.train, "seed": int(seed)}
+    extra = arm.train if arm is not None else {}
+    train = {**mc.train, **cfg.train, **extra, "seed": int(seed)}
     models[cfg.model] = mc.model_copy(update={"train": train, "infer": {**mc.infer, **cfg.infer}})
     update: dict[str, Any] = {"models": models}
     if cfg.post_max_images is not None:
@@ -303,7 +338,7 @@ def train_and_score(
 ) -> dict[str, Any]:
     """Train and evaluate one (arm, seed) (reused when its recipe file matches); its
     per-image table, training seconds and where it is."""
-    p = study_params(params, cfg, seed)
+    p = study_params(params, cfg, seed, arm)
     model_dir, report_dir = run_dirs(params, arm, seed)
     want = json.loads(json.dumps(recipe(p, cfg, index), default=str))
     done = report_dir / RECIPE_NAME
@@ -392,6 +427,10 @@ def run_synth_study(params: Params, jobs: int = 1) -> StageResult:
             ) as run:
                 stage_logging.log_stage_result(child, run.info.run_id)
         stats = summarise(runs, n_resamples=cfg.n_resamples, confidence_level=cfg.confidence_level)
+        ran = [a.name for a in arms if a.train]
+        if ran:
+            stats["variants_sentence"] = variant_sentence(stats["vs_R"], ran)
+            log.info("synth study variants: %s", stats["variants_sentence"])
         sizes = {name: _sizes(index) for name, index in indexes.items()}
         summary = {
             "metric": "f1_50",
@@ -399,7 +438,9 @@ def run_synth_study(params: Params, jobs: int = 1) -> StageResult:
             "mean and sample sd over training seeds; vs_R: per-image difference to R averaged "
             "over seeds, bootstrap CI of its mean and Wilcoxon signed-rank p",
             "design": "R+S@p adds synthetic images to all real ones (p % of the set); S has "
-            "as many synthetic images as R has real; val and test are real",
+            "as many synthetic images as R has real; val and test are real; a variant arm "
+            "trains on its data arm's images with other training knobs (variants)",
+            "variants": {k: v.model_dump() for k, v in cfg.variants.items()},
             "model": cfg.model,
             "budget": {"train": cfg.train, "infer": cfg.infer},
             "dataset": params.cells.dataset,
@@ -438,7 +479,11 @@ def run_synth_study(params: Params, jobs: int = 1) -> StageResult:
         fn,
         stage="synth_study",
         task="nuclei",
-        section=cfg.model_dump(),
+        # variant names ("R+shapes") are not MLflow param keys: logged as one JSON value
+        section={
+            **cfg.model_dump(exclude={"variants"}),
+            "variants": json.dumps({k: v.model_dump() for k, v in cfg.variants.items()}),
+        },
         run_name="synth-study",
     )
 
