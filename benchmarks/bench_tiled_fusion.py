@@ -15,8 +15,8 @@ tiles of ``--tile`` px with ``--overlap`` px fused by WBF, and fused by NMS. Eac
 once at a low confidence; F1 is reported at conf 0.25 and at the best conf of a sweep, with
 wall time, and ratios against whole-plane inference measured in the same run.
 
-    .venv/bin/python benchmarks/bench_tiled_fusion.py --oracle --data data/synthetic/spines
-    .venv/bin/python benchmarks/bench_tiled_fusion.py --data data/synthetic/spines \
+    .venv/bin/python benchmarks/bench_tiled_fusion.py --oracle --data data/prepared/spines
+    .venv/bin/python benchmarks/bench_tiled_fusion.py --data data/prepared/spines \
         [--weights best.pt | --epochs 30] [--tile 256 --overlap 64]
 """
 
@@ -150,7 +150,7 @@ def fusion(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("data/synthetic/spines"))
+    ap.add_argument("--data", type=Path, default=Path("data/prepared/spines"))
     ap.add_argument("--oracle", action="store_true", help="only the box-definition oracle")
     ap.add_argument("--weights", type=Path, help="trained YOLO weights (else train here)")
     ap.add_argument("--epochs", type=int, default=30)

@@ -6,7 +6,7 @@ from scratch with the same seed, epochs and hyper-parameters on CPU, then scored
 the held-out benchmark stack, at conf 0.25 and at the best conf of a sweep. Prints both and
 the 2.5D / single ratios.
 
-    .venv/bin/python benchmarks/bench_yolo_25d.py --data data/synthetic/spines [--epochs 15]
+    .venv/bin/python benchmarks/bench_yolo_25d.py --data data/prepared/spines [--epochs 15]
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def run(data: Path, work: Path, epochs: int, seed: int, radius: float) -> pd.Dat
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("data/synthetic/spines"))
+    ap.add_argument("--data", type=Path, default=Path("data/prepared/spines"))
     ap.add_argument("--work", type=Path, default=Path("/tmp/microseg_bench_25d"))
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--seed", type=int, default=0)

@@ -10,9 +10,10 @@ import pandas as pd
 import pytest
 import tifffile
 
-from microseg.config import DatasetConfig, load_params
+from microseg.config import DatasetConfig, SynthSpinesConfig, load_params
 from microseg.data.ingest import SPINE_CLASSES, ingest
 from microseg.data.manifest import read_manifest
+from microseg.data.synthesize import write_spines
 from microseg.errors import DataFormatError, MicrosegError, MissingFileError, ShapeMismatchError
 from microseg.io import d3set, points, tiff
 
@@ -173,4 +174,41 @@ def test_spine_stages_read_the_prepared_layout(tmp_path: Path) -> None:
     overrides = {"datasets.spines.format": "deepd3", "datasets.spines.source": str(tmp_path)}
     params = load_params("params.yaml", overrides)
     assert params.dataset_source("spines") == params.paths.prepared / params.spines.dataset
-    assert load_params("params.yaml").dataset_source("spines") == Path("data/synthetic/spines")
+    legacy = {"datasets.spines.format": "synthetic_spines"}  # read where it lies
+    source = load_params("params.yaml").datasets["spines"].source
+    assert load_params("params.yaml", legacy).dataset_source("spines") == source
+
+
+def test_generator_output_ingests_one_point_per_cluster_and_the_majority(tmp_path: Path) -> None:
+    """``microseg synth spines`` writes DeepD3's layout: faint spines, so some are clicked by
+    one, two or all three raters; ingest gives one point per cluster (its clicks' centroid, in
+    nm too) and labels the benchmark with the raters' majority vote."""
+    cfg = SynthSpinesConfig(
+        seed=2, n_train=1, n_val=1, shape=(8, 32, 32), benchmark_shape=(8, 64, 64),
+        benchmark_dendrites=(1, 1), n_batch=0,
+        generator={"n_dendrites": (1, 1), "peak_photons": (10.0, 16.0)},
+    )  # fmt: skip
+    src = write_spines(cfg, tmp_path / "synthetic")
+    clicks = pd.read_csv(src / "Annotations_and_Clusters.csv", index_col=0)
+    per_cluster = clicks.groupby("label")
+    assert set(per_cluster.size()) == {1, 2, 3} and set(clicks.Rater) == set(RATERS)
+    out = ingest("spines", _cfg(src), tmp_path / "prepared", seed=0, workers=1)
+    m = read_manifest(out).set_index("sample_id")
+    assert m.split.to_dict() == {"benchmark": "test", "train_x0": "train", "val_x0": "val"}
+    assert m.loc["benchmark"].n_instances == clicks.label.nunique()
+    pts = points.read_points(out / "points" / "benchmark.csv", shape=(8, 64, 64))
+    centroids = per_cluster[["X", "Y", "Pos"]].mean()
+    np.testing.assert_allclose(pts[["x", "y", "z"]], centroids, atol=1e-6)  # CSV: 6 decimals
+    np.testing.assert_allclose(pts[["x_nm", "y_nm", "z_nm"]], centroids * [94, 94, 500], atol=1e-3)
+    assert pts.n_raters.tolist() == per_cluster.Rater.nunique().tolist()
+    votes = sum(tifffile.imread(src / f"Spine_{r}.tif") > 0 for r in RATERS)
+    dend_votes = sum(tifffile.imread(src / f"Dendrite_{r}.tif") > 0 for r in RATERS)
+    expected = np.where(votes >= 2, 2, np.where(dend_votes >= 2, 1, 0))
+    np.testing.assert_array_equal(tiff.read_stack(out / "labels" / "benchmark.tif"), expected)
+    assert (expected == 2).any() and ((votes == 1) & (expected != 2)).any()  # a vote decided
+    # the generator's per-stack head points reach the d3set samples (validation needs them)
+    for sid in ("train_x0", "val_x0"):
+        pd.testing.assert_frame_equal(
+            points.read_points(out / "points" / f"{sid}.csv"),
+            points.read_points(src / "points" / f"{sid}.csv"),
+        )

@@ -14,6 +14,8 @@ from microseg.data.synth_spines import (
     SpineVolume,
     generate_spine_volume,
     miss_probability,
+    rate_volume,
+    rater_clicks,
     simulate_raters,
 )
 from microseg.errors import ConfigError
@@ -132,6 +134,26 @@ def test_raters_mark_some_debris_and_are_seeded(vol: SpineVolume) -> None:
     assert all(
         np.array_equal(x[0], y[0]) and np.array_equal(x[1], y[1]) for x, y in zip(a, b, strict=True)
     )
+
+
+def test_clicks_are_the_raters_own_spines_near_their_heads(vol: SpineVolume) -> None:
+    """One click per rater per spine that rater painted, within a few pixels and a plane or
+    two of the true head (DeepD3's units: X, Y pixels, Pos a plane); one cluster per spine."""
+    rated = rate_volume(vol, n_raters=3, seed=0)
+    masks = simulate_raters(vol, n_raters=3, seed=0)
+    assert all(np.array_equal(r.spine, m[0]) for r, m in zip(rated, masks, strict=True))
+    clicks = rater_clicks(vol, rated, ["U", "V", "W"], seed=1)
+    seen = sorted(set().union(*(r.seen for r in rated)))
+    assert clicks.label.nunique() == len(seen) < len(vol.points)  # someone saw it; not all
+    heads = vol.points.set_index("spine_id").loc[seen, ["x", "y", "z"]].to_numpy()
+    for (label, group), head in zip(clicks.groupby("label"), heads, strict=True):
+        sid = seen[label]
+        assert set(group.Rater) == {n for n, r in zip("UVW", rated, strict=True) if sid in r.seen}
+        assert (np.hypot(group.X - head[0], group.Y - head[1]) < 5).all()
+        assert (np.abs(group.Pos - head[2]) <= 2).all()
+    assert set(clicks.groupby("label").size()) == {1, 2, 3}
+    again = rater_clicks(vol, rated, ["U", "V", "W"], seed=1)
+    assert again.equals(clicks)
 
 
 def test_miss_probability_rises_for_faint_and_tiny_spines() -> None:

@@ -3,6 +3,8 @@ import time
 from pathlib import Path
 
 import flammkuchen as fl
+import numpy as np
+import pandas as pd
 
 from microseg.config import SynthSpinesConfig, SynthTrackingConfig
 from microseg.data.synthesize import write_spines, write_tracking
@@ -17,32 +19,42 @@ def _digest(folder: Path) -> dict[str, str]:
     }
 
 
-def test_spine_layout(tiny_spines_master: Path) -> None:
-    root = tiny_spines_master
-    d = fl.load(str(root / "train.d3set"))
+def test_spine_layout(tiny_deepd3_master: Path) -> None:
+    """DeepD3's release files (what ``format: deepd3`` reads) plus the per-stack points, the
+    benchmark's truth and the batch stacks."""
+    root = tiny_deepd3_master
+    d = fl.load(str(root / "DeepD3_Training.d3set"))
     assert set(d["data"]) == {"stacks", "dendrites", "spines"}
     assert d["meta"].iloc[0].Resolution_XY == 0.094 and d["meta"].iloc[0].Resolution_Z == 0.5
-    with tiff.open_stack(root / "benchmark" / "stack.tif") as st:
+    with tiff.open_stack(root / "DeepD3_Benchmark.tif") as st:
         assert st.shape == (8, 64, 64)
         assert st.voxel_size_nm == (500.0, 94.0, 94.0)
-    pts = points.read_points(root / "benchmark" / "spines.csv", shape=(8, 64, 64))
-    assert len(pts) > 0 and {"spine_id", "kind"} <= set(pts.columns)
-    raters = sorted(p.name for p in (root / "raters").iterdir())
-    assert raters == [f"rater{k}_{w}.tif" for k in (1, 2, 3) for w in ("dendrites", "spines")]
+    truth = points.read_points(root / "truth" / "benchmark_spines.csv", shape=(8, 64, 64))
+    assert len(truth) > 0 and {"spine_id", "kind"} <= set(truth.columns)
+    for r in "UVW":  # ImageJ's binary masks: 0 and 255
+        for part in ("Spine", "Dendrite"):
+            assert set(np.unique(tiff.read_stack(root / f"{part}_{r}.tif"))) <= {0, 255}
+    clicks = pd.read_csv(root / "Annotations_and_Clusters.csv", index_col=0)
+    assert list(clicks.columns) == ["Rater", "X", "Y", "Pos", "label"]
+    assert set(clicks.Rater) <= set("UVW") and clicks.Pos.dtype.kind == "i"
+    assert not clicks.duplicated(["Rater", "label"]).any()  # one click per rater and spine
+    assert clicks.groupby("label").size().between(1, 3).all()
     assert (root / "points" / "train_x0.csv").exists()
+    assert sorted(p.name for p in (root / "batch").iterdir())[:2] == ["stack01.csv", "stack01.tif"]
 
 
 def test_spine_files_are_byte_identical_for_a_seed(
-    tiny_spines_master: Path, tiny_spines_cfg: SynthSpinesConfig, tmp_path: Path
+    tiny_deepd3_master: Path, tiny_spines_cfg: SynthSpinesConfig, tmp_path: Path
 ) -> None:
     """Same params, same bytes: in another folder and at another time (HDF5 object times are
     not written), so DVC hashes the same output on every machine."""
     time.sleep(1.1)  # HDF5 stores times in seconds: a second later would show in the bytes
     again = write_spines(tiny_spines_cfg, tmp_path / "again")
-    assert _digest(again) == _digest(tiny_spines_master)
+    assert _digest(again) == _digest(tiny_deepd3_master)
     assert any(k.endswith(".d3set") for k in _digest(again))
     other = write_spines(tiny_spines_cfg.model_copy(update={"seed": 8}), tmp_path / "other")
-    assert _digest(other)["benchmark/stack.tif"] != _digest(again)["benchmark/stack.tif"]
+    for name in ("DeepD3_Benchmark.tif", "Annotations_and_Clusters.csv"):
+        assert _digest(other)[name] != _digest(again)[name]
 
 
 def test_tracking_layout(tiny_tracking_master: Path) -> None:
@@ -93,7 +105,7 @@ def _write_with_blas_kernel(kind: str, cfg, out: Path, coretype: str) -> dict[st
 
 
 def test_same_bytes_with_another_cpus_blas_kernels(
-    tiny_spines_master: Path,
+    tiny_deepd3_master: Path,
     tiny_spines_cfg: SynthSpinesConfig,
     tiny_tracking_master: Path,
     tiny_tracking_cfg: SynthTrackingConfig,
@@ -104,7 +116,7 @@ def test_same_bytes_with_another_cpus_blas_kernels(
     wrote other bytes on a Haswell than on a SkylakeX; now every file must match."""
     for coretype in ("Haswell", "Sandybridge"):
         spines = _write_with_blas_kernel("spines", tiny_spines_cfg, tmp_path / coretype, coretype)
-        assert spines == _digest(tiny_spines_master), coretype
+        assert spines == _digest(tiny_deepd3_master), coretype
         tracking = _write_with_blas_kernel(
             "tracking", tiny_tracking_cfg, tmp_path / f"t{coretype}", coretype
         )

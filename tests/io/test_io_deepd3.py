@@ -94,3 +94,14 @@ def test_find_files_names_the_missing_dendrite_mask(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(MissingFileError, match=r"Dendrite_V.tif: rater V .*Dendrite_V_dendrite"):
         deepd3.find_files(tmp_path)
+
+
+def test_points_from_mask_are_the_3d_components_centroids() -> None:
+    spine = np.zeros((5, 30, 40), bool)
+    spine[1:3, 2:6, 3:7] = True  # centroid z 1.5, y 3.5, x 4.5
+    spine[4, 20:23, 30:33] = True  # z 4, y 21, x 31
+    pts = deepd3.points_from_mask(spine, (500.0, 100.0, 100.0))
+    got = pts.sort_values("x")[["x", "y", "z"]].to_numpy()
+    np.testing.assert_allclose(got, [[4.5, 3.5, 1.5], [31.0, 21.0, 4.0]])
+    np.testing.assert_allclose(pts.sort_values("x")["z_nm"], [750.0, 2000.0])
+    assert deepd3.points_from_mask(np.zeros((2, 4, 4), bool), (1.0, 1.0, 1.0)).empty

@@ -456,7 +456,11 @@ def _write_spine_layout(
 def ingest_deepd3(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: int) -> list[dict]:
     """The DeepD3 dataset's own files (io/deepd3.py): training/validation d3sets keep their
     split, the benchmark stack is the test split with the raters' majority vote as its labels
-    and one point per annotation cluster (centroid; pixels and nm)."""
+    and one point per annotation cluster (centroid; pixels and nm).
+
+    DeepD3 has no points for the d3set stacks; ``points/{train,val}_x<i>.csv`` beside the
+    files (the synthetic generator writes them) give them theirs, which validation needs;
+    without them each stack's points are its spine mask's 3D components (centroids)."""
     files = deepd3.find_files(cfg.source)
     with tiff.open_stack(files.benchmark, expect_ndim=3) as st:
         image = st.asarray()
@@ -481,10 +485,15 @@ def ingest_deepd3(name: str, cfg: DatasetConfig, out: Path, seed: int, workers: 
                 *(float(meta.Resolution_XY) * 1000,) * 2,
             )
             labels = semantic_spine_labels(ds.dendrites[key], ds.spines[key])
+            pts_path = Path(cfg.source) / "points" / f"{split}_{key}.csv"
+            if pts_path.is_file():
+                stack_pts = points.read_points(pts_path, shape=labels.shape, allow_empty=True)
+            else:  # a real DeepD3 download: the spine mask's components are the points
+                stack_pts = deepd3.points_from_mask(ds.spines[key], stack_voxel)
             rows.append(
                 _spine_sample(
                     name, cfg, out, f"{split}_{key}", split, path, ds.stacks[key], labels,
-                    stack_voxel, None,
+                    stack_voxel, stack_pts,
                 )
             )  # fmt: skip
     labels = semantic_spine_labels(consensus[1], consensus[0])

@@ -779,11 +779,14 @@ def _padded(sl: tuple[slice, ...], shape: tuple[int, ...], pad: int) -> tuple[sl
 
 def _rater_spines(
     rng: np.random.Generator, volume: SpineVolume, p_miss: np.ndarray, out: np.ndarray
-) -> None:
+) -> list[int]:
+    """Paint the spines this rater sees into ``out``; returns their ids (``spine_id``)."""
     labels = volume.spine_labels
+    seen = []
     for k, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None or rng.random() < p_miss[k - 1]:
             continue
+        seen.append(k)
         box = _padded(sl, labels.shape, 3)
         own = labels[box] == k
         own = _shift_mask(own, int(rng.choice(_SPINE_SHIFTS, p=_SPINE_SHIFT_P)))
@@ -791,6 +794,7 @@ def _rater_spines(
         if planes.size > 1 and rng.random() < _Z_TRIM_P:
             own[planes[0] if rng.random() < 0.5 else planes[-1]] = False
         out[box] |= own
+    return seen
 
 
 def _rater_debris(rng: np.random.Generator, volume: SpineVolume, out: np.ndarray) -> None:
@@ -819,20 +823,71 @@ def _rater_dendrites(rng: np.random.Generator, volume: SpineVolume) -> np.ndarra
     return out
 
 
-def simulate_raters(
-    volume: SpineVolume, n_raters: int = 3, seed: int = 0
-) -> list[tuple[np.ndarray, np.ndarray]]:
+@dataclass
+class RaterAnnotation:
+    """One simulated rater's work on a stack: painted masks and the spines they clicked."""
+
+    spine: np.ndarray  # bool
+    dendrite: np.ndarray  # bool
+    seen: list[int]  # spine_id of every spine this rater painted (and so clicked)
+
+
+def rate_volume(volume: SpineVolume, n_raters: int = 3, seed: int = 0) -> list[RaterAnnotation]:
     """Annotations by ``n_raters`` people who disagree where people do.
 
     Each rater misses faint or tiny spines (``miss_probability``), paints every object's
     boundary one or two pixels wider or narrower, sometimes skips a spine's edge plane and
-    marks a few debris blobs as spines. Returns one (spine_mask, dendrite_mask) per rater.
+    marks a few debris blobs as spines.
     """
     p_miss = miss_probability(volume.points["snr"], volume.points["head_diameter_um"])
     out = []
     for rng in np.random.default_rng(seed).spawn(n_raters):
         spine = np.zeros_like(volume.spine)
-        _rater_spines(rng, volume, p_miss, spine)
+        seen = _rater_spines(rng, volume, p_miss, spine)
         _rater_debris(rng, volume, spine)
-        out.append((spine, _rater_dendrites(rng, volume)))
+        out.append(RaterAnnotation(spine, _rater_dendrites(rng, volume), seen))
     return out
+
+
+def simulate_raters(
+    volume: SpineVolume, n_raters: int = 3, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``rate_volume``'s masks only: one (spine_mask, dendrite_mask) per rater."""
+    return [(r.spine, r.dendrite) for r in rate_volume(volume, n_raters, seed)]
+
+
+#: a rater's click about a head centre (z, y, x; µm): the plane either side of the brightest
+#: one, and about a pixel in xy (people click the middle of a blob of a few pixels)
+CLICK_SIGMA_UM = (0.25, 0.1, 0.1)
+#: DeepD3's click table (Annotations_and_Clusters.csv) after its pandas index column
+CLICK_COLUMNS = ["Rater", "X", "Y", "Pos", "label"]
+
+
+def rater_clicks(
+    volume: SpineVolume, raters: list[RaterAnnotation], names: list[str], seed: int = 0
+) -> pd.DataFrame:
+    """Every rater's click on every spine they saw, in DeepD3's click-table conventions.
+
+    ``X``, ``Y`` are pixels (2 decimals), ``Pos`` the plane (z index) the rater clicked on,
+    ``label`` the cluster: all clicks on one spine share it, so a cluster holds 1 to
+    ``len(raters)`` clicks. Spines nobody saw get no cluster, as on real data. Clusters are
+    numbered 0, 1, ... in ``spine_id`` order; clicks are jittered about the true head centre.
+    """
+    rng = np.random.default_rng(seed)
+    sigma = np.asarray(CLICK_SIGMA_UM) / volume.cfg.voxel_um
+    top = np.asarray(volume.cfg.shape, float) - 1
+    seen = [set(r.seen) for r in raters]
+    heads = volume.points.set_index("spine_id")[["z", "y", "x"]]
+    rows: list[tuple[str, float, float, int, int]] = []
+    label = 0
+    for sid, centre in zip(heads.index, heads.to_numpy(float), strict=True):
+        who = [name for name, s in zip(names, seen, strict=True) if sid in s]
+        if not who:
+            continue
+        zyx = np.clip(centre + rng.normal(0.0, sigma, (len(who), 3)), 0.0, top)
+        rows += [
+            (name, round(float(x), 2), round(float(y), 2), int(np.rint(z)), label)
+            for name, (z, y, x) in zip(who, zyx, strict=True)
+        ]
+        label += 1
+    return pd.DataFrame(rows, columns=CLICK_COLUMNS).astype({"Pos": "int64", "label": "int64"})

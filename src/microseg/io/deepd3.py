@@ -182,6 +182,28 @@ def collapse_clusters(
     return out.reset_index(drop=True)
 
 
+def points_from_mask(
+    spine: np.ndarray, voxel_size_nm: tuple[float, float, float], min_voxels: int = 1
+) -> pd.DataFrame:
+    """One point per spine of a d3set stack: the centroid of each 3D connected component of
+    its spine mask (DeepD3's d3sets annotate spines as masks, not clicks), in pixels and nm.
+
+    Validation (detection thresholds, the LoG grid) matches points; a real DeepD3 download has
+    none for its training/validation stacks, so their masks' components stand in for them."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(np.asarray(spine) != 0)
+    ids = np.arange(1, n + 1)
+    sizes = ndimage.sum_labels(np.ones(lab.shape, np.int64), lab, ids) if n else np.zeros(0)
+    keep = ids[np.asarray(sizes) >= min_voxels]
+    cents = np.array(ndimage.center_of_mass(lab > 0, lab, keep)).reshape(-1, 3)
+    out = pd.DataFrame({"x": cents[:, 2], "y": cents[:, 1], "z": cents[:, 0]})
+    out["spine_id"] = np.arange(1, len(out) + 1, dtype=np.int64)
+    z_nm, y_nm, x_nm = voxel_size_nm
+    out["x_nm"], out["y_nm"], out["z_nm"] = out.x * x_nm, out.y * y_nm, out.z * z_nm
+    return out
+
+
 def read_rater_mask(path: Path, shape: tuple[int, ...]) -> np.ndarray:
     """A rater's mask as bool: it must match the benchmark stack and hold one foreground value
     (0/1, 0/255 or bool), else it is a probability or label image, not a rater's mask."""
