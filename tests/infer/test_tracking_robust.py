@@ -7,10 +7,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from skimage.draw import disk
+from scipy import ndimage
+from skimage.draw import disk, ellipse
 
+from microseg.errors import ConfigError
 from microseg.infer.tracking import LinkConfig, link
 from microseg.infer.tracking_laptrack import link_laptrack
+from microseg.infer.tracking_split import join_pinched, split_merges
 from microseg.io.ctc import check_tracks
 
 SHAPE = (64, 96)
@@ -210,3 +213,144 @@ def test_new_knobs_are_checked_and_reachable_from_a_mapping() -> None:
     ):
         with pytest.raises(ConfigError):
             LinkConfig(**bad)
+
+
+# --------------------------------------------------------------------------- split_merges
+# merged masks cut between the cells of the neighbouring frame: each cell keeps a mask of its
+# own while touching, the division whose daughters touch is found at its frame, and nothing
+# outside a merged mask changes
+
+SPLIT = LinkConfig(split_merges=True)
+
+
+def test_merge_for_three_frames_is_split_between_the_two_cells() -> None:
+    merge = range(5, 8)
+    a, b, masks = _approach_merge_separate(merge)
+    tracked, tracks = link(masks, SPLIT)
+    check_tracks(tracked, tracks)
+    assert len(tracks) == 2 and (tracks.P == 0).all(), tracks  # one unbroken track per cell
+    ta, tb = track_at(tracked, 0, *a[0][:2]), track_at(tracked, 0, *b[0][:2])
+    for t in range(len(masks)):
+        assert (track_at(tracked, t, *a[t][:2]), track_at(tracked, t, *b[t][:2])) == (ta, tb), t
+    for t in merge:  # the merged mask, every pixel of it, shared between the two cells
+        assert set(np.unique(tracked[t][masks[t] > 0])) == {ta, tb}
+        sizes = np.bincount(tracked[t].ravel())[[ta, tb]]
+        assert sizes.min() > 0.4 * sizes.sum(), sizes  # two discs of one size: about half each
+    plain, _ = link(masks, LinkConfig())
+    assert all(len(np.unique(plain[t][masks[t] > 0])) == 1 for t in merge)  # not before
+
+
+def _touching_daughters(n: int = 12):
+    """A mother (frames 0-3) divides; the daughters are one two-lobed mask at frames 4-5."""
+    mother = {t: (32.0, 40.0 + 0.5 * t, 9) for t in range(4)}
+    d1 = {t: (32.0, 36.0 - 2.0 * max(t - 5, 0), 6.5) for t in range(4, n)}
+    d2 = {t: (32.0, 48.0 + 2.0 * max(t - 5, 0), 6.5) for t in range(4, n)}
+    masks = paint(n, {1: mother, 4: {t: (10.0, 10.0 + t, 5) for t in range(n)}})
+    for t in range(4, n):
+        for value, d in ((2, d1), (3, d2)):
+            rr, cc = disk(d[t][:2], d[t][2], shape=SHAPE)
+            masks[t, rr, cc] = 2 if t < 6 else value
+    return d1, d2, masks
+
+
+def test_division_whose_daughters_touch_is_found_at_its_frame() -> None:
+    d1, d2, masks = _touching_daughters()
+    late = link(masks, LinkConfig())[1]
+    assert set(late.loc[late.P > 0, "B"]) == {6}  # without the split: found when they part
+    tracked, tracks = link(masks, SPLIT)
+    check_tracks(tracked, tracks)
+    ((mom, kids),) = divisions(tracks).items()
+    assert mom == track_at(tracked, 3, 32, 41.5)
+    rows = tracks.set_index("L")
+    assert [int(rows.at[k, "B"]) for k in kids] == [4, 4]
+    for t in (4, 5):  # each daughter its own mask while they touch
+        assert sorted([track_at(tracked, t, *d1[t][:2]), track_at(tracked, t, *d2[t][:2])]) == kids
+    _, only_forward = link(masks, LinkConfig(split_merges=True, split_back_frames=0))
+    assert set(only_forward.loc[only_forward.P > 0, "B"]) == {6}  # the backward pass found it
+
+
+def test_backward_splits_stop_after_split_back_frames() -> None:
+    _, _, masks = _touching_daughters()
+    cfg = LinkConfig(split_merges=True, split_back_frames=1)
+    out, n_split = split_merges(masks, cfg)
+    assert n_split == 1
+    assert len(np.unique(out[5])) == 4 and len(np.unique(out[4])) == 3  # 5 cut, 4 left whole
+
+
+def test_pixels_outside_merged_masks_are_untouched() -> None:
+    merge = range(5, 8)
+    _, _, masks = _approach_merge_separate(merge)
+    masks[:, 50:60, 80:92] = 9  # a bystander
+    out, n_split = split_merges(masks, SPLIT)
+    assert n_split == len(merge)
+    assert np.array_equal(out > 0, masks > 0)
+    changed = out != masks
+    assert changed.any() and not changed[:, 50:60, 80:92].any()
+    for t in range(len(masks)):
+        if t not in merge:
+            assert np.array_equal(out[t], masks[t])
+
+
+def test_backward_cuts_need_a_neck_when_gated() -> None:
+    # going back from two objects, an elongated cell (no neck) is left whole by the gate while
+    # two touching discs (a neck) are still cut; ungated, both are cut
+    masks = np.zeros((2, *SHAPE), np.uint16)
+    rr, cc = ellipse(20, 48, 8, 16, shape=SHAPE)
+    masks[:, rr, cc] = 1
+    masks[1][(masks[1] == 1) & (np.arange(SHAPE[1]) >= 48)] = 2  # drawn as two halves at 1
+    for value, x in ((3, 40), (4, 53)):  # two discs: apart at 1, one mask at 0
+        rr, cc = disk((46, x), 7, shape=SHAPE)
+        masks[0, rr, cc] = 3
+        masks[1, rr, cc] = value
+    loose = LinkConfig(split_merges=True, split_back_frames=1, split_back_max_neck=0.0)
+    assert split_merges(masks, loose)[1] == 2
+    gate = LinkConfig(split_merges=True, split_back_frames=1, split_back_max_neck=0.95)
+    gated, n_gated = split_merges(masks, gate)
+    assert n_gated == 1
+    assert len(np.unique(gated[0, :32])) == 2 and len(np.unique(gated[0, 32:])) == 3
+    *_, masks = _touching_daughters()  # the round mother is not cut going back further
+    gate = LinkConfig(split_merges=True, split_back_frames=5, split_back_max_neck=0.95)
+    tracks = link(masks, gate)[1]
+    assert [int(tracks.set_index("L").at[k, "B"]) for k in divisions(tracks).popitem()[1]] == [4, 4]
+
+
+def test_a_pinched_mother_drawn_as_two_halves_divides_a_frame_later() -> None:
+    # the mother's last frame (3) is drawn as her two touching halves; the daughters (from 4,
+    # touching at 4) are the division: joined, frame 3 is the mother's and frame 4 is not
+    n = 10
+    masks = paint(
+        n, {1: {t: (32.0, 40.0, 9) for t in range(4)}, 9: {t: (8, 8, 4) for t in range(n)}}
+    )
+    masks[3][(masks[3] == 1) & (np.arange(SHAPE[1]) >= 40)] = 5
+    for value, x0, step in ((2, 34.0, -2.0), (3, 46.0, 2.0)):
+        for t in range(4, n):
+            rr, cc = disk((32.0, x0 + step * (t - 4)), 6.5, shape=SHAPE)
+            masks[t, rr, cc] = value
+    assert (ndimage.binary_dilation(masks[4] == 2) & (masks[4] == 3)).any()  # they touch at 4
+
+    def daughters_start(cfg: LinkConfig) -> list[int]:
+        tracks = link(masks, cfg)[1]
+        ((_, kids),) = divisions(tracks).items()
+        return [int(tracks.set_index("L").at[k, "B"]) for k in kids]
+
+    assert daughters_start(LinkConfig()) == [3, 3]
+    assert daughters_start(LinkConfig(join_pinched=True)) == [4, 4]
+    joined, n_joins = join_pinched(masks, 0.5, 2.0)
+    assert n_joins == 1 and len(np.unique(joined[3])) == 3 and len(np.unique(joined[4])) == 4
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"split_min_cover": 0.0},
+        {"split_area_ratio": -0.1},
+        {"split_erode": -1},
+        {"split_back_max_neck": -0.5},
+        {"split_max_frames": -1},
+        {"split_back_frames": -1},
+    ],
+)
+def test_split_knobs_are_checked(bad: dict) -> None:
+    with pytest.raises(ConfigError):
+        LinkConfig(**bad)
+    assert LinkConfig.from_mapping({"split_merges": True, "split_erode": 1}).split_erode == 1

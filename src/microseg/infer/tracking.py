@@ -38,6 +38,10 @@ Output: the same objects relabelled so that the value is a track id, and the CTC
    assignment over all such pairs, again with no-link options). A track that ends touching
    the image edge and one that begins touching it are a cell leaving and another coming in,
    not a gap, unless ``gap_reentry``.
+0. **Split merged masks** first (``split_merges``, :mod:`microseg.infer.tracking_split`):
+   a mask over two objects of the previous (then the next) frame is cut between them by a
+   seeded watershed, so both cells keep a mask of their own; with ``join_pinched`` a
+   division's first frame whose two halves touch is given back to the mother.
 5. **Merges** (``merges``, :mod:`microseg.infer.tracking_merge`): a track that vanishes into
    a neighbour's grown mask is remembered as hidden in it for up to ``merge_max_frames``;
    when that mask comes apart, host and hidden cells take the pieces (not a division).
@@ -78,6 +82,7 @@ from scipy.spatial import cKDTree
 from microseg.errors import ConfigError, DataFormatError, ShapeMismatchError
 from microseg.infer.tracking_merge import Hidden, merge_step
 from microseg.infer.tracking_post import postprocess
+from microseg.infer.tracking_split import join_pinched, split_merges
 from microseg.io.ctc import TRACK_COLUMNS, check_tracks
 
 log = logging.getLogger(__name__)
@@ -125,6 +130,14 @@ class LinkConfig:
     merge_max_frames: int = 5  # most frames a cell stays hidden in a merged mask
     merge_min_cover: float = 0.5  # share of the vanished cell's pixels the merged mask covers
     merge_area_ratio: float = 1.2  # merged mask / host's previous area, at least
+    split_merges: bool = False  # cut a mask over two tracked cells (tracking_split) first
+    split_min_cover: float = 0.5  # share of each neighbouring-frame object the mask covers
+    split_area_ratio: float = 0.8  # mask area / the covered objects' total area, at least
+    split_erode: int = 1  # px the seeds (neighbouring-frame objects, moved) are eroded by
+    split_max_frames: int = 10  # most frames a forward chain of splits runs (0: none)
+    split_back_frames: int = 5  # most frames split backwards before cells are seen apart (0: none)
+    split_back_max_neck: float = 1.0  # backward cut's distance transform / smaller peak (0: off)
+    join_pinched: bool = False  # a division's first frame, halves touching: still the mother
     fuse_max_dist: float = 0.0  # fuse a track ending at t with one starting at t+1 this near
     min_track_length: int = 1  # shorter lone tracks / short daughters are spurious (1: off)
 
@@ -161,6 +174,20 @@ class LinkConfig:
                 raise ConfigError(f"{name} must be 0 (off) or >= 1, got {value}")
         if self.div_max_radii < 0:
             raise ConfigError(f"div_max_radii must be >= 0, got {self.div_max_radii}")
+        if (
+            not 0.0 < self.split_min_cover <= 1.0
+            or self.split_area_ratio < 0
+            or self.split_erode < 0
+            or self.split_back_max_neck < 0
+            or self.split_max_frames < 0
+            or self.split_back_frames < 0
+        ):
+            raise ConfigError(
+                "split_min_cover must be in (0, 1]; split_area_ratio, split_erode, "
+                "split_max_frames, split_back_frames and split_back_max_neck >= 0; got "
+                f"{self.split_min_cover}, {self.split_area_ratio}, {self.split_erode}, "
+                f"{self.split_max_frames}, {self.split_back_frames}, {self.split_back_max_neck}"
+            )
         if not 0.0 <= self.div_min_eccentricity < 1.0:
             raise ConfigError(
                 f"div_min_eccentricity must be in [0, 1), got {self.div_min_eccentricity}"
@@ -560,6 +587,12 @@ def link(
         raise ShapeMismatchError(
             f"images {np.shape(images)} and masks {masks.shape} must have one shape"
         )
+    n_split = 0
+    if cfg.split_merges:
+        masks, n_split = split_merges(masks, cfg)
+    if cfg.join_pinched:
+        masks, n_join = join_pinched(masks, cfg.split_min_cover, cfg.div_max_sister_ratio)
+        log.info("%d pinched mothers made one mask again", n_join)
     segs = _Segments()
     tracked = np.zeros(masks.shape, np.uint16)
     n_div = n_unmerged = 0
@@ -619,8 +652,10 @@ def link(
         tracked, tracks = postprocess(tracked, tracks, cfg.fuse_max_dist, cfg.min_track_length)
         n_tracks = len(tracks)
     log.info(
-        "linked %d frames: %d tracks, %d divisions, %d gaps closed, %d cells out of merges",
+        "linked %d frames: %d masks split, %d tracks, %d divisions, %d gaps closed, "
+        "%d cells out of merges",
         n_frames,
+        n_split,
         n_tracks,
         n_div,
         n_gaps,
