@@ -41,7 +41,8 @@ Output: the same objects relabelled so that the value is a track id, and the CTC
 0. **Split merged masks** first (``split_merges``, :mod:`microseg.infer.tracking_split`):
    a mask over two objects of the previous (then the next) frame is cut between them by a
    seeded watershed, so both cells keep a mask of their own; with ``join_pinched`` a
-   division's first frame whose two halves touch is given back to the mother.
+   division's first frame whose two halves touch is given back to the mother (unless they
+   have grown over her, ``join_max_growth``: daughters still drawn as one before).
 5. **Merges** (``merges``, :mod:`microseg.infer.tracking_merge`): a track that vanishes into
    a neighbour's grown mask is remembered as hidden in it for up to ``merge_max_frames``;
    when that mask comes apart, host and hidden cells take the pieces (not a division).
@@ -137,11 +138,15 @@ class LinkConfig:
     split_max_frames: int = 10  # most frames a forward chain of splits runs (0: none)
     split_back_frames: int = 5  # most frames split backwards before cells are seen apart (0: none)
     split_back_max_neck: float = 1.0  # backward cut's distance transform / smaller peak (0: off)
+    split_back_grown: tuple[tuple[float, float], ...] = ()  # (growth, neck): gate of a grown mask
     join_pinched: bool = False  # a division's first frame, halves touching: still the mother
+    join_max_growth: float = 0.0  # ... unless the halves grew this much over her (0: off)
     fuse_max_dist: float = 0.0  # fuse a track ending at t with one starting at t+1 this near
     min_track_length: int = 1  # shorter lone tracks / short daughters are spurious (1: off)
 
     def __post_init__(self) -> None:
+        grown = tuple(tuple(float(v) for v in tier) for tier in self.split_back_grown)
+        object.__setattr__(self, "split_back_grown", grown)  # YAML gives lists
         for name in ("max_dist", "gap_max_dist", "div_max_dist"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -179,14 +184,18 @@ class LinkConfig:
             or self.split_area_ratio < 0
             or self.split_erode < 0
             or self.split_back_max_neck < 0
+            or self.join_max_growth < 0
+            or any(len(tier) != 2 or min(tier) < 0 for tier in self.split_back_grown)
             or self.split_max_frames < 0
             or self.split_back_frames < 0
         ):
             raise ConfigError(
                 "split_min_cover must be in (0, 1]; split_area_ratio, split_erode, "
-                "split_max_frames, split_back_frames and split_back_max_neck >= 0; got "
+                "split_max_frames, split_back_frames, split_back_max_neck, join_max_growth "
+                "and each split_back_grown (growth, neck) >= 0; got "
                 f"{self.split_min_cover}, {self.split_area_ratio}, {self.split_erode}, "
-                f"{self.split_max_frames}, {self.split_back_frames}, {self.split_back_max_neck}"
+                f"{self.split_max_frames}, {self.split_back_frames}, {self.split_back_max_neck}, "
+                f"{self.join_max_growth}, {self.split_back_grown}"
             )
         if not 0.0 <= self.div_min_eccentricity < 1.0:
             raise ConfigError(
@@ -591,7 +600,9 @@ def link(
     if cfg.split_merges:
         masks, n_split = split_merges(masks, cfg)
     if cfg.join_pinched:
-        masks, n_join = join_pinched(masks, cfg.split_min_cover, cfg.div_max_sister_ratio)
+        masks, n_join = join_pinched(
+            masks, cfg.split_min_cover, cfg.div_max_sister_ratio, cfg.join_max_growth
+        )
         log.info("%d pinched mothers made one mask again", n_join)
     segs = _Segments()
     tracked = np.zeros(masks.shape, np.uint16)

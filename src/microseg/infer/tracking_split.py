@@ -20,7 +20,10 @@ at the right frame). Here the mask itself is split before linking:
   only where the mask has a neck: the distance transform on the cut below
   ``split_back_max_neck`` times the smaller piece's peak (on 01/02's U-Net masks, 17 of 19
   backward cuts of a single cell had a ratio >= 1, 19 of 24 right cuts < 1; forward cuts,
-  which follow two cells seen apart, were right at any ratio, so they are not gated).
+  which follow two cells seen apart, were right at any ratio, so they are not gated). The
+  gate is loosened (``split_back_grown``) for a mask that has grown over the segmenter's own
+  mask of the frame before: a mother's area is flat, daughters drawn as one grow fast, and
+  two cells drawn as one are about twice one.
 
 A chain of forward splits stops after ``split_max_frames`` frames. Each split object keeps
 its id on its first piece; the others get new ids above the frame's largest.
@@ -48,11 +51,13 @@ class SplitKnobs(Protocol):
     split_max_frames: int
     split_back_frames: int
     split_back_max_neck: float
+    split_back_grown: tuple[tuple[float, float], ...]
 
 
 def split_merges(masks: np.ndarray, cfg: SplitKnobs) -> tuple[np.ndarray, int]:
     """``(T, Y, X)`` label images with merged masks split (a copy) and the number of splits:
     a forward pass, then a backward pass over its result."""
+    raw = np.asarray(masks)
     out = np.array(masks, dtype=np.int64)  # room for new ids whatever the input's dtype
     depth: dict[int, int] = {}  # id -> frames since its cells were seen apart
     splits = 0
@@ -61,8 +66,9 @@ def split_merges(masks: np.ndarray, cfg: SplitKnobs) -> tuple[np.ndarray, int]:
         splits += k
     back: dict[int, int] = {}
     for t in range(len(out) - 2, -1, -1):
+        before = raw[t - 1] if t > 0 else None  # the segmenter's own, for the growth
         out[t], back, k = split_frame(
-            out[t + 1], out[t], back, cfg.split_back_frames, cfg.split_back_max_neck, cfg
+            out[t + 1], out[t], back, cfg.split_back_frames, cfg.split_back_max_neck, cfg, before
         )
         splits += k
     return out, splits
@@ -75,12 +81,14 @@ def split_frame(
     max_depth: int,
     max_neck: float,
     cfg: SplitKnobs,
+    before: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict[int, int], int]:
     """Split the objects of ``cur`` that cover two or more objects of ``ref`` (a neighbouring
     frame). ``ref_depth[id]``: frames since that object's cells were seen apart (absent: an
     object of the segmenter's own); a piece is ``1 +`` its seed's depth, and no split is made
-    beyond ``max_depth`` (0: no splits); ``max_neck`` gates the cut (:func:`_cut`).
-    Returns the new frame, its depths and the count."""
+    beyond ``max_depth`` (0: no splits); ``max_neck`` gates the cut (:func:`_cut`), loosened
+    for a mask grown over ``before``, the segmenter's frame on its other side
+    (:func:`_neck_gate`). Returns the new frame, its depths and the count."""
     if max_depth <= 0:
         return cur, {}, 0
     both = (ref > 0) & (cur > 0)
@@ -105,7 +113,9 @@ def split_frame(
         d = 1 + max(ref_depth.get(i, 0) for i in refs)
         if d > max_depth:
             continue
-        pieces = _cut(ref, cur == j, refs, area_of, max_neck, cfg)
+        mask = cur == j
+        neck = _neck_gate(mask, before, max_neck, cfg.split_back_grown)
+        pieces = _cut(ref, mask, refs, area_of, neck, cfg)
         if pieces is None:
             continue
         for k, piece in enumerate(pieces):
@@ -153,6 +163,32 @@ def _cut(
     return pieces
 
 
+def _neck_gate(
+    mask: np.ndarray,
+    before: np.ndarray | None,
+    max_neck: float,
+    grown: tuple[tuple[float, float], ...],
+) -> float:
+    """The neck gate of a backward cut of ``mask``: ``max_neck``, or the gate of the highest
+    ``(growth, neck)`` tier of ``grown`` reached by the mask's area over the object of
+    ``before`` (the segmenter's frame before) it overlaps most. A mother's area is flat over
+    her last frames while two daughters grow fast from their first (CTC ground truth of
+    01/02: +0..9 % a frame, then +5..27 %), and two cells drawn as one are twice one, so a
+    grown mask over two cells of the next frame is cut on a weaker neck or none (0)."""
+    if not grown or before is None or max_neck <= 0:
+        return max_neck
+    under = before[mask]
+    ids, counts = np.unique(under[under > 0], return_counts=True)
+    if len(ids) == 0:
+        return max_neck
+    ratio = float(mask.sum()) / float((before == ids[np.argmax(counts)]).sum())
+    gate = max_neck
+    for growth, neck in sorted(grown):
+        if ratio >= 1.0 + growth:
+            gate = neck
+    return gate
+
+
 def _neck(labels: np.ndarray, dist: np.ndarray) -> float:
     """Largest distance-transform value on the cut: pixels next to another piece."""
     cut = np.zeros(labels.shape, bool)
@@ -172,7 +208,7 @@ def _disk(radius: int) -> np.ndarray:
 
 
 def join_pinched(
-    masks: np.ndarray, min_cover: float, max_sister_ratio: float
+    masks: np.ndarray, min_cover: float, max_sister_ratio: float, max_growth: float = 0.0
 ) -> tuple[np.ndarray, int]:
     """Give a division's first frame back to the mother when her two halves still touch.
 
@@ -182,7 +218,10 @@ def join_pinched(
     that touch, each lying at least ``min_cover`` inside one object of ``t - 1`` (the same
     one) and alike in size (``max_sister_ratio``, 0: any), are made one again -- once per
     lineage: an object of ``t - 1`` that is itself such a join is not joined again, so the
-    daughters that follow a joined mother stay two. Returns a copy and the number of joins.
+    daughters that follow a joined mother stay two. With ``max_growth`` > 0, halves whose
+    total area is ``1 + max_growth`` x that object or more are not joined: they are daughters
+    growing out of a mask that held them both (a mother's area is flat). Returns a copy and
+    the number of joins.
     """
     out = np.array(masks, dtype=np.int64)
     joined_prev: set[int] = set()
@@ -196,17 +235,21 @@ def join_pinched(
             continue
         ids, area = np.unique(cur[cur > 0], return_counts=True)
         area_of = dict(zip(ids.tolist(), area.tolist(), strict=True))
+        prev_ids, prev_area = np.unique(prev[prev > 0], return_counts=True)
+        prev_area_of = dict(zip(prev_ids.tolist(), prev_area.tolist(), strict=True))
         pairs, inter = np.unique(np.stack([cur[both], prev[both]]), axis=1, return_counts=True)
         inside: dict[int, list[int]] = {}  # object of t - 1 -> objects of t mostly inside it
         for (j, i), n in zip(pairs.T.tolist(), inter.tolist(), strict=True):
             if n >= min_cover * area_of[j] and i not in joined_prev:
                 inside.setdefault(i, []).append(j)
-        for js in inside.values():
+        for i, js in inside.items():
             if len(js) != 2:
                 continue
             j, k = js
             big, small = max(area_of[j], area_of[k]), min(area_of[j], area_of[k])
             if max_sister_ratio > 0 and big > max_sister_ratio * small:
+                continue
+            if max_growth > 0 and big + small >= (1.0 + max_growth) * prev_area_of[i]:
                 continue
             if not (ndimage.binary_dilation(cur == j) & (cur == k)).any():
                 continue
