@@ -136,6 +136,10 @@ class SpinesEvalConfig(_Strict):
     match_dist_nm: float = Field(1000.0, gt=0)
     dedup_radius_nm: float = Field(1500.0, ge=0)
     dedup_mode: Literal["nms", "cluster"] = "nms"
+    #: the probabilistic segmenter whose samples feed ``predict_punet``, ``uncertainty``,
+    #: ``inter_rater``, the fusion and ``microseg predict -m punet``: the flat Prob-UNet
+    #: (``punet``) or the hierarchical one (``hpunet``, ``models/hpunet``)
+    prob_model: Literal["punet", "hpunet"] = "punet"
 
 
 class YoloConvertConfig(_Strict):
@@ -232,6 +236,17 @@ class PunetConfig(_Strict):
     uncertainty_planes: list[int] = Field(default_factory=list)
     #: AUROC/Spearman are computed within this many pixels of any rater's mask
     rater_region_px: int = 3
+
+
+class HpunetConfig(_Strict):
+    """The hierarchical Prob-UNet (``train_hpunet``); it predicts with ``punet.predict``'s
+    knobs, so that switching ``spines.prob_model`` changes the model and nothing else."""
+
+    #: keys of ``microseg.models.hpunet.train.HpunetTrainConfig`` (checked there)
+    train: dict[str, Any] = Field(default_factory=dict)
+    #: ``compare_prob_models`` scores every n-th benchmark plane (the hierarchical model runs
+    #: its decoder once per sample: on all 48 planes it costs minutes of CPU)
+    compare_plane_stride: int = Field(1, ge=1)
 
 
 class TrackingSegConfig(_Strict):
@@ -446,6 +461,7 @@ class Params(_Strict):
     yolo: YoloConfig = Field(default_factory=YoloConfig)
     baseline_log: LogBaselineConfig = Field(default_factory=LogBaselineConfig)
     punet: PunetConfig = Field(default_factory=PunetConfig)
+    hpunet: HpunetConfig = Field(default_factory=HpunetConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     fusion: FusionConfig = Field(default_factory=FusionConfig)
     cells: CellsConfig = Field(default_factory=CellsConfig)
@@ -551,6 +567,7 @@ class Params(_Strict):
                 "engine": self.engine.model_copy(update={"device": device}),
                 "yolo": yolo,
                 "punet": punet,
+                "hpunet": self.hpunet.model_copy(update={"train": put(self.hpunet.train)}),
                 "tracking": tr.model_copy(update={"segmenters": segmenters}),
                 "cells": self.cells.model_copy(update={"models": models}),
             }

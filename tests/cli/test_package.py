@@ -19,7 +19,10 @@ COMMANDS_BEFORE_SPLIT = [
 ]  # fmt: skip
 #: commands added after the split (issue 15: pack-dsb, profile; issue 16: seeds; issue 17:
 #: view, the dataset group; issue 21: synth-nuclei, synth-study)
-COMMANDS_ADDED = ["pack-dsb", "profile", "seeds", "view", "dataset", "synth-nuclei", "synth-study"]
+COMMANDS_ADDED = [
+    "pack-dsb", "profile", "seeds", "view", "dataset", "synth-nuclei", "synth-study",
+    "compare-prob-models",
+]  # fmt: skip
 
 
 def test_help_lists_every_command_once_grouped_in_panels() -> None:

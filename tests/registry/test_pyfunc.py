@@ -310,3 +310,25 @@ def test_requirements_are_pinned_to_this_environment():
         f"torch=={importlib.metadata.version('torch')}",
         f"numpy=={importlib.metadata.version('numpy')}",
     ]
+
+
+def test_a_hierarchical_prob_unet_is_packaged_and_loaded_as_such(store, spine_files, tmp_path):
+    """spines.prob_model: hpunet registers the hierarchical model's file; the pyfunc loads it
+    with its own family (the format tag), not as a flat Prob-UNet."""
+    from microseg.models.hpunet import HierarchicalProbUNet, HpunetSegmenter, save_hpunet
+
+    torch.manual_seed(0)
+    net = HierarchicalProbUNet(filters=(4, 8, 16), latent_levels=2, latent_dim=2, head_convs=2)
+    save_hpunet(net, tmp_path / "hpunet.pt")
+    with mlflow.start_run(experiment_id=store.experiment_id):
+        info = log_spine_model(
+            "spine_model_h",
+            spine_files / "yolo.pt",
+            tmp_path / "hpunet.pt",
+            spine_files / "tuned_fusion.yaml",
+            CFG,
+        )
+    model = mlflow.pyfunc.load_model(info.model_uri)
+    assert isinstance(model.unwrap_python_model().punet, HpunetSegmenter)
+    out = model.predict(pd.DataFrame({"path": [str(spine_files / "s.tif")]}))
+    assert list(out.columns) == SPINE_OUTPUT_COLS

@@ -54,7 +54,7 @@ PANELS: dict[str, tuple[str, ...]] = {
     "Use a model": ("predict", "fuse", "visualize", "view"),
     "Train and evaluate": (
         "train", "evaluate", "tune", "report", "seeds", "synth-study", "compare-spines",
-        "uncertainty", "inter-rater", "track",
+        "uncertainty", "inter-rater", "compare-prob-models", "track",
     ),
     "Pipeline stages and data": (
         "synth", "ingest", "pack-dsb", "synth-nuclei", "validate", "convert", "prepare-targets",
@@ -81,6 +81,7 @@ COMMANDS: tuple[tuple[str, Callable[..., Any] | typer.Typer], ...] = (
     ("compare-spines", evaluation.compare_spines),
     ("uncertainty", uncertainty.uncertainty),
     ("inter-rater", uncertainty.inter_rater),
+    ("compare-prob-models", uncertainty.compare_prob_models),
     ("track", evaluation.track),
     ("synth", data.synth),
     ("ingest", data.ingest),

@@ -1,6 +1,7 @@
 """Uncertainty commands: ``uncertainty`` (Prob-UNet maps) and ``inter-rater`` (rater
 agreement, and how well the maps predict disagreement), on the pipeline's benchmark stack
-(no arguments: the DVC stages) or on a user's own stack and rater masks."""
+(no arguments: the DVC stages) or on a user's own stack and rater masks;
+``compare-prob-models`` (flat vs hierarchical Prob-UNet on the benchmark)."""
 
 from __future__ import annotations
 
@@ -132,3 +133,19 @@ def inter_rater(
             f"AUROC of predictive entropy for rater disagreement {m['auroc']['entropy']:.3f}"
         )
     typer.echo(f"disagreement, consensus and inter_rater.json in {result.out}")
+
+
+def compare_prob_models(
+    params_path: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Flat vs hierarchical Prob-UNet on the benchmark: Dice, ECE, AUROC for rater
+    disagreement (metrics/prob_models.json)."""
+    from microseg.stages.prob_models import run_compare_prob_models
+
+    result = run_compare_prob_models(load(params_path, set_))
+    for name, row in result.metrics.items():
+        typer.echo(
+            f"{name}: spine Dice {row['spine_dice']:.3f}, ECE {row['spine_ece']:.4f}, "
+            f"AUROC(entropy) {row.get('entropy_auroc', float('nan')):.3f}"
+        )

@@ -25,6 +25,7 @@ MODELS: Registry[type] = Registry(
     lazy={
         "yolo": "microseg.models.yolo",
         "punet": "microseg.models.punet",
+        "hpunet": "microseg.models.hpunet",
         "unet": "microseg.models.unet",
         "maskrcnn": "microseg.models.maskrcnn",
         "classical": "microseg.models.classical",
@@ -124,6 +125,25 @@ class EngineFamily:
                 f"unknown {cls.__name__} training knob(s) {sorted(bad)}; expected "
                 f"{config.__name__} fields"
             )
+
+    @classmethod
+    def train_defaults(cls, keys: Iterable[str]) -> dict[str, Any]:
+        """The training config's defaults of dotted keys a ``train`` section leaves out (a
+        study's baseline trial trains them); keys without a plain default are left out."""
+        try:
+            default = _load(cls.train_config).from_mapping({})
+        except Exception:  # a config with required fields has no default to offer
+            return {}
+        out: dict[str, Any] = {}
+        for k in keys:
+            value: Any = default
+            for part in k.split("."):
+                value = (
+                    value.get(part) if isinstance(value, Mapping) else getattr(value, part, None)
+                )
+            if isinstance(value, bool | int | float | str):
+                out[k] = value
+        return out
 
 
 def _load(target: str) -> Any:

@@ -147,13 +147,14 @@ def _device() -> str:
 class SpineModel(PythonModel):
     """YOLO + Prob-UNet + tuned fusion (:func:`microseg.infer.spine_pipeline.predict_spines`).
 
-    Artifacts: ``yolo`` (best.pt), ``punet`` (best.pt), ``fusion`` (tuned_fusion.yaml),
+    Artifacts: ``yolo`` (best.pt), ``punet`` (best.pt of the flat or the hierarchical
+    Prob-UNet, whichever ``spines.prob_model`` named), ``fusion`` (tuned_fusion.yaml),
     ``config`` (JSON of :class:`~microseg.infer.spine_pipeline.SpinePipelineConfig`).
     """
 
     def load_context(self, context: Any) -> None:
         from microseg.infer.spine_pipeline import SpinePipelineConfig, read_fusion_params
-        from microseg.models.punet import PunetSegmenter, load_punet
+        from microseg.models import get_model
         from microseg.models.yolo import YoloSpineDetector
 
         art = context.artifacts
@@ -161,7 +162,9 @@ class SpineModel(PythonModel):
         self.fusion_params = read_fusion_params(art["fusion"])
         self.yolo = YoloSpineDetector.load(art["yolo"])
         device = _device() if self.cfg.device == "auto" else self.cfg.device
-        self.punet = PunetSegmenter(load_punet(art["punet"], map_location=device))
+        # the flat or the hierarchical Prob-UNet (spines.prob_model), told by its format tag
+        family = "hpunet" if get_model("hpunet").owns(art["punet"]) else "punet"
+        self.punet = get_model(family).load(art["punet"], map_location=device)
 
     def use_device(self, device: str) -> None:
         """Predict on ``device`` from now on (``batch-eval --device``)."""

@@ -53,7 +53,8 @@ def tune_fusion_stage(
         items.append((dets, prob, s.points(), s.voxel_size_nm))
     # one study per pair of models: resuming never mixes trials scored on other detections
     digest = hashlib.md5()
-    for w in (spines_stage.YOLO_MODEL_DIR / "best.pt", punet_stage.MODEL_DIR / "best.pt"):
+    prob = punet_stage.prob_model_dir(params) / "best.pt"  # spines.prob_model's weights
+    for w in (spines_stage.YOLO_MODEL_DIR / "best.pt", prob):
         digest.update(w.read_bytes() if w.exists() else b"")
     best, study = tune_fusion(
         items,

@@ -345,11 +345,11 @@ def _fuse_worker(
     """Both models loaded once per worker; the pipeline's folder loop on what it is given
     (a folder, or one stack of a Ray run)."""
     from microseg.infer.spine_pipeline import predict_folder
-    from microseg.models import get_model
     from microseg.stages import spines
+    from microseg.stages.punet import load_prob_model
 
     yolo = spines.load_yolo(yolo_weights, params)
-    punet = get_model("punet").load(punet_weights)
+    punet = load_prob_model(punet_weights)  # a flat or hierarchical Prob-UNet file
     return functools.partial(
         predict_folder, out_dir=out, yolo=yolo, punet=punet, fusion_params=fp, cfg=cfg, **kwargs
     )

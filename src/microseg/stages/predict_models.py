@@ -147,8 +147,11 @@ def _from_name(params: Params, name: str, task: str | None) -> ModelSpec:
     from microseg.models import MODELS
     from microseg.stages import cells, punet, spines, tracking
 
+    if name == "hpunet":  # the hierarchical Prob-UNet runs where a Prob-UNet runs
+        return ModelSpec(name, "spines", "punet", punet.HPUNET_DIR / WEIGHTS_NAME)
     if name in SPINE_FAMILIES:
-        folder = spines.YOLO_MODEL_DIR if name == "yolo" else punet.MODEL_DIR
+        # ``punet``: the probabilistic segmenter ``spines.prob_model`` names (flat or hierarchical)
+        folder = spines.YOLO_MODEL_DIR if name == "yolo" else punet.prob_model_dir(params)
         return ModelSpec(name, "spines", name, folder / WEIGHTS_NAME)
     cell_models = params.cells.all_models()
     segmenters = params.tracking.segmenters
@@ -193,6 +196,8 @@ def _from_path(params: Params, path: Path) -> ModelSpec:
     folder = weights.parent
     info = _read_json(folder / INFO_NAME) if path.is_dir() else {}
     family = str(info.get("family") or checkpoint_family(weights))
+    if family == "hpunet":  # a Prob-UNet either way: ``stages.punet.load_prob_model`` reads it
+        family = "punet"
     name = folder.name if path.is_dir() or weights.name == WEIGHTS_NAME else weights.stem
     post = _read_json(folder / POSTPROCESS_NAME) or None
     train: dict[str, Any] = {}

@@ -112,8 +112,8 @@ class Runner:
         spec, params = self.spec, self.params
         if spec.family == FUSION_FAMILY:
             from microseg.infer.spine_pipeline import SpinePipelineConfig, read_fusion_params
-            from microseg.models.punet import PunetSegmenter, load_punet
             from microseg.models.yolo import YoloSpineDetector
+            from microseg.stages.punet import load_prob_model
             from microseg.utils.devices import auto_device
 
             cfg = SpinePipelineConfig.from_dict(spec.config)
@@ -123,7 +123,7 @@ class Runner:
             cfg = dataclasses.replace(cfg, device=device)
             self.fusion = (cfg, read_fusion_params(spec.files["fusion"]))
             yolo = YoloSpineDetector.load(spec.files["yolo"])
-            punet = PunetSegmenter(load_punet(spec.files["punet"], map_location=device))
+            punet = load_prob_model(spec.files["punet"], map_location=device)
             self.model = (yolo, punet)
             return
         weights = spec.weights
@@ -134,10 +134,10 @@ class Runner:
             from microseg.stages.spines import load_yolo
 
             self.model = load_yolo(Path(weights), params)
-        elif spec.family == "punet":
-            from microseg.models.punet import load_punet
+        elif spec.family == "punet":  # either Prob-UNet family's file (spines.prob_model)
+            from microseg.stages.punet import load_prob_model
 
-            self.model = load_punet(weights)
+            self.model = load_prob_model(weights)
         else:
             raise ConfigError(f"unknown spine model {spec.family!r}; available: yolo, punet")
 

@@ -1,4 +1,10 @@
-"""Prob-UNet stages: ``train_punet``, ``predict_punet``, ``uncertainty``, ``inter_rater``.
+"""Prob-UNet stages: ``train_punet``, ``train_hpunet``, ``predict_punet``, ``uncertainty``,
+``inter_rater``.
+
+``spines.prob_model`` picks the probabilistic segmenter (``punet``: the flat Prob-UNet in
+``models/punet``; ``hpunet``: the hierarchical one in ``models/hpunet``); ``predict_punet``
+writes its samples' sums to ``reports/spines/punet`` either way, so ``uncertainty``,
+``inter_rater`` and the fusion read them unchanged.
 
 Benchmark numbers are measured on the held-out benchmark stack; everything tuned (the DoG
 baseline's parameters) is tuned on a validation stack.
@@ -6,6 +12,7 @@ baseline's parameters) is tuned on a validation stack.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from pathlib import Path
@@ -22,6 +29,7 @@ from microseg.stages.common import Sample, metrics_file, samples, torch_device, 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = Path("models/punet")
+HPUNET_DIR = Path("models/hpunet")
 PRED_DIR = Path("reports/spines/punet")
 UNC_DIR = Path("reports/spines/uncertainty")
 RATER_DIR = Path("reports/spines/inter_rater")
@@ -41,6 +49,43 @@ def punet_data(params: Params) -> tuple[Path, Path]:
     """The ``(train, val)`` d3sets the ``punet`` family trains on."""
     src = _source(params)
     return src / "train.d3set", src / "val.d3set"
+
+
+def prob_model_dir(params: Params) -> Path:
+    """Where the probabilistic segmenter ``spines.prob_model`` names is trained."""
+    return HPUNET_DIR if params.spines.prob_model == "hpunet" else MODEL_DIR
+
+
+def load_prob_model(path: str | Path, map_location: Any = "cpu") -> Any:
+    """The family façade (``predict_stack``, ``network``) of a flat or hierarchical Prob-UNet
+    file, told apart by the file's format tag."""
+    from microseg.models import get_model
+
+    family = "hpunet" if get_model("hpunet").owns(path) else "punet"
+    return get_model(family).load(path, map_location=map_location)
+
+
+def hpunet_section(params: Params) -> dict[str, Any]:
+    """``hpunet.train`` over the engine section (as :func:`punet_section`)."""
+    from microseg.stages.finetune import resolve_init_from
+
+    section = params.engine.train_section(dict(params.hpunet.train))
+    return resolve_init_from(section, params, "hpunet")
+
+
+def train_hpunet_stage(params: Params, hooks=None, out_dir: Path = HPUNET_DIR) -> dict[str, Any]:
+    """The hierarchical Prob-UNet on the flat one's d3sets -> ``models/hpunet/best.pt``."""
+    from microseg.models import get_model
+
+    t0 = time.perf_counter()
+    result = get_model("hpunet").train(punet_data(params), out_dir, hpunet_section(params), hooks)
+    if result.best_path is None:
+        raise MissingFileError("training produced no best checkpoint", out_dir)
+    return {
+        "train_seconds": time.perf_counter() - t0,
+        "best_epoch": result.best_epoch,
+        **{f"best_{k}": v for k, v in result.best.items()},
+    }
 
 
 def punet_section(params: Params) -> dict[str, Any]:
@@ -69,13 +114,14 @@ def train_punet_stage(params: Params, hooks=None, out_dir: Path = MODEL_DIR) -> 
 
 def predict_stack(model, path: Path, params: Params) -> dict[str, Any]:
     """The Prob-UNet over one stack file with the ``punet.predict`` knobs (the evaluate stage
-    and ``microseg predict -m punet`` both run it)."""
+    and ``microseg predict -m punet`` both run it). ``model``: a family façade (either
+    Prob-UNet family, see :func:`load_prob_model`) or a flat :class:`ProbUNet` network."""
     from microseg.models.punet.predict import predict_stack_punet
 
     p = params.punet.predict
+    run = getattr(model, "predict_stack", None) or functools.partial(predict_stack_punet, model)
     with tiff.open_stack(path) as stack:
-        return predict_stack_punet(
-            model,
+        return run(
             stack,
             n_samples=p.n_samples,
             temperature=p.temperature,
@@ -97,6 +143,7 @@ def _predict(model, sample: Sample, params: Params, out_dir: Path) -> dict[str, 
         sample.voxel_size_nm,
         size_thr=p.size_thr,
         prob_thr=p.prob_thr,
+        model=params.spines.prob_model,
     )
     return result
 
@@ -107,14 +154,15 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
     from microseg.evaluate.calibration import calibration_summary, reliability_table
     from microseg.evaluate.segmentation import segmentation_metrics, threshold_sweep
     from microseg.models.classical.dog import dog_baseline, tune_dog
-    from microseg.models.punet import load_punet
     from microseg.models.punet.predict import remove_small
     from microseg.report.figures import reliability_diagram
 
-    weights = MODEL_DIR / "best.pt"
+    family = params.spines.prob_model
+    weights = prob_model_dir(params) / "best.pt"
     if not weights.exists():
-        raise MissingFileError("trained Prob-UNet missing; run `microseg train -m punet`", weights)
-    model = load_punet(weights)
+        hint = f"run `microseg train -m {family}`"
+        raise MissingFileError(f"trained {family} missing; {hint}", weights)
+    model = load_prob_model(weights)
     prepared = params.prepared_dir("spines")
     p = params.punet.predict
     probs: dict[str, dict[str, np.ndarray]] = {}
@@ -159,6 +207,7 @@ def predict_punet(params: Params, out_dir: Path = PRED_DIR) -> dict[str, Any]:
         "temperature": p.temperature,
         "prob_thr": p.prob_thr,
         "size_thr": p.size_thr,
+        "prob_model": family,
     }
     metrics["benchmark"] = metrics.pop(bench.sample_id)
     write_json(metrics_file(params, "spines_punet"), metrics)

@@ -58,7 +58,11 @@ def _sources(params: Params, task: str) -> dict[str, str]:
     from microseg.stages import cells, fusion, punet, spines
 
     if task == "spines":
-        paths = [spines.YOLO_MODEL_DIR / "best.pt", punet.MODEL_DIR / "best.pt", fusion.TUNED]
+        paths = [
+            spines.YOLO_MODEL_DIR / "best.pt",
+            punet.prob_model_dir(params) / "best.pt",
+            fusion.TUNED,
+        ]
     else:
         folder = cells.MODELS_ROOT / params.registry.nuclei_model
         paths = [folder / "best.pt"]
@@ -86,7 +90,7 @@ def _log_spines(params: Params):
     info = log_spine_model(
         "model",
         spines.YOLO_MODEL_DIR / "best.pt",
-        punet.MODEL_DIR / "best.pt",
+        punet.prob_model_dir(params) / "best.pt",  # spines.prob_model: flat or hierarchical
         fusion.TUNED,
         SpinePipelineConfig.from_params(params),
         input_example_path=_example_stack(params),

@@ -71,6 +71,16 @@ def trainers(params: Params) -> dict[str, Trainer]:
                 "punet", lambda: punet.punet_data(params), lambda: punet.punet_section(params)
             ),
         ),
+        "hpunet": Trainer(
+            punet.train_hpunet_stage,
+            params.hpunet.train,
+            punet.HPUNET_DIR,
+            "spines",
+            params.spines.dataset,
+            FamilyTraining(
+                "hpunet", lambda: punet.punet_data(params), lambda: punet.hpunet_section(params)
+            ),
+        ),
     }
     for name, sc in params.tracking.segmenters.items():
         out[f"tracking_seg@{name}"] = Trainer(

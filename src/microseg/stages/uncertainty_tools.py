@@ -117,9 +117,9 @@ def parse_planes(text: str | None, depth: int, path: Path) -> tuple[int, int]:
 
 def load_punet_network(params: Params, model: str | None, weights: Path | None) -> Any:
     """The Prob-UNet behind ``--model`` (a name, file, folder or ``models:/`` URI; a registered
-    spine pipeline gives its Prob-UNet) or ``--weights`` (default: ``models/punet/best.pt``),
-    loaded through the model registry."""
-    from microseg.models import get_model
+    spine pipeline gives its Prob-UNet) or ``--weights`` (default: ``best.pt`` of
+    ``spines.prob_model``'s folder), loaded through the model registry: the family façade
+    (flat or hierarchical, by the file's format)."""
     from microseg.stages.predict_models import FUSION_FAMILY, resolve_spec
 
     if model is None and weights is not None:
@@ -139,7 +139,9 @@ def load_punet_network(params: Params, model: str | None, weights: Path | None) 
         raise MissingFileError(
             "no Prob-UNet weights; train one (microseg train -m punet) or give --weights", path
         )
-    return get_model("punet").load(path).network
+    from microseg.stages.punet import load_prob_model
+
+    return load_prob_model(path)
 
 
 def predict_maps(
@@ -152,18 +154,20 @@ def predict_maps(
 ) -> dict[str, dict[str, np.ndarray]]:
     """``{head: maps}`` of planes ``[a, b)``: the Prob-UNet sampled ``n_samples`` times at
     ``temperature``. The planes are read with the model's context planes around them and
-    normalised with the whole stack's intensity range, as a whole-stack run would."""
+    normalised with the whole stack's intensity range, as a whole-stack run would.
+    ``network``: a family façade (:func:`load_punet_network`) or a flat ``ProbUNet``."""
     from microseg.data.patches import DEFAULT_PERCENTILES
     from microseg.data.transforms import intensity_range
     from microseg.models.punet import PunetSegmenter
 
+    segmenter = network if hasattr(network, "predict_stack") else PunetSegmenter(network)
     a, b = planes
     depth = int(stack.shape[0])
-    context = (int(network.in_channels) - 1) // 2
+    context = (int(segmenter.network.in_channels) - 1) // 2
     lo_z, hi_z = max(0, a - context), min(depth, b + context)
     intensity = intensity_range(stack, DEFAULT_PERCENTILES, max_planes=16)
     p = params.punet.predict
-    result = PunetSegmenter(network).predict_stack(
+    result = segmenter.predict_stack(
         stack[lo_z:hi_z],
         n_samples=int(n_samples),
         temperature=float(temperature),

@@ -324,6 +324,7 @@ def write_predictions(
     n_samples: int | None = None,
     temperature: float | None = None,
     source: str = "prior",
+    model: str = "punet",
 ) -> dict[str, Path]:
     """Write probabilities, thresholded masks and the sums for the uncertainty stage.
 
@@ -332,7 +333,8 @@ def write_predictions(
     with ``prob >= prob_thr`` after removing 3D components smaller than ``size_thr``
     voxels), ``{sum_p,sum_p2,sum_entropy}_<head>.tif`` (float32) and
     ``punet_prediction.json`` (settings and file names). ``n_samples``/``temperature``
-    default to the values stored in ``result``.
+    default to the values stored in ``result``; ``model`` names the family that sampled
+    them (``punet`` or ``hpunet``: same files either way).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,7 +356,7 @@ def write_predictions(
                 arr = np.asarray(result[key], dtype=np.float32)
                 paths[key] = write_stack(out_dir / f"{key}.tif", arr, voxel_size_nm)
     meta = {
-        "model": "punet",
+        "model": model,
         "source": source,
         "n_samples": n,
         "temperature": t,
