@@ -38,6 +38,7 @@ def unet_study(params_unet, monkeypatch, tmp_path):
             "n_trials": 4,
             "epochs": 2,
             "storage": f"sqlite:///{tmp_path / 'studies' / 'unet' / 'optuna.db'}",
+            "baseline": False,  # the default lr is the fake's peak (see the baseline test)
         }
     }
     return params_unet
@@ -164,4 +165,64 @@ def test_a_study_without_signal_is_not_adopted(params, values, adopted):
     with pytest.raises(ConfigError, match="no trial of the study beat another") as err:
         tuning.adopt(params, "yolo")
     assert "trials.csv" in str(err.value)
+    assert not tuned.tuned_path("yolo").exists()
+
+
+def test_a_study_scores_the_default_on_the_sections_own_budget(unet_study, monkeypatch):
+    """``epochs: null`` trains every trial for the training section's epochs, and trial 0 is
+    the section's own values: summary.json holds both the default's value and the best."""
+    params = unet_study
+    params.tune["unet"].update(epochs=None, n_trials=3, baseline=True)
+    seen = []
+
+    def fake(family, data, epochs, *, metric, direction="maximize"):
+        run = _fake_family_train_fn(family, data, epochs, metric=metric, direction=direction)
+        seen.append(epochs)
+        return run
+
+    import microseg.tune.training as training
+
+    monkeypatch.setattr(training, "family_train_fn", fake)
+    out_dir = Path("studies/unet")
+    out = tuning.tune_training_stage(params, "unet", out_dir=out_dir)
+    from microseg.stages.training import tunable
+
+    section = tunable(params)["unet"].section()
+    assert seen == [section["epochs"]] and out["epochs"] == section["epochs"]
+    summary = json.loads((out_dir / "summary.json").read_text())
+    rows = list(csv.DictReader((out_dir / "trials.csv").open()))
+    assert [r["baseline"] for r in rows] == ["True", "False", "False"]
+    from microseg.models import get_model
+
+    default_lr = section.get("lr", get_model("unet").train_defaults(["lr"]).get("lr"))
+    assert default_lr is not None and float(rows[0]["params_lr"]) == default_lr
+    assert summary["default_trial"] == 0
+    assert summary["default_value"] == pytest.approx(float(rows[0]["value"]))
+    assert summary["best_value"] >= summary["default_value"]
+
+
+@pytest.mark.parametrize(
+    ("default", "best", "direction", "adopted"),
+    [
+        (0.45, 0.52, "maximize", True),
+        (0.52, 0.52, "maximize", False),  # the best trial is the default itself
+        (0.30, 0.20, "minimize", True),
+        (0.20, 0.30, "minimize", False),
+    ],
+)
+def test_adopt_refuses_a_study_whose_best_does_not_beat_the_default(
+    params, default, best, direction, adopted
+):
+    src = Path("studies/yolo/best.yaml")
+    src.parent.mkdir(parents=True)
+    src.write_text("lr0: 0.004\n")
+    rows = ["number,state,value", f"0,COMPLETE,{default}", f"1,COMPLETE,{best}", "2,COMPLETE,0.1"]
+    (src.parent / "trials.csv").write_text("\n".join(rows) + "\n")
+    summary = {"metric": "m", "best_value": best, "default_value": default, "default_trial": 0}
+    (src.parent / "summary.json").write_text(json.dumps({**summary, "direction": direction}))
+    if adopted:
+        assert tuning.adopt(params, "yolo")[1] == {"lr0": 0.004}
+        return
+    with pytest.raises(ConfigError, match="does not beat the default"):
+        tuning.adopt(params, "yolo")
     assert not tuned.tuned_path("yolo").exists()

@@ -90,13 +90,15 @@ def tune_training_stage(
     cfg = study_config(params, target, fam.name)
     if out_dir is not None:  # holds the study's SQLite storage too (studies/dvc.yaml)
         out_dir.mkdir(parents=True, exist_ok=True)
-    fn = family_train_fn(
-        fam.name, fam.data(), cfg.epochs, metric=cfg.metric, direction=cfg.direction
-    )
+    section = fam.section()
+    epochs = cfg.epochs if cfg.epochs is not None else section.get("epochs")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ConfigError(f"tune.{target}.epochs is null and the training section has no epochs")
+    fn = family_train_fn(fam.name, fam.data(), epochs, metric=cfg.metric, direction=cfg.direction)
     best, st = tune_training(
         target,
         fn,
-        fam.section(),
+        section,
         cfg,
         seed=params.seed,
         on_trial=on_trial,
@@ -105,7 +107,7 @@ def tune_training_stage(
         trial_hooks=trial_hooks,
         family=fam.name,
     )
-    out = {"best": best, **study_summary(st)}
+    out = {"best": best, "epochs": epochs, **study_summary(st)}
     if out_dir is None:
         write_best_params(tuned_path(target), best, fam.name)
         write_json(metrics_path(params, target), out)
@@ -117,10 +119,12 @@ def tune_training_stage(
 
 
 def write_trials(st: Any, path: Path) -> Path:
-    """One row per trial (number, state, value, params, duration) as CSV, atomically."""
+    """One row per trial (number, state, value, params, duration, baseline: the default
+    params' trial) as CSV, atomically."""
     from microseg.utils.atomic import write_text
 
     df = st.trials_dataframe(attrs=("number", "state", "value", "params", "duration"))
+    df["baseline"] = [bool(t.user_attrs.get("baseline")) for t in st.get_trials(deepcopy=False)]
     if "duration" in df:
         df["duration"] = df["duration"].dt.total_seconds().round(1)
     write_text(path, df.to_csv(index=False))
@@ -202,7 +206,9 @@ def adopt(
     stale or hand-edited ``best.yaml`` cannot leave a tuned file the training stage refuses.
     A study whose ``trials.csv`` (beside ``best.yaml``) shows no trial beating another (one
     complete trial, or all scoring the same, e.g. a per-trial budget too short to learn
-    anything) is refused: its "best" params are arbitrary, not tuned.
+    anything) is refused: its "best" params are arbitrary, not tuned. So is a study whose
+    ``summary.json`` shows its baseline trial (the default params) not beaten: adopting would
+    change nothing but the file.
     """
     from microseg.stages.training import tunable
     from microseg.tune.training import read_best_params, write_best_params
@@ -216,6 +222,7 @@ def adopt(
     if not new:
         raise ConfigError(f"{src}: the study's best params are empty; nothing to adopt")
     _check_signal(src.parent / "trials.csv", target)
+    _check_beats_default(src.parent / SUMMARY_FILE, target)
     dst = tuned_path(target)
     old = read_best_params(dst) if dst.is_file() else {}
     write_best_params(dst, new, families[target].name)
@@ -237,4 +244,24 @@ def _check_signal(trials_csv: Path, target: str) -> None:
             f"{sorted(set(values))}): its best params are arbitrary, not adopted; give it more "
             f"trials or epochs per trial (params.yaml tune.{target}) and rerun it",
             trials_csv,
+        )
+
+
+def _check_beats_default(summary_json: Path, target: str) -> None:
+    """Refuse a study whose best trial does not beat its baseline (the default params)."""
+    import json
+
+    if not summary_json.is_file():
+        return
+    summary = json.loads(summary_json.read_text())
+    default, best = summary.get("default_value"), summary.get("best_value")
+    if default is None or best is None:
+        return
+    better = best < default if summary.get("direction") == "minimize" else best > default
+    if not better:
+        raise ConfigError(
+            f"the study's best {summary.get('metric')} {best:.4g} does not beat the default "
+            f"params' {default:.4g} (trial {summary.get('default_trial')}): nothing to adopt "
+            f"for {target}",
+            summary_json,
         )

@@ -10,7 +10,7 @@ registered family gets :class:`TrainStudyConfig`, filled from its ``params.yaml`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import optuna
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from microseg.errors import ConfigError
 from microseg.tune.storage import DEFAULT_STORAGE
+from microseg.utils.convert import flatten
 from microseg.utils.registry import Registry
 
 Direction = Literal["maximize", "minimize"]
@@ -89,8 +90,15 @@ class TrainStudyConfig(BaseModel):
 
     #: total finished (COMPLETE + PRUNED) trials the study should hold
     n_trials: int = Field(16, ge=1)
-    #: training epochs of every trial (the per-trial budget)
-    epochs: int = Field(4, ge=1)
+    #: training epochs of every trial (the per-trial budget); null: the training section's own
+    #: ``epochs``, so the study scores the knobs at the budget they will be trained with
+    epochs: int | None = Field(4, ge=1)
+    #: trial 0 of a fresh study trains the training section's own values of the searched knobs
+    #: (the default), so the best trial is compared with the default on the same budget
+    baseline: bool = True
+    #: points of the space queued after the baseline in a fresh study (dotted keys of
+    #: ``space``): e.g. a promising trial of an earlier study at another budget, retried here
+    enqueue: list[dict[str, Any]] = Field(default_factory=list)
     #: seconds after which this call starts no new trial (null: no limit)
     timeout: float | None = Field(None, gt=0)
     storage: str = DEFAULT_STORAGE
@@ -107,6 +115,14 @@ class TrainStudyConfig(BaseModel):
     def _no_epochs_in_space(self) -> TrainStudyConfig:
         if "epochs" in self.space:
             raise ValueError("'epochs' is the per-trial budget (study 'epochs'), not a knob")
+        return self
+
+    @model_validator(mode="after")
+    def _enqueued_in_space(self) -> TrainStudyConfig:
+        for point in self.enqueue:
+            unknown = sorted(set(point) - set(self.space))
+            if unknown:
+                raise ValueError(f"enqueue: {unknown} are not knobs of {sorted(self.space)}")
         return self
 
     @model_validator(mode="after")
@@ -162,12 +178,14 @@ class YoloStudyConfig(TrainStudyConfig):
     """Defaults of ``tune.yolo``: mAP@0.5 (spines are matched by position downstream, so box
     tightness, which mAP@0.5:0.95 rewards, matters little)."""
 
-    n_trials: int = Field(20, ge=1)
-    epochs: int = Field(10, ge=1)
+    n_trials: int = Field(4, ge=1)
+    #: the demo's own budget: from scratch, mAP@0.5 stays ~0 for the first ~4 epochs, so a
+    #: shorter trial scores every knob 0 (no signal)
+    epochs: int | None = Field(None, ge=1)
     study_name: str = "yolo-train"
     metric: str = "val/mAP50"
     pruner: PrunerConfig = Field(
-        default_factory=lambda: PrunerConfig(n_startup_trials=5, n_warmup_steps=2)
+        default_factory=lambda: PrunerConfig(n_startup_trials=1, n_warmup_steps=4)
     )
     space: dict[str, ParamSpec] = Field(default_factory=_yolo_space)
 
@@ -225,3 +243,23 @@ def check_keys(family: str, keys: Iterable[str]) -> None:
     check = getattr(get_model(family), "check_train_keys", None)
     if check is not None:
         check(keys)
+
+
+def baseline_values(
+    family: str | None, base_params: Mapping[str, Any], keys: Iterable[str]
+) -> dict[str, Any] | None:
+    """The values the training section trains ``keys`` with (dotted): the section's own, else
+    the family's (``train_defaults``, e.g. YOLO's augmentation defaults); None when a key has
+    neither, so no baseline trial can be the default."""
+    flat = flatten(dict(base_params))
+    keys = list(keys)
+    missing = [k for k in keys if k not in flat]
+    if missing and family is not None:
+        from microseg.models import get_model
+
+        defaults = getattr(get_model(family), "train_defaults", None)
+        if defaults is not None:
+            flat.update(defaults(missing))
+    if any(k not in flat for k in keys):
+        return None
+    return {k: flat[k] for k in keys}

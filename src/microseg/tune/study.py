@@ -45,7 +45,7 @@ from optuna.trial import TrialState
 
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
 from microseg.train.hooks import HookBase, Hooks
-from microseg.tune.spaces import TrainStudyConfig, check_keys
+from microseg.tune.spaces import TrainStudyConfig, baseline_values, check_keys
 from microseg.tune.storage import study as open_study
 from microseg.tune.trials import OptunaPruningHook, TuningError, owner, requeue_lost
 from microseg.utils.atomic import write_text
@@ -144,6 +144,16 @@ def tune_training(
         n_startup_trials=cfg.pruner.n_startup_trials, n_warmup_steps=cfg.pruner.n_warmup_steps
     )
     _check_study(st, target, cfg)
+    fresh = not st.get_trials(deepcopy=False)
+    if cfg.baseline:
+        _enqueue_baseline(st, cfg, base_params, family)
+    if fresh:
+        for point in cfg.enqueue:
+            st.enqueue_trial(
+                {k: to_builtin(v) for k, v in point.items()},
+                user_attrs={"enqueued": True},
+                skip_if_exists=True,
+            )
     last = _Last()
 
     def objective(trial: optuna.Trial) -> float:
@@ -224,6 +234,25 @@ def tune_training(
     return _best(st, cfg), st
 
 
+def _enqueue_baseline(
+    st: optuna.Study, cfg: TrainStudyConfig, base_params: Mapping[str, Any], family: str | None
+) -> None:
+    """Queue the training section's own values as the first trial of a fresh study (marked
+    ``baseline``), so the best trial is compared with the default on the same budget."""
+    if st.get_trials(deepcopy=False) or not cfg.space:
+        return
+    values = baseline_values(family, base_params, cfg.space)
+    if values is None:
+        log.warning("the training section lacks values of %s: no baseline trial", sorted(cfg.space))
+        return
+    st.enqueue_trial(
+        {k: to_builtin(v) for k, v in values.items()},
+        user_attrs={"baseline": True},
+        skip_if_exists=True,
+    )
+    log.info("trial 0 is the baseline (the training section's values): %s", values)
+
+
 def _best(st: optuna.Study, cfg: TrainStudyConfig) -> dict[str, Any]:
     complete = st.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
@@ -255,6 +284,13 @@ def study_summary(st: optuna.Study) -> dict[str, Any]:
         out.update(
             best_value=float(best.value), best_trial=best.number, metric=st.user_attrs.get("metric")
         )
+    # the default params' trial (and any rerun of it after an interruption): its value
+    base = [t for t in trials if t.user_attrs.get("baseline")]
+    if base:
+        done = [t for t in base if t.state == TrialState.COMPLETE]
+        out["default_trial"] = (done or base)[-1].number
+        out["default_value"] = float(done[-1].value) if done else None
+        out["direction"] = st.direction.name.lower()
     return out
 
 

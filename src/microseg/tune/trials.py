@@ -162,7 +162,8 @@ def requeue_lost(st: optuna.Study, trials: Sequence[FrozenTrial]) -> bool:
             log.warning("trial %d: its process %s is gone; marked FAIL", t.number, who["pid"])
             lost = changed = True
         if lost and t.number not in retried and t.params:
-            st.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number})
+            keep = {"baseline": True} if t.user_attrs.get("baseline") else {}
+            st.enqueue_trial(dict(t.params), user_attrs={"retry_of": t.number, **keep})
             retried.add(t.number)
             changed = True
             log.info("trial %d was interrupted: queued again with params %s", t.number, t.params)

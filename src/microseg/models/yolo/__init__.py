@@ -222,6 +222,27 @@ class YoloSpineDetector:
                 "arguments, Ultralytics arguments or augment.<key>"
             )
 
+    @classmethod
+    def train_defaults(cls, keys: Iterable[str]) -> dict[str, Any]:
+        """What :meth:`train` uses for dotted keys a section leaves out (:meth:`fit`'s
+        defaults, :data:`DEFAULT_AUGMENT` over Ultralytics' for ``augment.<key>``, Ultralytics'
+        for the rest), so a study's baseline trial trains exactly the default; unknown keys
+        are left out."""
+        from ultralytics.cfg import DEFAULT_CFG_DICT
+
+        fit = inspect.signature(cls.fit).parameters
+        out: dict[str, Any] = {}
+        for k in keys:
+            head, _, rest = k.partition(".")
+            if head == "augment" and rest:
+                if rest in DEFAULT_AUGMENT or rest in DEFAULT_CFG_DICT:
+                    out[k] = DEFAULT_AUGMENT.get(rest, DEFAULT_CFG_DICT.get(rest))
+            elif k in FIT_ARGS:
+                out[k] = fit[k].default
+            elif k in DEFAULT_CFG_DICT:
+                out[k] = DEFAULT_CFG_DICT[k]
+        return out
+
     def fit(
         self,
         data_yaml: str | Path,
