@@ -82,10 +82,11 @@ seeds: env
 	microseg seeds --task all --jobs 2
 
 # The synthetic-data augmentation study (params synth_study; never part of `dvc repro`): one
-# MAUNet per arm (R, S, R+S@10/25/50) and seed at a small fixed budget, judged on the real DSB
-# test split -> metrics/synth_study.json, reports/synth_study/{summary.csv,arms.png}. Needs
-# data/prepared/dsb2018 (make demo, or microseg ingest). About 30 min on 2 cores (extrapolated
-# from one measured run; the whole study has not been timed).
+# MAUNet per arm (R, S, R+S@10/25/50, and the variants R+shapes, R+staged) and seed at a small
+# fixed budget, judged on the real DSB test split -> metrics/synth_study.json,
+# reports/synth_study/{summary.csv,arms.png}. Needs data/prepared/dsb2018 (make demo, or
+# microseg ingest + prepare-targets). Measured: 79 min for 7 arms x 3 seeds on a 2-core machine
+# shared with other jobs; finished runs are reused when their recipe is unchanged.
 synth-study: env
 	microseg synth-study --jobs 2
 
