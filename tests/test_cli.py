@@ -82,6 +82,18 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         batch_size=2,
     )
     params["punet"]["predict"].update(n_samples=2)
+    params["hpunet"]["train"].update(
+        filters=[4, 8, 16],
+        posterior_filters=[4, 8, 8],
+        latent_levels=2,
+        latent_dim=2,
+        head_convs=2,
+        epochs=1,
+        val_every=1,
+        steps_per_epoch=2,
+        patch_size=32,
+        batch_size=2,
+    )
     params["fusion"].update(n_trials=4)
     tiny_unet = {
         "model": {"arch": "unet", "features": [8, 16, 32]},
@@ -172,3 +184,7 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     assert (repo_copy / "params" / "tuned_fusion.yaml").exists()
     for name in ("spines_yolo", "spines_log", "spines_punet", "spines_inter_rater"):
         assert (repo_copy / "metrics" / f"{name}.json").exists(), name
+    # the flat and the hierarchical Prob-UNet, one row each, on the same benchmark planes
+    prob = json.loads((repo_copy / "metrics" / "prob_models.json").read_text())
+    assert set(prob) == {"punet", "hpunet"}
+    assert prob["punet"]["planes"] == prob["hpunet"]["planes"] > 0
