@@ -13,14 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from monai.inferers import SlidingWindowInferer
-from tqdm.auto import tqdm
 
-from microseg.data.patches import DEFAULT_PERCENTILES, intensity_range
-from microseg.data.transforms import check_stack_finite
-from microseg.errors import ShapeMismatchError
+from microseg.data.patches import DEFAULT_PERCENTILES
 from microseg.models.hpunet.network import HierarchicalProbUNet
 from microseg.models.punet.network import HEADS, pad_to_multiple
 from microseg.models.punet.predict import (
@@ -28,10 +24,8 @@ from microseg.models.punet.predict import (
     PlaneCallback,
     _plane_generator,
     _plane_stats,
-    _PlaneReader,
+    stream_stack,
 )
-from microseg.utils.devices import model_device
-from microseg.utils.progress import bar_disabled
 
 
 def _accumulate(
@@ -128,53 +122,10 @@ def predict_stack_hpunet(
 ) -> dict[str, Any]:
     """:func:`microseg.models.punet.predict.predict_stack_punet`'s arguments and result for
     the hierarchical model (see there): ``prob_<head>`` and ``<stat>_<head>`` per plane."""
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    shape = tuple(int(s) for s in stack.shape)
-    if len(shape) != 3:
-        raise ShapeMismatchError(f"expected a ZYX stack, found shape {shape}")
-    if on_samples is not None and tile is not None:
-        raise ValueError("on_samples needs whole-plane inference (tile=None)")
-    device = model_device(model, str(device) if device is not None else "auto")
-    model.to(device)
-    model.eval()
-    check_stack_finite(stack)
-    lo, hi = intensity or intensity_range(stack, percentiles, max_planes=16)
-    reader = _PlaneReader(stack, (model.in_channels - 1) // 2, lo, hi)
-    keys = [f"prob_{k}" for k in HEADS] + [f"{s}_{k}" for k in HEADS for s in STATS]
-    result: dict[str, Any] = {
-        "n_samples": int(n_samples),
-        "temperature": float(temperature),
-        "shape": shape,
-        "intensity": (float(lo), float(hi)),
-    }
-    if collect:
-        result.update({k: np.zeros(shape, dtype=np.float32) for k in keys})
-    chunk = max(1, min(sample_chunk, n_samples))
-    starts = range(0, shape[0], max(1, batch_planes))
-    for z0 in tqdm(starts, desc="hpunet planes", disable=bar_disabled(progress), leave=False):
-        zs = list(range(z0, min(z0 + batch_planes, shape[0])))
-        x = torch.from_numpy(np.stack([reader.window(z) for z in zs])).to(device)
-        if tile is None:
-            kept = {k: [] for k in HEADS} if on_samples is not None else None
-            stats = _stats_whole(model, x, zs, n_samples, temperature, seed, chunk, kept)
-            if on_samples is not None and kept is not None:
-                per_head = {k: torch.cat(v, dim=1).float().cpu().numpy() for k, v in kept.items()}
-                for i, z in enumerate(zs):
-                    on_samples(z, {k: per_head[k][i] for k in HEADS})
-        else:
-            stats = _stats_tiled(
-                model, x, zs, n_samples, temperature, seed, chunk, tile, batch_planes
-            )
-        for i, z in enumerate(zs):
-            plane = {f"{s}_{k}": stats[k][s][i].float().cpu().numpy() for k in HEADS for s in STATS}
-            for k in HEADS:
-                plane[f"prob_{k}"] = plane[f"sum_p_{k}"] / np.float32(n_samples)
-            if collect:
-                for key in keys:
-                    result[key][z] = plane[key]
-            if on_plane is not None:
-                on_plane(z, plane)
-    return result
+    return stream_stack(
+        model, stack, _stats_whole, _stats_tiled,
+        n_samples=n_samples, temperature=temperature, tile=tile, batch_planes=batch_planes,
+        sample_chunk=sample_chunk, percentiles=percentiles, intensity=intensity, seed=seed,
+        device=device, collect=collect, on_plane=on_plane, on_samples=on_samples,
+        progress=progress, desc="hpunet planes",
+    )  # fmt: skip

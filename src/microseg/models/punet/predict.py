@@ -227,6 +227,39 @@ def predict_stack_punet(
         "sum_entropy_spine", ... (each (Z, Y, X) float32 when ``collect``), "n_samples",
         "temperature", "shape", "intensity"}``.
     """
+    return stream_stack(
+        model, stack, _stats_whole, _stats_tiled,
+        n_samples=n_samples, temperature=temperature, tile=tile, batch_planes=batch_planes,
+        sample_chunk=sample_chunk, percentiles=percentiles, intensity=intensity, seed=seed,
+        device=device, collect=collect, on_plane=on_plane, on_samples=on_samples,
+        progress=progress, desc="punet planes",
+    )  # fmt: skip
+
+
+def stream_stack(
+    model: Any,
+    stack: Any,
+    stats_whole: Callable[..., dict[str, dict[str, torch.Tensor]]],
+    stats_tiled: Callable[..., dict[str, dict[str, torch.Tensor]]],
+    *,
+    n_samples: int,
+    temperature: float,
+    tile: tuple[int, int] | None,
+    batch_planes: int,
+    sample_chunk: int,
+    percentiles: tuple[float, float],
+    intensity: tuple[float, float] | None,
+    seed: int,
+    device: str | torch.device | None,
+    collect: bool,
+    on_plane: PlaneCallback | None,
+    on_samples: PlaneCallback | None,
+    progress: bool,
+    desc: str,
+) -> dict[str, Any]:
+    """The plane loop of :func:`predict_stack_punet` around a family's sample statistics
+    (``stats_whole(model, x, zs, n_samples, temperature, seed, chunk, kept)``,
+    ``stats_tiled(..., chunk, tile, sw_batch)``): the hierarchical family shares it."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     if temperature <= 0:
@@ -255,20 +288,20 @@ def predict_stack_punet(
         result.update({k: np.zeros(shape, dtype=np.float32) for k in keys})
     chunk = max(1, min(sample_chunk, n_samples))
     starts = range(0, depth, max(1, batch_planes))
-    for z0 in tqdm(starts, desc="punet planes", disable=bar_disabled(progress), leave=False):
+    for z0 in tqdm(starts, desc=desc, disable=bar_disabled(progress), leave=False):
         zs = list(range(z0, min(z0 + batch_planes, depth)))
         x = torch.from_numpy(np.stack([reader.window(z) for z in zs])).to(device)
         if tile is None:
             kept: dict[str, list[torch.Tensor]] | None = (
                 {k: [] for k in HEADS} if on_samples is not None else None
             )
-            stats = _stats_whole(model, x, zs, n_samples, temperature, seed, chunk, kept)
+            stats = stats_whole(model, x, zs, n_samples, temperature, seed, chunk, kept)
             if on_samples is not None and kept is not None:
                 per_head = {k: torch.cat(v, dim=1).float().cpu().numpy() for k, v in kept.items()}
                 for i, z in enumerate(zs):
                     on_samples(z, {k: per_head[k][i] for k in HEADS})
         else:
-            stats = _stats_tiled(
+            stats = stats_tiled(
                 model, x, zs, n_samples, temperature, seed, chunk, tile, batch_planes
             )
         for i, z in enumerate(zs):
