@@ -342,6 +342,15 @@ class CellModelConfig(_Strict):
     infer: dict[str, Any] = Field(default_factory=dict)
 
 
+class PostByModalityConfig(_Strict):
+    """Post-processing knobs chosen again on each image kind's own validation images."""
+
+    #: kinds with fewer validation images keep the shared choice
+    min_images: int = Field(8, ge=1)
+    #: validation images searched per kind (manifest order); null: all
+    max_images: int | None = Field(16, ge=1)
+
+
 class CellsConfig(_Strict):
     """The nuclei instance benchmark: dataset, targets, models, evaluation."""
 
@@ -361,6 +370,9 @@ class CellsConfig(_Strict):
     post_grids: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
     #: validation images the post-processing search runs on (stratified by modality); null: all
     post_max_images: int | None = Field(None, ge=1)
+    #: then each image kind (tissue, fluorescence, brightfield: read from the pixels) may keep
+    #: knobs of its own where its validation images prefer them; null: one choice for all
+    post_by_modality: PostByModalityConfig | None = Field(default_factory=PostByModalityConfig)
     #: predicted objects larger than this many pixels are dropped once instances are made
     #: (the neuron seed's outlier filter); ``"p95"`` (any ``"p<q>"``): the q-th percentile of
     #: the training split's true object areas; null: off. Applied by evaluate_cells only:

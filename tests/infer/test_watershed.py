@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -238,3 +238,32 @@ def test_seed_sigma_smooths_ripples_that_split_one_nucleus():
         PostprocessConfig(seed_sigma=-1)
     with pytest.raises(ConfigError, match="seed_weight"):
         PostprocessConfig(seed_weight="boundary")  # type: ignore[arg-type]
+
+
+def test_by_modality_knobs_apply_to_their_kind_only():
+    cfg = PostprocessConfig(peak_h=0.05, by_modality={"tissue": {"peak_h": 0.1, "min_size": 30}})
+    tissue = cfg.for_modality("tissue")
+    assert (tissue.peak_h, tissue.min_size, tissue.by_modality) == (0.1, 30, {})
+    assert cfg.for_modality("fluorescence") == cfg.for_modality(None) == replace(
+        cfg, by_modality={}
+    )
+    colour = np.zeros((16, 16, 3), np.uint8)
+    colour[..., 0] = 200  # red: a colour image is tissue
+    assert cfg.for_image(colour) == tissue
+    assert cfg.for_image(np.zeros((16, 16), np.uint8)).peak_h == 0.05
+    # the choice travels as plain data (postprocess.json, a packaged model's config)
+    assert PostprocessConfig.from_mapping(asdict(cfg)) == cfg
+
+
+@pytest.mark.parametrize(
+    ("by_modality", "match"),
+    [
+        ({"histology": {"peak_h": 0.1}}, "unknown image kind"),
+        ({"tissue": {"peak": 0.1}}, "unknown knobs"),
+        ({"tissue": {"by_modality": {}}}, "unknown knobs"),
+        ({"tissue": {"t_mask": 1.5}}, "t_mask"),
+    ],
+)
+def test_by_modality_is_checked(by_modality, match):
+    with pytest.raises(ConfigError, match=match):
+        PostprocessConfig(by_modality=by_modality)

@@ -284,6 +284,17 @@ def test_any_family_is_logged_with_its_validation_post_processing(store, nuclei_
     expected, _, _ = family.as_predictor()(image)
     np.testing.assert_array_equal(read_stack(out["labels_path"].item()), expected)
     assert family.infer.post.t_mask == 0.0 and expected.any()
+    # knobs of the image's own kind (chosen on that kind's validation images) travel with it
+    from microseg.infer.modality import image_modality
+
+    kind = image_modality(image)
+    by_kind = {**post, "by_modality": {kind: {"t_mask": 1.0, "t_seed": 1.0}}}
+    with mlflow.start_run(experiment_id=store.experiment_id):
+        info = log_nuclei_model("m2", weights, INFER, family="maunet", post=by_kind)
+    out = mlflow.pyfunc.load_model(info.model_uri).predict(
+        frame, params={"out_dir": str(tmp_path / "by_kind")}
+    )
+    assert out["n_objects"].item() == 0 and not read_stack(out["labels_path"].item()).any()
     with (
         mlflow.start_run(experiment_id=store.experiment_id),
         pytest.raises(MissingFileError, match="maunet"),

@@ -7,8 +7,8 @@ import pytest
 from scipy import ndimage
 
 from microseg.errors import ConfigError, DataFormatError
-from microseg.infer.watershed import PostprocessConfig
-from microseg.tune.postprocess import grid_points, search_postprocess
+from microseg.infer.watershed import PostprocessConfig, probs_to_instances
+from microseg.tune.postprocess import grid_points, search_by_modality, search_postprocess
 
 
 def _touching_pair() -> tuple[np.ndarray, np.ndarray]:
@@ -88,3 +88,39 @@ def test_parallel_search_gives_the_serial_table() -> None:
     parallel, t2 = search_postprocess([probs, probs], [gt, gt], base, grid, workers=2)
     assert serial == parallel
     assert t1.equals(t2) and len(t1) == 17
+
+
+def _big_disc() -> tuple[np.ndarray, np.ndarray]:
+    """One large nucleus whose interior probability sags to 0.65 across its middle: a seed
+    threshold of 0.7 cuts it in two halves (neither matches at IoU 0.5), 0.5 keeps it whole."""
+    yy, xx = np.mgrid[:40, :60]
+    gt = (((yy - 20) ** 2 + (xx - 30) ** 2) <= 225).astype(np.uint16)
+    interior = np.where(gt > 0, 0.9, 0.0).astype(np.float32)
+    interior[:, 29:32] = np.where(gt[:, 29:32] > 0, 0.65, 0.0)
+    probs = np.stack([1 - gt.astype(np.float32), interior, gt * (1 - interior)])
+    return probs.astype(np.float32), gt
+
+
+def test_a_kind_keeps_its_own_knobs_only_where_its_images_prefer_them() -> None:
+    pair, disc = _touching_pair(), _big_disc()
+    images = [pair, pair, disc, disc, disc]
+    kinds = ["fluorescence", "fluorescence", "tissue", "tissue", "brightfield"]
+    shared = PostprocessConfig(t_seed=0.7, min_size=5)
+    grid = {"t_seed": [0.5, 0.7]}
+    chosen, table = search_by_modality(
+        [p for p, _ in images], [g for _, g in images], kinds, shared, grid, min_images=2
+    )
+    # tissue's discs split at 0.7 and stay whole at 0.5; fluorescence's pairs need 0.7 (the
+    # shared value: no entry); one brightfield image is below min_images (shared choice)
+    assert chosen.by_modality == {"tissue": {"t_seed": 0.5}}
+    assert chosen.for_modality(None) == shared
+    assert set(table["modality"]) == {"fluorescence", "tissue"}
+    disc_probs, disc_gt = disc
+    assert probs_to_instances(disc_probs, chosen.for_modality("tissue")).max() == 1
+    assert probs_to_instances(disc_probs, chosen.for_modality("brightfield")).max() == 2
+
+
+def test_one_kind_per_image_is_required() -> None:
+    probs, gt = _touching_pair()
+    with pytest.raises(ConfigError, match="kind"):
+        search_by_modality([probs], [gt], [], PostprocessConfig(), {"t_seed": [0.5]}, 1)

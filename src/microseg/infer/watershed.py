@@ -37,12 +37,18 @@ low ``peak_h`` splits nuclei and a high one merges them. On DSB 2018 validation 
 demo's MAUNet, IoU 0.5) ``seed_sigma: 1`` with ``seed_weight: interior`` at ``peak_h: 0.1`` gave
 F1 0.784 with 280 merges, the raw distance 0.757 with 288, and the same network's 3-class map
 decoded as the U-Net's 0.739 with 360 (``benchmarks/bench_merges.py``).
+
+``by_modality`` maps an image kind (:func:`microseg.infer.modality.image_modality`) to the knobs
+that kind's validation images chose over the shared ones: on DSB 2018 the large nuclei of H&E
+tissue split on the ripples of a flat distance top at the ``peak_h`` that fluorescence's small
+round nuclei need. :meth:`PostprocessConfig.for_image` applies them; a predictor calls it with
+the raw image, so a packaged model carries the choice with it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -51,6 +57,7 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import relabel_sequential, watershed
 
 from microseg.errors import ConfigError, DataFormatError
+from microseg.infer.modality import MODALITIES, image_modality
 from microseg.utils.fields import known_fields
 
 ELEVATIONS = ("prob", "distance", "predicted_distance")
@@ -76,6 +83,8 @@ class PostprocessConfig:
     seed_sigma: float = 0.0  # Gaussian smoothing of the predicted distance (pixels; 0: none)
     min_size: int = 20  # DSB 2018: 1 % of true nuclei are smaller than 21 px
     keep_unseeded: bool = True
+    #: image kind -> the knobs it uses instead (chosen on that kind's validation images)
+    by_modality: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.elevation not in ELEVATIONS:
@@ -95,10 +104,31 @@ class PostprocessConfig:
             )
         if self.seed_sigma < 0:
             raise ConfigError(f"seed_sigma must be >= 0 pixels; found {self.seed_sigma}")
+        for kind, knobs in self.by_modality.items():
+            if kind not in MODALITIES:
+                raise ConfigError(f"by_modality: unknown image kind {kind!r}; known {MODALITIES}")
+            unknown = sorted(set(knobs) - set(KNOBS))
+            if unknown:
+                raise ConfigError(f"by_modality[{kind!r}]: unknown knobs {unknown}")
+            replace(self, by_modality={}, **knobs)  # the kind's config is valid on its own
+
+    def for_modality(self, kind: str | None) -> PostprocessConfig:
+        """The config an image of ``kind`` is post-processed with (without ``by_modality``)."""
+        knobs = self.by_modality.get(kind, {}) if kind is not None else {}
+        return replace(self, by_modality={}, **knobs)
+
+    def for_image(self, image: np.ndarray) -> PostprocessConfig:
+        """:meth:`for_modality` of the raw image's kind; the image is not looked at when no
+        kind has knobs of its own."""
+        return self.for_modality(image_modality(image) if self.by_modality else None)
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> PostprocessConfig:
         return cls(**known_fields(cls, values, "unet post-processing"))
+
+
+#: the knobs a ``by_modality`` entry may set (every field but itself)
+KNOBS = tuple(f.name for f in fields(PostprocessConfig) if f.name != "by_modality")
 
 
 def remove_small_and_relabel(labels: np.ndarray, min_size: int) -> np.ndarray:

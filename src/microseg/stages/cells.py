@@ -174,8 +174,11 @@ def tune_postprocess(
 ) -> dict[str, Any] | None:
     """Post-processing thresholds chosen on the validation split (``cells.post_grid``), for
     families that expose probabilities; the table goes to ``out_dir/postprocess_search.csv``.
+    With ``cells.post_by_modality`` each image kind's own validation images may then choose
+    knobs of their own (``by_modality``; table ``postprocess_search_by_modality.csv``).
     None when the grid is empty or the family has no probability map to search on."""
-    from microseg.tune.postprocess import search_postprocess
+    from microseg.infer.modality import image_modality
+    from microseg.tune.postprocess import search_by_modality, search_postprocess
 
     mc = model_config(params, name)
     grid = post_grid_for(params, mc.family)
@@ -191,13 +194,33 @@ def tune_postprocess(
     rows = m[(m["split"] == "val") & (m["label_kind"] == "instance")]
     if params.cells.max_images is not None:
         rows = rows.head(params.cells.max_images)
+    cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def maps(r: Any) -> tuple[np.ndarray, np.ndarray]:  # each image's probabilities once
+        if r.sample_id not in cache:
+            image = read_stack(prepared / r.image_path)
+            cache[r.sample_id] = (model.probabilities(image), read_stack(prepared / r.label_path))
+        return cache[r.sample_id]
+
+    shared_rows = rows
     if params.cells.post_max_images is not None:
-        rows = stratified_head(rows, params.cells.post_max_images)
-    probs = [model.probabilities(read_stack(prepared / r.image_path)) for r in rows.itertuples()]
-    gts = [read_stack(prepared / r.label_path) for r in rows.itertuples()]
+        shared_rows = stratified_head(rows, params.cells.post_max_images)
+    probs, gts = zip(*(maps(r) for r in shared_rows.itertuples()), strict=True)
     chosen, table = search_postprocess(probs, gts, model.infer.post, grid)
     with atomic_path(out_dir / "postprocess_search.csv") as tmp:
         table.to_csv(tmp, index=False)
+    by = params.cells.post_by_modality
+    if by is not None:
+        kinds = [image_modality(read_stack(prepared / r.image_path)) for r in rows.itertuples()]
+        picked = rows.assign(kind=kinds).groupby("kind", sort=True)
+        picked = pd.concat([g if by.max_images is None else g.head(by.max_images)
+                            for _, g in picked])  # fmt: skip
+        probs, gts = zip(*(maps(r) for r in picked.itertuples()), strict=True)
+        chosen, table = search_by_modality(
+            probs, gts, list(picked["kind"]), chosen, grid, by.min_images
+        )
+        with atomic_path(out_dir / "postprocess_search_by_modality.csv") as tmp:
+            table.to_csv(tmp, index=False)
     from dataclasses import asdict
 
     return asdict(chosen)

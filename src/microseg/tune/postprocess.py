@@ -30,14 +30,19 @@ import pandas as pd
 from microseg.errors import ConfigError
 from microseg.evaluate.instances import image_scores, threshold_key
 from microseg.evaluate.rates import prf
-from microseg.infer.watershed import PostprocessConfig, needs_distance, probs_to_instances
+from microseg.infer.watershed import (
+    KNOBS,
+    PostprocessConfig,
+    needs_distance,
+    probs_to_instances,
+)
 from microseg.utils.convert import to_builtin
 
 log = logging.getLogger(__name__)
 
 
 def grid_points(grid: Mapping[str, Sequence]) -> list[dict]:
-    names = {f for f in asdict(PostprocessConfig())}
+    names = set(KNOBS)
     unknown = sorted(set(grid) - names)
     if unknown:
         raise ConfigError(f"unknown post-processing keys {unknown}; known: {sorted(names)}")
@@ -117,13 +122,50 @@ def search_postprocess(
         cfgs.append(cfg)
     scores = _score_all(probs, gts, cfgs, threshold, workers or os.cpu_count() or 1)
     rows = [
-        {**asdict(cfg), "f1": f1, "tp": tp, "fp": fp, "fn": fn}
+        {**{k: getattr(cfg, k) for k in KNOBS}, "f1": f1, "tp": tp, "fp": fp, "fn": fn}
         for cfg, (f1, tp, fp, fn) in zip(cfgs, scores, strict=True)
     ]
     table = pd.DataFrame(rows)
     best = int(np.argmax(table["f1"].to_numpy()))  # first maximum
-    chosen = replace(base, **{k: table.iloc[best][k] for k in asdict(base)})
-    chosen = PostprocessConfig(**{k: to_builtin(v) for k, v in asdict(chosen).items()})
+    chosen = replace(base, **{k: to_builtin(table.iloc[best][k]) for k in KNOBS})
     log.info("post-processing on validation: F1 %.4f (base %.4f) with %s",
              table["f1"].iloc[best], table["f1"].iloc[0], asdict(chosen))  # fmt: skip
     return chosen, table
+
+
+def search_by_modality(
+    probs: Sequence[np.ndarray],
+    gts: Sequence[np.ndarray],
+    kinds: Sequence[str],
+    chosen: PostprocessConfig,
+    grid: Mapping[str, Sequence],
+    min_images: int,
+    threshold: float = 0.5,
+    workers: int | None = None,
+) -> tuple[PostprocessConfig, pd.DataFrame]:
+    """``chosen`` with ``by_modality``: for each image kind with at least ``min_images`` of
+    the given images, the grid point best on that kind's images alone, kept where it differs
+    from ``chosen`` (which is searched first, so a tie keeps it); plus every kind's table (a
+    ``modality`` column). Kinds with fewer images keep ``chosen``."""
+    if not (len(probs) == len(gts) == len(kinds)):
+        raise ConfigError("post-processing search: one image kind per validation image")
+    shared = chosen.for_modality(None)
+    overrides: dict[str, dict] = {}
+    tables = []
+    for kind in sorted(set(kinds)):
+        idx = [i for i, k in enumerate(kinds) if k == kind]
+        if len(idx) < min_images:
+            log.info("post-processing: %d %s validation images (< %d), the shared choice",
+                     len(idx), kind, min_images)  # fmt: skip
+            continue
+        best, table = search_postprocess(
+            [probs[i] for i in idx], [gts[i] for i in idx], shared, grid, threshold, workers
+        )
+        tables.append(table.assign(modality=kind, n_images=len(idx)))
+        knobs = {k: getattr(best, k) for k in KNOBS if getattr(best, k) != getattr(shared, k)}
+        if knobs:
+            overrides[kind] = knobs
+            log.info("post-processing for %s: F1 %.4f (shared %.4f) with %s",
+                     kind, table["f1"].max(), table["f1"].iloc[0], knobs)  # fmt: skip
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    return replace(shared, by_modality=overrides), table

@@ -86,7 +86,10 @@ def predict_probs(
 def predict_instances(
     model: Maunet, image: np.ndarray, cfg: InferConfig | None = None, normalised: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels uint16 HxW, probs float32 4xHxW)`` for one whole image."""
+    """``(labels uint16 HxW, probs float32 4xHxW)`` for one whole image; a raw image is
+    post-processed with its kind's knobs (``post.by_modality``), a normalised one with the
+    shared ones."""
     cfg = cfg or InferConfig(post=DEFAULT_POST)
     probs = predict_probs(model, image, cfg, normalised=normalised)
-    return probs_to_instances(probs, cfg.post), probs
+    post = cfg.post if normalised else cfg.post.for_image(image)
+    return probs_to_instances(probs, post), probs

@@ -182,10 +182,13 @@ def predict_probs(
 def predict_instances(
     model: nn.Module, image: np.ndarray, cfg: InferConfig | None = None, normalised: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(labels uint16 HxW, probs float32 3xHxW)`` for one whole image."""
+    """``(labels uint16 HxW, probs float32 3xHxW)`` for one whole image; a raw image is
+    post-processed with its kind's knobs (``post.by_modality``), a normalised one with the
+    shared ones."""
     cfg = cfg or InferConfig()
     probs = predict_probs(model, image, cfg, normalised=normalised)
-    return probs_to_instances(probs, cfg.post), probs
+    post = cfg.post if normalised else cfg.post.for_image(image)
+    return probs_to_instances(probs, post), probs
 
 
 Predictor = nn.Module | Callable[[np.ndarray], np.ndarray]
