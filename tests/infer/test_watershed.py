@@ -244,8 +244,8 @@ def test_by_modality_knobs_apply_to_their_kind_only():
     cfg = PostprocessConfig(peak_h=0.05, by_modality={"tissue": {"peak_h": 0.1, "min_size": 30}})
     tissue = cfg.for_modality("tissue")
     assert (tissue.peak_h, tissue.min_size, tissue.by_modality) == (0.1, 30, {})
-    assert cfg.for_modality("fluorescence") == cfg.for_modality(None) == replace(
-        cfg, by_modality={}
+    assert (
+        cfg.for_modality("fluorescence") == cfg.for_modality(None) == replace(cfg, by_modality={})
     )
     colour = np.zeros((16, 16, 3), np.uint8)
     colour[..., 0] = 200  # red: a colour image is tissue

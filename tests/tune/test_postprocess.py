@@ -115,7 +115,7 @@ def test_a_kind_keeps_its_own_knobs_only_where_its_images_prefer_them() -> None:
     assert chosen.by_modality == {"tissue": {"t_seed": 0.5}}
     assert chosen.for_modality(None) == shared
     assert set(table["modality"]) == {"fluorescence", "tissue"}
-    disc_probs, disc_gt = disc
+    disc_probs, _ = disc
     assert probs_to_instances(disc_probs, chosen.for_modality("tissue")).max() == 1
     assert probs_to_instances(disc_probs, chosen.for_modality("brightfield")).max() == 2
 
