@@ -46,7 +46,10 @@ Output: the same objects relabelled so that the value is a track id, and the CTC
 5. **Merges** (``merges``, :mod:`microseg.infer.tracking_merge`): a track that vanishes into
    a neighbour's grown mask is remembered as hidden in it for up to ``merge_max_frames``;
    when that mask comes apart, host and hidden cells take the pieces (not a division).
-6. **Clean-up** (``fuse_max_dist``, ``min_track_length``,
+6. **Division timing** (``div_retime_drop``, :mod:`microseg.infer.tracking_retime`): a
+   division is moved to the frame where the mask's major axis drops (the mother is longest
+   at her last frame), cutting or joining masks there.
+7. **Clean-up** (``fuse_max_dist``, ``min_track_length``,
    :mod:`microseg.infer.tracking_post`): fragments fused, spurious short tracks and
    daughters removed.
 
@@ -83,6 +86,7 @@ from scipy.spatial import cKDTree
 from microseg.errors import ConfigError, DataFormatError, ShapeMismatchError
 from microseg.infer.tracking_merge import Hidden, merge_step
 from microseg.infer.tracking_post import postprocess
+from microseg.infer.tracking_retime import retime_divisions
 from microseg.infer.tracking_split import join_pinched, split_merges
 from microseg.io.ctc import TRACK_COLUMNS, check_tracks
 
@@ -141,6 +145,8 @@ class LinkConfig:
     split_back_grown: tuple[tuple[float, float], ...] = ()  # (growth, neck): gate of a grown mask
     join_pinched: bool = False  # a division's first frame, halves touching: still the mother
     join_max_growth: float = 0.0  # ... unless the halves grew this much over her (0: off)
+    div_retime_drop: float = 0.0  # move a division to a length drop this large (0: off)
+    div_retime_frames: int = 3  # ... found at most this many frames before it
     fuse_max_dist: float = 0.0  # fuse a track ending at t with one starting at t+1 this near
     min_track_length: int = 1  # shorter lone tracks / short daughters are spurious (1: off)
 
@@ -188,14 +194,18 @@ class LinkConfig:
             or any(len(tier) != 2 or min(tier) < 0 for tier in self.split_back_grown)
             or self.split_max_frames < 0
             or self.split_back_frames < 0
+            or not 0.0 <= self.div_retime_drop < 1.0
+            or self.div_retime_frames < 0
         ):
             raise ConfigError(
                 "split_min_cover must be in (0, 1]; split_area_ratio, split_erode, "
-                "split_max_frames, split_back_frames, split_back_max_neck, join_max_growth "
-                "and each split_back_grown (growth, neck) >= 0; got "
+                "split_max_frames, split_back_frames, split_back_max_neck, join_max_growth, "
+                "div_retime_frames and each split_back_grown (growth, neck) >= 0, "
+                "div_retime_drop in [0, 1); got "
                 f"{self.split_min_cover}, {self.split_area_ratio}, {self.split_erode}, "
                 f"{self.split_max_frames}, {self.split_back_frames}, {self.split_back_max_neck}, "
-                f"{self.join_max_growth}, {self.split_back_grown}"
+                f"{self.join_max_growth}, {self.split_back_grown}, {self.div_retime_frames}, "
+                f"{self.div_retime_drop}"
             )
         if not 0.0 <= self.div_min_eccentricity < 1.0:
             raise ConfigError(
@@ -659,17 +669,21 @@ def link(
         columns=list(TRACK_COLUMNS),
     )
     check_tracks(tracked, tracks)
+    n_retimed = 0
+    if cfg.divisions and cfg.div_retime_drop > 0:
+        tracked, tracks, n_retimed = retime_divisions(tracked, tracks, cfg)
     if cfg.fuse_max_dist > 0 or cfg.min_track_length > 1:
         tracked, tracks = postprocess(tracked, tracks, cfg.fuse_max_dist, cfg.min_track_length)
         n_tracks = len(tracks)
     log.info(
         "linked %d frames: %d masks split, %d tracks, %d divisions, %d gaps closed, "
-        "%d cells out of merges",
+        "%d cells out of merges, %d divisions moved to a length drop",
         n_frames,
         n_split,
         n_tracks,
         n_div,
         n_gaps,
         n_unmerged,
+        n_retimed,
     )
     return tracked, tracks
