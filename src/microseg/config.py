@@ -347,7 +347,8 @@ class PostByModalityConfig(_Strict):
 
     #: kinds with fewer validation images keep the shared choice
     min_images: int = Field(8, ge=1)
-    #: validation images searched per kind (manifest order); null: all
+    #: validation images searched per kind: those the shared search saw, topped up to this
+    #: many (manifest order); null: all
     max_images: int | None = Field(16, ge=1)
 
 

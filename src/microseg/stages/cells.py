@@ -212,9 +212,14 @@ def tune_postprocess(
     by = params.cells.post_by_modality
     if by is not None:
         kinds = [image_modality(read_stack(prepared / r.image_path)) for r in rows.itertuples()]
-        picked = rows.assign(kind=kinds).groupby("kind", sort=True)
-        picked = pd.concat([g if by.max_images is None else g.head(by.max_images)
-                            for _, g in picked])  # fmt: skip
+        shared_ids = set(shared_rows["sample_id"])
+        picked = []
+        for _, g in rows.assign(kind=kinds).groupby("kind", sort=True):
+            # the kind's images the shared search saw first, topped up to max_images
+            seen = g["sample_id"].isin(shared_ids)
+            n = max(int(seen.sum()), by.max_images or len(g))
+            picked.append(pd.concat([g[seen], g[~seen]]).head(n))
+        picked = pd.concat(picked)
         probs, gts = zip(*(maps(r) for r in picked.itertuples()), strict=True)
         chosen, table = search_by_modality(
             probs, gts, list(picked["kind"]), chosen, grid, by.min_images

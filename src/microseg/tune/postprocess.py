@@ -167,5 +167,6 @@ def search_by_modality(
             overrides[kind] = knobs
             log.info("post-processing for %s: F1 %.4f (shared %.4f) with %s",
                      kind, table["f1"].max(), table["f1"].iloc[0], knobs)  # fmt: skip
-    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    columns = [*KNOBS, "f1", "tp", "fp", "fn", "modality", "n_images"]
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame(columns=columns)
     return replace(shared, by_modality=overrides), table

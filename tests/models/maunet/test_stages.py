@@ -64,6 +64,7 @@ def toy_params(params):
 
 def test_maunet_runs_the_train_and_evaluate_stages(toy_params):
     params = toy_params
+    params.cells.post_by_modality.min_images = 2  # the two val images: their kind searches
     cells.prepare_targets_stage(params)
     out = cells.train_cell_model(params, "maunet_ensemble")
     assert out["epochs"] == 1 and out["n_params"] > 0
@@ -76,3 +77,6 @@ def test_maunet_runs_the_train_and_evaluate_stages(toy_params):
     assert set(search["seeds"]) == {"distance"}
     chosen = json.loads((folder / "postprocess.json").read_text())
     assert chosen["seeds"] == "distance" and chosen["min_size"] in (5, 20)
+    by_kind = pd.read_csv(folder / "postprocess_search_by_modality.csv")
+    assert set(by_kind["modality"]) == {"fluorescence"} and set(by_kind["n_images"]) == {2}
+    assert set(chosen["by_modality"]) <= {"fluorescence"}
