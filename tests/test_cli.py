@@ -119,6 +119,18 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         "num_threads": 1,
         "device": "cpu",
     }
+    params["tracking"]["segmenters"]["maunet"]["train"] = {  # as lstmunet's
+        "model": {"backbone": "resnet10", "features": [4, 8, 16, 32]},
+        "patch_size": 32,
+        "batch_size": 2,
+        "epochs": 1,
+        "steps_per_epoch": 10,
+        "warmup_steps": 0,
+        "lr": 0.01,
+        "val_max_images": 2,
+        "num_threads": 1,
+        "device": "cpu",
+    }
     params["cells"]["max_images"] = 3
     params["cells"]["post_grid"] = {"t_seed": [0.5, 0.7]}
     params["cells"]["models"] = {
@@ -152,7 +164,7 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
     assert {"train_tracking_seg", "track", "evaluate_tracking"} <= stages
     tracking = json.loads((repo_copy / "metrics" / "tracking.json").read_text())
     assert tracking["masks"] == "model"
-    for name in ("unet", "lstmunet"):  # one row per segmenter, on the same test sequence
+    for name in ("unet", "lstmunet", "maunet"):  # one row per segmenter, on the same test sequence
         assert {"SEG", "DET", "TRA"} <= set(tracking[name]["03"])
     assert {"prepare_targets", "train_cells", "evaluate_cells", "report"} <= stages
     for name in ("unet", "otsu"):

@@ -101,6 +101,19 @@ def tiny_params() -> dict:
         "device": "cpu",
         "progress": False,
     }
+    segs["maunet"]["train"] = {  # as lstmunet's: no frame-filling object
+        "model": {"backbone": "resnet10", "features": [4, 8, 16, 32]},
+        "patch_size": 32,
+        "batch_size": 2,
+        "epochs": 1,
+        "steps_per_epoch": 10,
+        "warmup_steps": 0,
+        "lr": 0.01,
+        "val_max_images": 2,
+        "num_threads": 1,
+        "device": "cpu",
+        "progress": False,
+    }
     return p
 
 
@@ -155,6 +168,7 @@ STEPS: list[Step] = [
     Step("visualize", ["visualize", "inputs/stack.tif", "inputs/boxes.csv", "--out", "vis"]),
     Step("train_tracking_seg", ["train", "--model", "tracking_seg@unet"]),
     Step("train_tracking_seg_lstmunet", ["train", "--model", "tracking_seg@lstmunet"]),
+    Step("train_tracking_seg_maunet", ["train", "--model", "tracking_seg@maunet"]),
     Step("track", ["track"]),
     Step("evaluate_tracking", ["evaluate", "--task", "tracking"]),
     Step("where", ["where"]),

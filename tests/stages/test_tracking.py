@@ -16,6 +16,7 @@ from microseg.config import Params, load_params
 from microseg.data.ingest import ingest
 from microseg.data.synthesize import write_tracking
 from microseg.errors import ConfigError, DataFormatError, MissingFileError
+from microseg.infer.watershed import probs_to_instances
 from microseg.io import ctc, tiff
 from microseg.models import get_model
 from microseg.stages import tracking
@@ -53,6 +54,22 @@ TINY = {
             "val_max_frames": 3,
             "device": "cpu",
         },
+    },
+    "maunet": {  # 4-channel probabilities (distance head): seeds from the distance's peaks
+        "family": "maunet",
+        "train": {
+            # enough steps that no object fills a whole frame, as lstmunet's
+            "model": {"backbone": "resnet10", "features": [4, 8, 16, 32]},
+            "patch_size": 32,
+            "batch_size": 2,
+            "epochs": 1,
+            "steps_per_epoch": 10,
+            "warmup_steps": 0,
+            "lr": 0.01,
+            "val_max_images": 2,
+            "device": "cpu",
+        },
+        "infer": {"post": {"peak_h": 0.3, "seed_sigma": 0.0}},
     },
 }
 
@@ -94,6 +111,9 @@ def test_segmenters_config_checks() -> None:
     p = load_params(REPO / "params.yaml")
     assert {"unet", "lstmunet"} <= set(p.tracking.segmenters)
     assert p.tracking.segmenters["lstmunet"].family == "lstmunet"
+    # touching daughters: MAUNet's distance peaks split them where the U-Net draws one mask
+    maunet = p.tracking.segmenters["maunet"]
+    assert maunet.family == "maunet" and maunet.infer["post"]["peak_h"] > 0
     with pytest.raises(ConfigError, match=r"tracking\.seg became tracking\.segmenters"):
         load_params(REPO / "params.yaml", {"tracking.seg": {"train": {}}})
     with pytest.raises(ConfigError, match="segmenter name"):
@@ -134,6 +154,19 @@ def test_train_segments_the_test_sequences(workdir: Path, trained: dict[str, dic
         tiff.read_stack(workdir / "reports/tracking_seg/lstmunet/03.tif"),
         model.predict_sequence(frames)[0],
     )
+    # maunet's infer.post updates the distance seeding saved with its weights, not the
+    # 3-class defaults: its masks are the distance-peak watershed of its 4-channel output
+    sc = params.tracking.segmenters["maunet"]
+    model = get_model("maunet").load(
+        workdir / "models/tracking_seg/maunet/best.pt", train=sc.train, infer=sc.infer
+    )
+    assert model.post.seeds == "distance" and model.post.peak_h == 0.3
+    probs = model.probabilities(frames[0])
+    assert probs.shape == (4, 48, 48)
+    np.testing.assert_array_equal(
+        tiff.read_stack(workdir / "reports/tracking_seg/maunet/03.tif")[0],
+        probs_to_instances(probs, model.post),
+    )
 
 
 def test_every_segmenter_gets_a_row(workdir: Path, trained: dict[str, dict]) -> None:
@@ -156,7 +189,8 @@ def test_gt_masks_check_the_linker_alone(workdir: Path, trained: dict[str, dict]
     tracking.track(params, "unet", out_dir=res / "unet")
     with pytest.raises(MissingFileError, match="track@lstmunet"):
         tracking.evaluate_tracking(params, res_root=res)
-    tracking.track(params, "lstmunet", out_dir=res / "lstmunet")
+    for name in ("lstmunet", "maunet"):
+        tracking.track(params, name, out_dir=res / name)
     out = tracking.evaluate_tracking(params, res_root=res)
     assert out["masks"] == "gt"
     assert out["unet"]["03"]["DET"] == out["lstmunet"]["03"]["DET"] == pytest.approx(1.0)
