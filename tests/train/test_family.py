@@ -61,3 +61,16 @@ def test_loader_workers_beyond_one_are_refused():
 
     with pytest.raises(ConfigError, match="loader_workers"):
         EngineConfig(loader_workers=2)
+
+
+def _sum_of_worker_batches() -> int:
+    return int(sum(int(b.sum()) for b in _epochs(1)))
+
+
+def test_a_loader_worker_starts_inside_a_joblib_worker():
+    """`microseg seeds --jobs 2` trains in loky processes, whose default multiprocessing
+    context cannot start torch's loader workers; the loader names the platform's own."""
+    from joblib import Parallel, delayed
+
+    inside = Parallel(n_jobs=2, backend="loky")(delayed(_sum_of_worker_batches)() for _ in "ab")
+    assert inside == [_sum_of_worker_batches()] * 2

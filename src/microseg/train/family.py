@@ -8,6 +8,7 @@ an uninterrupted one would, and DDP ranks draw different shards.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import is_dataclass
@@ -80,8 +81,18 @@ def batches_loader(dataset: EpochBatches, workers: int = 0) -> torch.utils.data.
     is 18-25 % of a U-Net/MAUNet step). The stream is the same as in-process: one worker, the
     same seed per epoch, and a fresh worker each epoch, so it sees the epoch ``set_epoch`` set.
     More workers would interleave their batches; refused by the config check.
+
+    The worker starts with the platform's own method (fork on Linux, spawn on macOS), named
+    explicitly: inside a joblib/loky process (``microseg seeds --jobs 2``) the process-wide
+    default is loky's context, whose processes torch's loader cannot start.
     """
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+    context = multiprocessing.get_context(multiprocessing.get_all_start_methods()[0])
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        multiprocessing_context=context if workers else None,
+    )
 
 
 class FamilyModule(L.LightningModule):
