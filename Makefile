@@ -77,7 +77,8 @@ benchmark: env
 
 # The demo's models retrained with two more seeds after make demo: metrics/seeds*.json, the
 # spread the README states beside the demo's one seed. Measured on a 2-core machine with a test
-# run beside it: nuclei 35 min, spines 30 min, tracking 5 min (DVC experiments, run cache).
+# run beside it: nuclei 35 min, spines 30 min, tracking 5 min (DVC experiments, run cache);
+# nuclei alone 19 min on a 2-core Intel Xeon (session 11).
 seeds: env
 	microseg seeds --task all --jobs 2
 
