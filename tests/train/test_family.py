@@ -63,14 +63,33 @@ def test_loader_workers_beyond_one_are_refused():
         EngineConfig(loader_workers=2)
 
 
-def _sum_of_worker_batches() -> int:
-    return int(sum(int(b.sum()) for b in _epochs(1)))
+#: run as a script so that loky pickles the worker function by value (a test module is not
+#: importable in a fresh loky process)
+_IN_LOKY = """
+import torch
+from joblib import Parallel, delayed
+from microseg.train.family import EpochBatches, batches_loader
+
+def draw(rng):
+    return torch.tensor(rng.integers(0, 1000, 4))
+
+def total():
+    loader = batches_loader(EpochBatches(draw, steps=3, seed=3), workers=1)
+    return int(sum(int(b.sum()) for b in loader))
+
+inside = Parallel(n_jobs=2, backend="loky")(delayed(total)() for _ in "ab")
+assert inside == [total()] * 2, inside
+print("ok", inside)
+"""
 
 
 def test_a_loader_worker_starts_inside_a_joblib_worker():
     """`microseg seeds --jobs 2` trains in loky processes, whose default multiprocessing
     context cannot start torch's loader workers; the loader names the platform's own."""
-    from joblib import Parallel, delayed
+    import subprocess
+    import sys
 
-    inside = Parallel(n_jobs=2, backend="loky")(delayed(_sum_of_worker_batches)() for _ in "ab")
-    assert inside == [_sum_of_worker_batches()] * 2
+    run = subprocess.run(
+        [sys.executable, "-c", _IN_LOKY], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stderr[-2000:]
