@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.tiny_segmenters import tiny_train
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -106,31 +107,10 @@ def test_dvc_repro_end_to_end_then_clean(repo_copy: Path) -> None:
         "device": "cpu",
     }
     params["tracking"]["segmenters"]["unet"]["train"] = tiny_unet
-    params["tracking"]["segmenters"]["lstmunet"]["train"] = {  # no frame-filling object
-        "model": {"features": [8, 16], "norm": "instance"},
-        "window": 3,
-        "patch_size": 32,
-        "batch_size": 2,
-        "epochs": 1,
-        "steps_per_epoch": 10,
-        "warmup_steps": 0,
-        "lr": 0.01,
-        "val_max_frames": 2,
-        "num_threads": 1,
-        "device": "cpu",
-    }
-    params["tracking"]["segmenters"]["maunet"]["train"] = {  # as lstmunet's
-        "model": {"backbone": "resnet10", "features": [4, 8, 16, 32]},
-        "patch_size": 32,
-        "batch_size": 2,
-        "epochs": 1,
-        "steps_per_epoch": 10,
-        "warmup_steps": 0,
-        "lr": 0.01,
-        "val_max_images": 2,
-        "num_threads": 1,
-        "device": "cpu",
-    }
+    extras = {"num_threads": 1, "device": "cpu"}
+    segs = params["tracking"]["segmenters"]
+    segs["lstmunet"]["train"] = tiny_train("lstmunet", val_max_frames=2, **extras)
+    segs["maunet"]["train"] = tiny_train("maunet", **extras)
     params["cells"]["max_images"] = 3
     params["cells"]["post_grid"] = {"t_seed": [0.5, 0.7]}
     params["cells"]["models"] = {

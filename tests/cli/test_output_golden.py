@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from tests.tiny_segmenters import tiny_train
 from typer.testing import CliRunner
 
 from microseg.cli import PANELS, app
@@ -76,44 +77,10 @@ def tiny_params() -> dict:
     p["punet"]["predict"].update(n_samples=2, batch_planes=4)
     p["fusion"].update(n_trials=4)  # storage: sqlite:///optuna.db in the workdir
     segs = p["tracking"]["segmenters"]
-    segs["unet"]["train"] = {
-        "model": {"arch": "unet", "features": [4, 8, 16]},
-        "patch_size": 32,
-        "batch_size": 2,
-        "epochs": 1,
-        "steps_per_epoch": 2,
-        "val_max_images": 2,
-        "num_threads": 1,
-        "device": "cpu",
-        "progress": False,
-    }
-    segs["lstmunet"]["train"] = {  # enough steps that no object fills a frame (CTC refuses)
-        "model": {"features": [8, 16], "norm": "instance"},
-        "window": 3,
-        "patch_size": 32,
-        "batch_size": 2,
-        "epochs": 1,
-        "steps_per_epoch": 10,
-        "warmup_steps": 0,
-        "lr": 0.01,
-        "val_max_frames": 2,
-        "num_threads": 1,
-        "device": "cpu",
-        "progress": False,
-    }
-    segs["maunet"]["train"] = {  # as lstmunet's: no frame-filling object
-        "model": {"backbone": "resnet10", "features": [4, 8, 16, 32]},
-        "patch_size": 32,
-        "batch_size": 2,
-        "epochs": 1,
-        "steps_per_epoch": 10,
-        "warmup_steps": 0,
-        "lr": 0.01,
-        "val_max_images": 2,
-        "num_threads": 1,
-        "device": "cpu",
-        "progress": False,
-    }
+    extras = {"num_threads": 1, "device": "cpu", "progress": False}
+    segs["unet"]["train"] = tiny_train("unet", **extras)
+    segs["lstmunet"]["train"] = tiny_train("lstmunet", val_max_frames=2, **extras)
+    segs["maunet"]["train"] = tiny_train("maunet", **extras)
     return p
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tests.tiny_segmenters import tiny_train
 
 from microseg.config import Params, load_params
 from microseg.data.ingest import ingest
@@ -27,48 +28,14 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 TINY = {
-    "unet": {
-        "family": "unet",
-        "train": {
-            "model": {"arch": "unet", "features": [4, 8, 16]},
-            "patch_size": 32,
-            "batch_size": 2,
-            "epochs": 1,
-            "steps_per_epoch": 2,
-            "val_max_images": 2,
-            "device": "cpu",
-        },
-    },
+    "unet": {"family": "unet", "train": tiny_train("unet", device="cpu")},
     "lstmunet": {
         "family": "lstmunet",
-        "train": {
-            # enough steps that no object fills a whole frame (the CTC checker refuses it)
-            "model": {"features": [8, 16], "norm": "instance"},
-            "window": 3,
-            "patch_size": 32,
-            "batch_size": 2,
-            "epochs": 1,
-            "steps_per_epoch": 10,
-            "warmup_steps": 0,
-            "lr": 0.01,
-            "val_max_frames": 3,
-            "device": "cpu",
-        },
+        "train": tiny_train("lstmunet", val_max_frames=3, device="cpu"),
     },
     "maunet": {  # 4-channel probabilities (distance head): seeds from the distance's peaks
         "family": "maunet",
-        "train": {
-            # enough steps that no object fills a whole frame, as lstmunet's
-            "model": {"backbone": "resnet10", "features": [4, 8, 16, 32]},
-            "patch_size": 32,
-            "batch_size": 2,
-            "epochs": 1,
-            "steps_per_epoch": 10,
-            "warmup_steps": 0,
-            "lr": 0.01,
-            "val_max_images": 2,
-            "device": "cpu",
-        },
+        "train": tiny_train("maunet", device="cpu"),
         "infer": {"post": {"peak_h": 0.3, "seed_sigma": 0.0}},
     },
 }
